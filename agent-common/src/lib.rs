@@ -1,0 +1,296 @@
+//! Types shared by the kernel programs (`airlock-ebpf`) and the daemon.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a
+//! compile-time size assertion, because the kernel writes these bytes and
+//! userspace reads them back with `read_unaligned`. Numbers that reach the
+//! store (event kinds, loss reasons) are kept forever: never renumber or reuse.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Longest executable path recorded, including the NUL; longer ones are cut
+/// and flagged with [`EXEC_FILENAME_TRUNCATED`].
+pub const FILENAME_MAX: usize = 512;
+/// Bytes of argv recorded in all (NUL-separated, as the kernel lays them out);
+/// more is cut and flagged with [`EXEC_ARGS_TRUNCATED`].
+pub const ARGS_MAX: usize = 4096;
+
+/// The argv was longer than [`ARGS_MAX`] and was cut.
+pub const EXEC_ARGS_TRUNCATED: u32 = 1 << 0;
+/// The path was longer than [`FILENAME_MAX`] and was cut.
+pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
+/// The argv could not be read from the new image's memory.
+pub const EXEC_ARGS_UNREADABLE: u32 = 1 << 2;
+
+/// What an event records. Ids come in ranges: 1-99 process, 100-199 network,
+/// 200-299 decisions, 900-999 agent-internal. Stored forever: never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A watched process created a new process (not a thread).
+    Fork = 1,
+    /// A watched process executed a new image.
+    Exec = 2,
+    /// The last thread of a watched process exited.
+    Exit = 3,
+    /// A watched process called connect(2).
+    Connect = 100,
+    /// A watched process accepted an inbound connection.
+    Accept = 101,
+    /// A watched process sent a datagram to an explicit destination
+    /// (recorded once per destination per process).
+    UdpSend = 102,
+    /// Events lost before reaching the store, counted by reason.
+    Loss = 900,
+}
+
+impl EventKind {
+    /// Decodes a kind id read from the kernel or the store.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Fork,
+            2 => Self::Exec,
+            3 => Self::Exit,
+            100 => Self::Connect,
+            101 => Self::Accept,
+            102 => Self::UdpSend,
+            900 => Self::Loss,
+            _ => return None,
+        })
+    }
+
+    /// The stable name used in the store's views, the CLI and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fork => "fork",
+            Self::Exec => "exec",
+            Self::Exit => "exit",
+            Self::Connect => "connect",
+            Self::Accept => "accept",
+            Self::UdpSend => "udp_send",
+            Self::Loss => "loss",
+        }
+    }
+}
+
+/// Why an event never reached the ring buffer. Indexes the loss counters;
+/// stored forever: never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// `bpf_ringbuf_reserve` failed: userspace did not drain fast enough.
+    RingbufFull = 1,
+    /// The session map was full, so a new process could not join its session
+    /// (its actions go unrecorded; this counts the fork).
+    SessionMapFull = 2,
+    /// The map pairing a syscall's entry with its exit was full.
+    PendingMapFull = 3,
+}
+
+/// Number of slots in the per-reason loss counter array.
+pub const LOSS_REASONS: u32 = 4;
+
+impl LossReason {
+    /// Decodes a reason id.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::RingbufFull,
+            2 => Self::SessionMapFull,
+            3 => Self::PendingMapFull,
+            _ => return None,
+        })
+    }
+
+    /// The stable name shown by the CLI and stored in loss records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RingbufFull => "ringbuf_full",
+            Self::SessionMapFull => "session_map_full",
+            Self::PendingMapFull => "pending_map_full",
+        }
+    }
+}
+
+/// Common head of every event the kernel emits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// An [`EventKind`] id.
+    pub kind: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the event happened.
+    pub ts_ns: u64,
+    /// The session the process belongs to.
+    pub session_id: u64,
+    /// Thread id of the acting task.
+    pub pid: u32,
+    /// Process id (thread group id) of the acting task.
+    pub tgid: u32,
+    /// Process id of the real parent.
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// Effective user id.
+    pub euid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// cgroup v2 id of the acting task.
+    pub cgroup_id: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 56);
+
+/// A process executed a new image (`sched_process_exec`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    /// Common head, `kind` = [`EventKind::Exec`].
+    pub header: EventHeader,
+    /// Bytes of `filename` used, without the NUL.
+    pub filename_len: u32,
+    /// Bytes of `args` used.
+    pub args_len: u32,
+    /// `EXEC_*` flags.
+    pub flags: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
+    pub filename: [u8; FILENAME_MAX],
+    /// argv as laid out in the new image: NUL-separated strings.
+    pub args: [u8; ARGS_MAX],
+}
+const _: () = assert!(size_of::<ExecEvent>() == 56 + 16 + FILENAME_MAX + ARGS_MAX);
+
+/// A process created a child process (`sched_process_fork`, threads excluded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForkEvent {
+    /// Common head, `kind` = [`EventKind::Fork`]; describes the parent.
+    pub header: EventHeader,
+    /// Process id of the new child.
+    pub child_tgid: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ForkEvent>() == 64);
+
+/// The last thread of a process exited (`sched_process_exit`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitEvent {
+    /// Common head, `kind` = [`EventKind::Exit`].
+    pub header: EventHeader,
+    /// `task->exit_code`: a wait(2) status (exit code << 8, or the signal).
+    pub exit_code: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ExitEvent>() == 64);
+
+/// A network action: connect, accept, or a datagram to a destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetEvent {
+    /// Common head, `kind` = one of the network [`EventKind`]s.
+    pub header: EventHeader,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, or 0 when unknown.
+    pub protocol: u16,
+    /// Remote port, host byte order.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+    /// The syscall's return value: 0 or a new fd for success, `-errno` else.
+    /// [`NET_RET_UNKNOWN`] when the outcome was not observed.
+    pub ret: i32,
+    /// Non-zero when `ret` holds the real outcome.
+    pub has_ret: u32,
+    /// Remote address: 4 bytes for IPv4, 16 for IPv6, network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<NetEvent>() == 56 + 32);
+
+/// Placeholder for `NetEvent::ret` when the outcome was not observed.
+pub const NET_RET_UNKNOWN: i32 = i32::MIN;
+
+/// Value of the session-membership map (key: tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionEntry {
+    /// The session the process belongs to.
+    pub session_id: u64,
+}
+const _: () = assert!(size_of::<SessionEntry>() == 8);
+
+/// Key of the per-session loss counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LossKey {
+    /// The session whose event was lost (0 when unknown).
+    pub session_id: u64,
+    /// The [`EventKind`] that was lost.
+    pub kind: u32,
+    /// The [`LossReason`].
+    pub reason: u32,
+}
+const _: () = assert!(size_of::<LossKey>() == 16);
+
+/// Offsets of the kernel struct fields the programs read, in bytes, found by
+/// the daemon in the running kernel's BTF and set as a global before load.
+/// This keeps one object working across kernel versions without CO-RE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.pid`
+    pub task_pid: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
+    /// `task_struct.real_parent`
+    pub task_real_parent: u32,
+    /// `task_struct.exit_code`
+    pub task_exit_code: u32,
+    /// `task_struct.mm`
+    pub task_mm: u32,
+    /// `task_struct.cred`
+    pub task_cred: u32,
+    /// `task_struct.signal`
+    pub task_signal: u32,
+    /// `signal_struct.live` (an `atomic_t`)
+    pub signal_live: u32,
+    /// `mm_struct.arg_start`
+    pub mm_arg_start: u32,
+    /// `mm_struct.arg_end`
+    pub mm_arg_end: u32,
+    /// `cred.euid`
+    pub cred_euid: u32,
+    /// `linux_binprm.filename`
+    pub binprm_filename: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 48);
+
+/// Run-time settings the daemon writes into the programs before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The daemon's own tgid: never recorded.
+    pub daemon_tgid: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Field offsets in the running kernel.
+    pub offsets: KernelOffsets,
+}
+const _: () = assert!(size_of::<AgentConfig>() == 56);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, made only of integers and integer
+    // arrays with explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::SessionEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LossKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AgentConfig {}
+}

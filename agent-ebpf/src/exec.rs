@@ -1,0 +1,98 @@
+//! Exec recording: path, argv and credentials of every image a watched
+//! process runs.
+
+use core::mem::offset_of;
+
+use airlock_common::{
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind,
+    ExecEvent, FILENAME_MAX, LossReason,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_probe_read_user,
+    },
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+
+use crate::{
+    maps::{EVENTS, EXEC_SCRATCH, config, count_loss, session_of},
+    task::{header, read},
+};
+
+/// `trace_sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
+/// fired in exec_binprm once the new image is in place and before it runs:
+/// argv is already in the new mm, and the exec is known to have succeeded.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn exec_sched_process_exec(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_exec_sched_process_exec(&ctx);
+    0
+}
+
+fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(());
+    };
+    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let ev: &mut ExecEvent = unsafe { &mut *ev };
+    let off = config().offsets;
+    ev.header = header(EventKind::Exec, session_id);
+    ev.flags = 0;
+    ev._pad = 0;
+
+    let bprm: u64 = ctx.arg(2);
+    let filename: u64 = read(bprm, off.binprm_filename)?;
+    // SAFETY: a kernel string read into a bounded buffer; the helper stops at
+    // the buffer's end and always NUL-terminates.
+    let len =
+        match unsafe { bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut ev.filename) } {
+            Ok(s) => s.len(),
+            Err(_) => 0,
+        };
+    if len >= FILENAME_MAX - 1 {
+        ev.flags |= EXEC_FILENAME_TRUNCATED;
+    }
+    ev.filename_len = len as u32;
+
+    // SAFETY: the helper returns the current task pointer as an integer.
+    let task = unsafe { bpf_get_current_task() };
+    let mm: u64 = read(task, off.task_mm)?;
+    let arg_start: u64 = read(mm, off.mm_arg_start).unwrap_or(0);
+    let arg_end: u64 = read(mm, off.mm_arg_end).unwrap_or(0);
+    let mut n = arg_end.saturating_sub(arg_start);
+    if n > ARGS_MAX as u64 {
+        n = ARGS_MAX as u64;
+        ev.flags |= EXEC_ARGS_TRUNCATED;
+    }
+    let mut args_len = 0u32;
+    if n > 0 {
+        // SAFETY: reads at most ARGS_MAX bytes of the new image's argv into
+        // a buffer of exactly that size; the helper fails cleanly.
+        let rc = unsafe {
+            bpf_probe_read_user(ev.args.as_mut_ptr().cast(), n as u32, arg_start as *const _)
+        };
+        if rc == 0 {
+            args_len = n as u32;
+        } else {
+            ev.flags |= EXEC_ARGS_UNREADABLE;
+        }
+    }
+    ev.args_len = args_len;
+
+    // Send only the bytes used: most argv are far below ARGS_MAX.
+    let mut size = offset_of!(ExecEvent, args) + args_len as usize;
+    if size > core::mem::size_of::<ExecEvent>() {
+        size = core::mem::size_of::<ExecEvent>();
+    }
+    // SAFETY: `size` is bounded by the scratch slot's size just above.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count_loss(session_id, EventKind::Exec, LossReason::RingbufFull);
+    }
+    Ok(())
+}

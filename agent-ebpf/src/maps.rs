@@ -1,0 +1,94 @@
+//! Maps and globals shared by every probe family, and the loss counters.
+
+use airlock_common::{
+    AgentConfig, EventKind, ExecEvent, LOSS_REASONS, LossKey, LossReason, SessionEntry,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+
+/// Set by the daemon before load (`EbpfLoader::set_global`): its own tgid and
+/// the kernel field offsets read from BTF.
+#[unsafe(no_mangle)]
+static AGENT_CONFIG: AgentConfig = AgentConfig {
+    daemon_tgid: 0,
+    _pad: 0,
+    offsets: airlock_common::KernelOffsets {
+        task_pid: 0,
+        task_tgid: 0,
+        task_real_parent: 0,
+        task_exit_code: 0,
+        task_mm: 0,
+        task_cred: 0,
+        task_signal: 0,
+        signal_live: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
+        cred_euid: 0,
+        binprm_filename: 0,
+    },
+};
+
+/// Reads the configuration through a volatile load so the compiler cannot
+/// fold the zeros of the initializer into the code.
+#[inline(always)]
+pub fn config() -> AgentConfig {
+    // SAFETY: AGENT_CONFIG is a plain static; the volatile read only stops
+    // constant folding of a value the loader rewrites.
+    unsafe { core::ptr::read_volatile(&AGENT_CONFIG) }
+}
+
+/// Session membership, keyed by tgid: written by the daemon for a session's
+/// first process, inherited on fork, dropped on exit.
+#[map]
+pub static SESSIONS: HashMap<u32, SessionEntry> = HashMap::with_max_entries(65536, 0);
+
+/// Every event goes through this ring buffer to the daemon's sensor task.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
+
+/// Scratch space for the exec event, too large for the 512-byte stack.
+#[map]
+pub static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Lost events per session, kind and reason. Per-CPU, because BPF here has
+/// no atomic fetch_add; userspace sums the CPUs.
+#[map]
+pub static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Lost events per reason, whatever the session: survives a full `LOSSES`.
+#[map]
+pub static LOSS_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0);
+
+/// Counts one lost event in both loss maps.
+#[inline(always)]
+pub fn count_loss(session_id: u64, kind: EventKind, reason: LossReason) {
+    if let Some(total) = LOSS_TOTALS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate mid-run.
+        unsafe { *total += 1 };
+    }
+    let key = LossKey {
+        session_id,
+        kind: kind as u32,
+        reason: reason as u32,
+    };
+    match LOSSES.get_ptr_mut(&key) {
+        // SAFETY: as above, this CPU's slot.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // A full map is already covered by LOSS_TOTALS.
+            let _ = LOSSES.insert(&key, &1, 0);
+        }
+    }
+}
+
+/// The session of a tgid, unless the tgid is unwatched or the daemon itself.
+#[inline(always)]
+pub fn session_of(tgid: u32) -> Option<u64> {
+    if tgid == config().daemon_tgid {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { SESSIONS.get(&tgid) }.map(|e| e.session_id)
+}

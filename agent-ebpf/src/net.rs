@@ -1,0 +1,284 @@
+//! Network recording: outbound connect (with the syscall's outcome), inbound
+//! accept (with the peer), and datagrams sent to explicit destinations.
+
+use core::ptr::read_volatile;
+
+use airlock_common::{EventKind, LossReason, NET_RET_UNKNOWN, NetEvent};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{cgroup_sock_addr, map, tracepoint},
+    maps::LruHashMap,
+    programs::{SockAddrContext, TracePointContext},
+};
+
+use crate::{
+    maps::{EVENTS, count_loss, session_of},
+    task::header,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+/// A connect seen by the cgroup hook, waiting for the syscall's return value.
+#[map]
+static PENDING_CONNECT: LruHashMap<u64, NetEvent> = LruHashMap::with_max_entries(8192, 0);
+
+/// The peer-address buffer an accept call passed, keyed by pid_tgid.
+#[map]
+static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
+
+/// Datagram destinations already recorded per process.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UdpSeenKey {
+    tgid: u32,
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+}
+
+#[map]
+static UDP_SEEN: LruHashMap<UdpSeenKey, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Builds a network event from a cgroup sock_addr context.
+#[inline(always)]
+fn from_sock_addr<const V6: bool>(
+    ctx: &SockAddrContext,
+    kind: EventKind,
+    session_id: u64,
+) -> NetEvent {
+    let sa = ctx.sock_addr;
+    // The verifier wants each ctx field loaded at a constant offset from the
+    // unmodified ctx pointer: volatile reads keep the compiler from folding
+    // them into pointer arithmetic.
+    // SAFETY: the kernel hands sock_addr programs a valid bpf_sock_addr.
+    let (family, protocol, port) = unsafe {
+        (
+            read_volatile(&(*sa).user_family) as u16,
+            read_volatile(&(*sa).protocol) as u16,
+            read_volatile(&(*sa).user_port),
+        )
+    };
+    let mut addr = [0u8; 16];
+    // The verifier refuses user_ip6 in a *4 program and user_ip4 in a *6
+    // one, so the program kind, not the runtime family, picks the field.
+    if !V6 {
+        // SAFETY: as above.
+        let ip4 = unsafe { read_volatile(&(*sa).user_ip4) };
+        addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+    } else {
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ]
+        };
+        addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    }
+    NetEvent {
+        header: header(kind, session_id),
+        family,
+        protocol,
+        port: u16::from_be(port as u16),
+        _pad: 0,
+        ret: NET_RET_UNKNOWN,
+        has_ret: 0,
+        addr,
+    }
+}
+
+#[inline(always)]
+fn emit(event: &NetEvent) {
+    if EVENTS.output::<NetEvent>(event, 0).is_err() {
+        count_loss(
+            event.header.session_id,
+            EventKind::from_u32(event.header.kind).unwrap_or(EventKind::Connect),
+            LossReason::RingbufFull,
+        );
+    }
+}
+
+/// Remembers a watched connect until `sys_exit_connect` gives its outcome.
+#[inline(always)]
+fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(session_id) = session_of((pid_tgid >> 32) as u32) else {
+        return 1;
+    };
+    let event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
+    if PENDING_CONNECT.insert(&pid_tgid, &event, 0).is_err() {
+        // Record it without its outcome rather than not at all.
+        count_loss(session_id, EventKind::Connect, LossReason::PendingMapFull);
+        emit(&event);
+    }
+    1
+}
+
+/// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect
+/// and udp connect): sees TCP and UDP connects with the socket's protocol,
+/// which the syscall tracepoints cannot tell. Never blocks (returns 1).
+#[cgroup_sock_addr(connect4)]
+pub fn net_connect4(ctx: SockAddrContext) -> i32 {
+    on_connect::<false>(&ctx)
+}
+
+/// cgroup/connect6: as `net_connect4`, for IPv6.
+#[cgroup_sock_addr(connect6)]
+pub fn net_connect6(ctx: SockAddrContext) -> i32 {
+    on_connect::<true>(&ctx)
+}
+
+/// syscalls:sys_exit_connect (`long ret` at offset 16): pairs the outcome with
+/// the connect the cgroup hook saw on this thread.
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(&pid_tgid) }) else {
+        return 0;
+    };
+    let mut event = *pending;
+    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    // SAFETY: offset 16 is `long ret` in every syscalls:sys_exit_* format.
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(NET_RET_UNKNOWN as i64);
+    event.ret = ret as i32;
+    event.has_ret = 1;
+    emit(&event);
+    0
+}
+
+/// Datagram sends to an explicit address (sendto/sendmsg on an unconnected
+/// UDP socket, e.g. DNS queries): recorded once per destination per process.
+#[inline(always)]
+fn on_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return 1;
+    };
+    let event = from_sock_addr::<V6>(ctx, EventKind::UdpSend, session_id);
+    let key = UdpSeenKey {
+        tgid,
+        family: event.family,
+        port: event.port,
+        addr: event.addr,
+    };
+    // SAFETY: only the presence of the key is used.
+    if unsafe { UDP_SEEN.get(&key) }.is_some() {
+        return 1;
+    }
+    let _ = UDP_SEEN.insert(&key, &1, 0);
+    emit(&event);
+    1
+}
+
+/// cgroup/sendmsg4 (udp_sendmsg with a destination address).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn net_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_sendmsg::<false>(&ctx)
+}
+
+/// cgroup/sendmsg6 (udpv6_sendmsg with a destination address).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn net_sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_sendmsg::<true>(&ctx)
+}
+
+/// syscalls:sys_enter_accept4 (`upeer_sockaddr` at offset 24): remembers where
+/// the caller wants the peer address written.
+#[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
+pub fn net_sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_enter(&ctx);
+    0
+}
+
+/// syscalls:sys_enter_accept: as accept4.
+#[tracepoint(category = "syscalls", name = "sys_enter_accept")]
+pub fn net_sys_enter_accept(ctx: TracePointContext) -> u32 {
+    on_accept_enter(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept_enter(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if session_of((pid_tgid >> 32) as u32).is_none() {
+        return;
+    }
+    // SAFETY: offset 24 is the second syscall argument in the format.
+    let peer: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
+    let _ = PENDING_ACCEPT.insert(&pid_tgid, &peer, 0);
+}
+
+/// syscalls:sys_exit_accept4: a successful accept, with the peer address the
+/// kernel just wrote into the caller's buffer (when it passed one).
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn net_sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+/// syscalls:sys_exit_accept: as accept4.
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn net_sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out at once.
+    let Some(peer) = (unsafe { PENDING_ACCEPT.get(&pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = PENDING_ACCEPT.remove(&pid_tgid);
+    let Some(session_id) = session_of((pid_tgid >> 32) as u32) else {
+        return;
+    };
+    // SAFETY: offset 16 is `long ret` in the format.
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret < 0 {
+        // Failed accepts (EAGAIN on a non-blocking listener) are not actions.
+        return;
+    }
+    let mut event = NetEvent {
+        header: header(EventKind::Accept, session_id),
+        family: 0,
+        protocol: IPPROTO_TCP,
+        port: 0,
+        _pad: 0,
+        ret: ret as i32,
+        has_ret: 1,
+        addr: [0; 16],
+    };
+    if peer != 0 {
+        // SAFETY: user memory reads that fail cleanly.
+        let family: u16 = unsafe { bpf_probe_read_user(peer as *const u16) }.unwrap_or(0);
+        let port: u16 = unsafe { bpf_probe_read_user((peer + 2) as *const u16) }.unwrap_or(0);
+        event.port = u16::from_be(port);
+        if family == AF_INET {
+            // SAFETY: as above; sockaddr_in.sin_addr is at offset 4.
+            if let Ok(a) = unsafe { bpf_probe_read_user((peer + 4) as *const [u8; 4]) } {
+                event.addr[..4].copy_from_slice(&a);
+                event.family = family;
+            }
+        } else if family == AF_INET6 {
+            // SAFETY: as above; sockaddr_in6.sin6_addr is at offset 8.
+            if let Ok(a) = unsafe { bpf_probe_read_user((peer + 8) as *const [u8; 16]) } {
+                event.addr = a;
+                event.family = family;
+            }
+        } else {
+            // A Unix or other non-IP socket: not a network action.
+            return;
+        }
+    }
+    emit(&event);
+}

@@ -1,0 +1,63 @@
+//! Reads of kernel structs at offsets found in the running kernel's BTF.
+
+use airlock_common::{EventHeader, EventKind};
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+};
+
+use crate::maps::config;
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
+    if base == 0 {
+        return Err(-1);
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.map_err(|e| e as i64)
+}
+
+/// tgid of the current task's real parent (0 if unreadable).
+#[inline(always)]
+pub fn current_ppid() -> u32 {
+    let off = config().offsets;
+    // SAFETY: the helper returns the current task pointer as an integer.
+    let task = unsafe { bpf_get_current_task() };
+    read::<u64>(task, off.task_real_parent)
+        .and_then(|parent| read::<u32>(parent, off.task_tgid))
+        .unwrap_or(0)
+}
+
+/// Effective uid of the current task (u32::MAX if unreadable).
+#[inline(always)]
+pub fn current_euid() -> u32 {
+    let off = config().offsets;
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    read::<u64>(task, off.task_cred)
+        .and_then(|cred| read::<u32>(cred, off.cred_euid))
+        .unwrap_or(u32::MAX)
+}
+
+/// Fills the common head of an event for the current task.
+#[inline(always)]
+pub fn header(kind: EventKind, session_id: u64) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    EventHeader {
+        kind: kind as u32,
+        _pad: 0,
+        // SAFETY: plain helper calls without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        session_id,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        ppid: current_ppid(),
+        uid: uid_gid as u32,
+        euid: current_euid(),
+        gid: (uid_gid >> 32) as u32,
+        // SAFETY: as above.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    }
+}

@@ -1,0 +1,134 @@
+//! Field offsets of the kernel structs the programs read, taken from the
+//! running kernel's BTF so one object serves every kernel (6.1, 6.12, 6.18).
+
+use airlock_common::KernelOffsets;
+use btf_rs::{Btf, Type};
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("reading kernel BTF at {VMLINUX_BTF}: {0}")]
+    Read(String),
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {0} has no field {1}")]
+    NoField(String, String),
+    #[error("kernel BTF: {0}.{1} is a bitfield")]
+    Bitfield(String, String),
+}
+
+/// Reads the offsets from the running kernel.
+pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Read(e.to_string()))?;
+    offsets_from(&btf)
+}
+
+/// Reads the offsets from a parsed BTF.
+pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    let f = |s: &str, field: &str| field_offset(btf, s, field);
+    Ok(KernelOffsets {
+        task_pid: f("task_struct", "pid")?,
+        task_tgid: f("task_struct", "tgid")?,
+        task_real_parent: f("task_struct", "real_parent")?,
+        task_exit_code: f("task_struct", "exit_code")?,
+        task_mm: f("task_struct", "mm")?,
+        task_cred: f("task_struct", "cred")?,
+        task_signal: f("task_struct", "signal")?,
+        signal_live: f("signal_struct", "live")?,
+        mm_arg_start: f("mm_struct", "arg_start")?,
+        mm_arg_end: f("mm_struct", "arg_end")?,
+        cred_euid: f("cred", "euid")?,
+        binprm_filename: f("linux_binprm", "filename")?,
+    })
+}
+
+/// Byte offset of `field` in `struct name`, looking inside anonymous
+/// struct and union members (mm_struct keeps its fields in one).
+pub fn field_offset(btf: &Btf, name: &str, field: &str) -> Result<u32, BtfError> {
+    let types = btf
+        .resolve_types_by_name(name)
+        .map_err(|_| BtfError::NoStruct(name.into()))?;
+    let st = types
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| BtfError::NoStruct(name.into()))?;
+    find_member(btf, &st, field).map_err(|bitfield| {
+        if bitfield {
+            BtfError::Bitfield(name.into(), field.into())
+        } else {
+            BtfError::NoField(name.into(), field.into())
+        }
+    })
+}
+
+/// Err(true) when the field exists but is a bitfield.
+fn find_member(btf: &Btf, st: &btf_rs::Struct, field: &str) -> Result<u32, bool> {
+    for m in &st.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        if name == field {
+            if m.bitfield_size().is_some_and(|s| s != 0) || m.bit_offset() % 8 != 0 {
+                return Err(true);
+            }
+            return Ok(m.bit_offset() / 8);
+        }
+        if name.is_empty() {
+            // Anonymous struct or union: search inside it.
+            let Ok(ty) = btf.resolve_chained_type(m) else {
+                continue;
+            };
+            let inner = match ty {
+                Type::Struct(s) | Type::Union(s) => s,
+                _ => continue,
+            };
+            if let Ok(off) = find_member(btf, &inner, field) {
+                return Ok(m.bit_offset() / 8 + off);
+            }
+        }
+    }
+    Err(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads this machine's BTF when it has one; the offsets are checked
+    /// against facts that hold on every kernel.
+    #[test]
+    fn offsets_from_running_kernel() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIP: no {VMLINUX_BTF} on this machine");
+            return;
+        }
+        let o = kernel_offsets().unwrap();
+        assert_eq!(
+            o.task_tgid,
+            o.task_pid + 4,
+            "tgid follows pid in task_struct"
+        );
+        assert!(
+            o.mm_arg_end == o.mm_arg_start + 8,
+            "arg_end follows arg_start"
+        );
+        assert!(o.task_real_parent > o.task_tgid);
+        assert!(o.cred_euid > 0);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("SKIP: no {VMLINUX_BTF} on this machine");
+            return;
+        }
+        let btf = Btf::from_file(VMLINUX_BTF).unwrap();
+        let e = field_offset(&btf, "task_struct", "no_such_field").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kernel BTF: struct task_struct has no field no_such_field"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! `airlock daemon`: detect, load, serve, and drain on SIGTERM/SIGINT.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    ctl::{self, StatusReport},
+    features, recorder,
+    sensors::Sensor,
+    stats::Stats,
+    store::Store,
+};
+
+/// What can be recorded in every mode today.
+const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
+
+/// How long the drain after SIGTERM may take before the daemon gives up.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let features = features::detect();
+    if let Some(why) = features.missing() {
+        anyhow::bail!("cannot start: {why}");
+    }
+    for m in &features.mounted {
+        info!("mounted {m}");
+    }
+    let mut store = Store::open(&config.db_path())?;
+    let closed = recorder::close_stale_sessions(&mut store)?;
+    if closed > 0 {
+        warn!(closed, "ended sessions left open by an earlier daemon");
+    }
+    let pid = std::process::id();
+    let sensor = Sensor::load(features, pid)?;
+    let (listener_std, allowed_gid) =
+        ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
+    let enforce: Vec<String> = Vec::new();
+    info!(
+        "airlock daemon {} pid {pid}: mode {}; records {}; enforces nothing yet (holds arrive with BPF LSM support); kernel {}; store {}; socket {}",
+        env!("CARGO_PKG_VERSION"),
+        features.mode(),
+        RECORDS.join(", "),
+        features.kernel,
+        config.db_path().display(),
+        config.socket_path.display()
+    );
+    let status = StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid,
+        mode: features.mode().into(),
+        kernel: features.kernel.clone(),
+        bpf_lsm: features.bpf_lsm,
+        can_record: RECORDS.iter().map(|s| s.to_string()).collect(),
+        can_enforce: enforce,
+        programs: sensor.attached.clone(),
+        store: config.db_path().display().to_string(),
+        uptime_s: 0,
+        sessions_registered: 0,
+        events: Vec::new(),
+        records_written: 0,
+        losses: Vec::new(),
+        decode_errors: 0,
+        store_errors: 0,
+    };
+
+    let stats = Arc::new(Stats::default());
+    let (rec_tx, rec_rx) = mpsc::channel(256);
+    let recorder = {
+        let stats = stats.clone();
+        let batch_max = config.batch_max;
+        std::thread::Builder::new()
+            .name("airlock-recorder".into())
+            .spawn(move || recorder::run(store, rec_rx, batch_max, stats))?
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener_std)?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (sensor_tx, sensor_rx) = mpsc::channel(64);
+        let ctx = Arc::new(ctl::Context {
+            sensor: sensor_tx,
+            recorder: rec_tx.clone(),
+            stats: stats.clone(),
+            status,
+            started: std::time::Instant::now(),
+            allowed_gid,
+        });
+        let mut sensor_task = tokio::spawn(sensor.run(
+            sensor_rx,
+            rec_tx,
+            stats.clone(),
+            Duration::from_millis(config.loss_poll_ms),
+            shutdown_rx.clone(),
+        ));
+        let ctl_task = tokio::spawn(ctl::serve(listener, ctx, shutdown_rx));
+
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let early = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: draining"); None }
+            _ = int.recv() => { info!("SIGINT: draining"); None }
+            r = &mut sensor_task => Some(r),
+        };
+        let _ = shutdown_tx.send(true);
+        let _ = tokio::time::timeout(DRAIN_LIMIT, ctl_task).await;
+        let sensor_result = match early {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(DRAIN_LIMIT, sensor_task).await,
+        };
+        match sensor_result {
+            Ok(Ok(Ok(()))) => anyhow::Ok(()),
+            Ok(Ok(Err(e))) => Err(anyhow::anyhow!("sensor failed: {e}")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("sensor task panicked: {e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "sensor did not drain within {DRAIN_LIMIT:?}"
+            )),
+        }
+    });
+    // The context held a recorder sender; with the runtime gone every sender
+    // is dropped and the recorder finishes its last batch.
+    drop(rt);
+    if recorder.join().is_err() {
+        error!("recorder thread panicked");
+    }
+    let _ = std::fs::remove_file(&config.socket_path);
+    info!("airlock daemon stopped");
+    result
+}

@@ -1,0 +1,292 @@
+//! The sensor task: the one owner of the loaded eBPF object and its maps.
+//! Everyone else talks to it with [`Command`]s over a channel.
+
+mod exec;
+mod net;
+
+use std::collections::HashMap as StdHashMap;
+
+use airlock_common::{AgentConfig, EventKind, LOSS_REASONS, LossKey, LossReason, SessionEntry};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    event::{Clock, Record, decode, loss_record},
+    features::Features,
+    recorder::RecorderMsg,
+    stats::Stats,
+};
+
+/// The kernel programs, built by build.rs and embedded in the binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock"));
+
+/// Names of the programs attached, for `airlock status`.
+pub type Attached = Vec<String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SensorError {
+    #[error("{0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("reading kernel BTF for the loader: {0}")]
+    LoaderBtf(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(String),
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("program {name}: {message}")]
+    Program { name: &'static str, message: String },
+    #[error("map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("watching the ring buffer: {0}")]
+    Poll(std::io::Error),
+}
+
+impl SensorError {
+    /// Keeps the verifier log, which aya puts in the error's Display chain.
+    fn program(name: &'static str, e: impl std::error::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Self::Program { name, message }
+    }
+
+    fn map(name: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::Map {
+            name,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Requests to the sensor task.
+pub enum Command {
+    /// Put `tgid` (and so its future children) into `session_id`.
+    Watch {
+        tgid: u32,
+        session_id: u64,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Snapshot of the kernel-side loss counters by reason.
+    LossTotals {
+        reply: oneshot::Sender<Vec<(&'static str, u64)>>,
+    },
+}
+
+/// The loaded programs and the maps the daemon uses.
+pub struct Sensor {
+    // Dropping the Ebpf object detaches everything: keep it alive.
+    _ebpf: Ebpf,
+    ring: Option<RingBuf<MapData>>,
+    sessions: HashMap<MapData, u32, SessionEntry>,
+    losses: PerCpuHashMap<MapData, LossKey, u64>,
+    loss_totals: PerCpuArray<MapData, u64>,
+    /// Programs attached, in words.
+    pub attached: Attached,
+    clock: Clock,
+    seen_losses: StdHashMap<LossKey, u64>,
+}
+
+impl Sensor {
+    /// Loads and attaches every program. `daemon_tgid` is never recorded.
+    pub fn load(features: &Features, daemon_tgid: u32) -> Result<Self, SensorError> {
+        let offsets = crate::btf::kernel_offsets()?;
+        let config = AgentConfig {
+            daemon_tgid,
+            _pad: 0,
+            offsets,
+        };
+        let btf = Btf::from_sys_fs().map_err(|e| SensorError::LoaderBtf(e.to_string()))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("AGENT_CONFIG", &config, true)
+            .load(OBJECT)
+            .map_err(|e| SensorError::Load(chain(&e)))?;
+        let mut attached = Vec::new();
+        exec::attach(&mut ebpf, &btf, &mut attached)?;
+        let cgroup2 = features
+            .cgroup2
+            .clone()
+            .unwrap_or_else(|| "/sys/fs/cgroup".into());
+        net::attach(&mut ebpf, &cgroup2, &mut attached)?;
+
+        let ring = take(&mut ebpf, "EVENTS", |m| RingBuf::try_from(m))?;
+        let sessions = take(&mut ebpf, "SESSIONS", |m| HashMap::try_from(m))?;
+        let losses = take(&mut ebpf, "LOSSES", |m| PerCpuHashMap::try_from(m))?;
+        let loss_totals = take(&mut ebpf, "LOSS_TOTALS", |m| PerCpuArray::try_from(m))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            ring: Some(ring),
+            sessions,
+            losses,
+            loss_totals,
+            attached,
+            clock: Clock::now(),
+            seen_losses: StdHashMap::new(),
+        })
+    }
+
+    /// Runs until `shutdown` turns true, then drains what the kernel still
+    /// holds and the loss counters, so nothing recorded is left behind.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        out: mpsc::Sender<RecorderMsg>,
+        stats: std::sync::Arc<Stats>,
+        loss_poll: std::time::Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SensorError> {
+        let ring = self.ring.take().ok_or(SensorError::MissingMap("EVENTS"))?;
+        // SAFETY: the AsyncFd owns the RingBuf, whose map fd stays open (and is
+        // not closed behind tokio's back) for as long as the AsyncFd lives.
+        let mut ring =
+            unsafe { AsyncFd::register(ring) }.map_err(|e| SensorError::Poll(e.into_parts().1))?;
+        let mut tick = tokio::time::interval(loss_poll);
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.map_err(SensorError::Poll)?;
+                    let batch = self.drain(guard.get_inner_mut(), &stats);
+                    guard.clear_ready();
+                    send(&out, batch).await;
+                }
+                Some(cmd) = commands.recv() => self.command(cmd),
+                _ = tick.tick() => {
+                    let losses = self.poll_losses();
+                    send(&out, losses).await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        let batch = self.drain(ring.get_mut(), &stats);
+        send(&out, batch).await;
+        let losses = self.poll_losses();
+        send(&out, losses).await;
+        Ok(())
+    }
+
+    fn drain(&self, ring: &mut RingBuf<MapData>, stats: &Stats) -> Vec<Record> {
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            match decode(&item, &self.clock) {
+                Ok(r) => {
+                    stats.count_event(r.kind.0);
+                    batch.push(r);
+                }
+                Err(e) => {
+                    stats
+                        .decode_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(error = %e, "undecodable event");
+                }
+            }
+        }
+        batch
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Watch {
+                tgid,
+                session_id,
+                reply,
+            } => {
+                let r = self
+                    .sessions
+                    .insert(tgid, SessionEntry { session_id }, 0)
+                    .map_err(|e| e.to_string());
+                debug!(tgid, session_id, ok = r.is_ok(), "watch");
+                let _ = reply.send(r);
+            }
+            Command::LossTotals { reply } => {
+                let mut totals = Vec::new();
+                for reason in 1..LOSS_REASONS {
+                    let Some(r) = LossReason::from_u32(reason) else {
+                        continue;
+                    };
+                    let n = self
+                        .loss_totals
+                        .get(&reason, 0)
+                        .map(|v| v.iter().sum())
+                        .unwrap_or(0);
+                    totals.push((r.name(), n));
+                }
+                let _ = reply.send(totals);
+            }
+        }
+    }
+
+    /// Turns growth of the per-session loss counters into loss records.
+    fn poll_losses(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for entry in self.losses.iter() {
+            let Ok((key, values)) = entry else { continue };
+            let total: u64 = values.iter().sum();
+            let seen = self.seen_losses.entry(key).or_insert(0);
+            if total > *seen {
+                let (Some(kind), Some(reason)) = (
+                    EventKind::from_u32(key.kind),
+                    LossReason::from_u32(key.reason),
+                ) else {
+                    continue;
+                };
+                warn!(
+                    session = key.session_id,
+                    kind = kind.name(),
+                    reason = reason.name(),
+                    count = total - *seen,
+                    "events lost"
+                );
+                records.push(loss_record(key.session_id, kind, reason, total - *seen));
+                *seen = total;
+            }
+        }
+        records
+    }
+}
+
+async fn send(out: &mpsc::Sender<RecorderMsg>, batch: Vec<Record>) {
+    if batch.is_empty() {
+        return;
+    }
+    if out.send(RecorderMsg::Records(batch)).await.is_err() {
+        warn!("recorder is gone; records dropped");
+    }
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, SensorError> {
+    let map = ebpf.take_map(name).ok_or(SensorError::MissingMap(name))?;
+    conv(map).map_err(|e| SensorError::map(name, e))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}

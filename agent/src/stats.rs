@@ -1,0 +1,50 @@
+//! Counters the daemon keeps about itself, shown by `airlock status`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use airlock_common::EventKind;
+use serde::Serialize;
+
+const KINDS: [EventKind; 6] = [
+    EventKind::Fork,
+    EventKind::Exec,
+    EventKind::Exit,
+    EventKind::Connect,
+    EventKind::Accept,
+    EventKind::UdpSend,
+];
+
+#[derive(Default)]
+pub struct Stats {
+    by_kind: [AtomicU64; KINDS.len()],
+    pub decode_errors: AtomicU64,
+    /// Records the store failed to write (each one logged).
+    pub store_errors: AtomicU64,
+    pub records_written: AtomicU64,
+    pub sessions_registered: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct KindCount {
+    pub kind: String,
+    pub count: u64,
+}
+
+impl Stats {
+    pub fn count_event(&self, kind: EventKind) {
+        if let Some(i) = KINDS.iter().position(|k| *k == kind) {
+            self.by_kind[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn events(&self) -> Vec<KindCount> {
+        KINDS
+            .iter()
+            .zip(&self.by_kind)
+            .map(|(k, n)| KindCount {
+                kind: k.name().into(),
+                count: n.load(Relaxed),
+            })
+            .collect()
+    }
+}
