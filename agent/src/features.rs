@@ -13,8 +13,9 @@ pub struct Features {
     /// BTF at /sys/kernel/btf/vmlinux: needed for the tp_btf programs and the
     /// field offsets.
     pub btf: bool,
-    /// "bpf" is in the active LSM list: exec and connect can be held in the
-    /// syscall itself.
+    /// "bpf" is in the active LSM list. Listed is not the same as usable:
+    /// some kernels list it yet refuse LSM programs (this project's
+    /// development host does); holding syscalls needs both.
     pub bpf_lsm: bool,
     /// The LSM list as read from securityfs (empty when unreadable).
     pub lsm_list: String,

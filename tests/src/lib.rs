@@ -1,1 +1,215 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: they drive the real `airlock` binary
+//! against the real kernel. They need root; in CI (`CI=true`) a test that
+//! cannot run fails instead of skipping.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use airlock::store::{EventRow, SessionRow, Store};
+
+/// True when a skipped kernel test must fail instead.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Returns false (and says why, loudly) when this test cannot run here;
+/// panics instead in CI.
+pub fn can_run(test: &str) -> bool {
+    let f = airlock::features::detect();
+    let why = f.missing();
+    match why {
+        None => true,
+        Some(why) if in_ci() => panic!("{test}: cannot run and CI=true forbids skipping: {why}"),
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// The airlock binary under test: $AIRLOCK_BIN, else target/{release,debug}.
+pub fn airlock_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AIRLOCK_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("airlock");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no airlock binary: build it (cargo build -p airlock) or set AIRLOCK_BIN");
+}
+
+/// A daemon with its own store and socket in a temporary directory.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("airlock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+        let child = Command::new(airlock_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("daemon")
+            .stderr(log)
+            .spawn()
+            .expect("spawn airlock daemon");
+        let mut d = Self {
+            dir,
+            config,
+            child: Some(child),
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.airlock(&["status"]).status.success() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!(
+                    "daemon exited with {st} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("daemon not ready within 60 s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs `airlock ARGS` with this daemon's config.
+    pub fn airlock(&self, args: &[&str]) -> Output {
+        Command::new(airlock_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run airlock")
+    }
+
+    /// `airlock run --label ... -- CMD...`: returns the session id and output.
+    pub fn run(&self, labels: &[&str], cmd: &[&str]) -> (u64, Output) {
+        let mut args = vec!["run"];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.push("--");
+        args.extend_from_slice(cmd);
+        let out = self.airlock(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let id = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("airlock: session "))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no session id in stderr: {stderr}\ndaemon log:\n{}",
+                    self.log()
+                )
+            });
+        (id, out)
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open_read_only(&self.dir.path().join("data/airlock.db")).expect("open store")
+    }
+
+    /// Waits until the session has ended in the store (its root's exit was
+    /// recorded) and returns its events.
+    pub fn events(&self, session: u64) -> Vec<EventRow> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.session(session);
+            if s.ended_at.is_some() {
+                return self.store().events(session).expect("events");
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "session {session} never ended in the store; daemon log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn session(&self, session: u64) -> SessionRow {
+        self.store().session(session).expect("session")
+    }
+
+    /// SIGTERM and wait: the daemon drains and flushes before it exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().expect("wait daemon");
+            assert!(st.success(), "daemon exited with {st}:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Exec events of a session, as (tgid, ppid, path, argv).
+pub fn execs(events: &[EventRow]) -> Vec<(u32, u32, String, Vec<String>)> {
+    events
+        .iter()
+        .filter(|e| e.kind == "exec")
+        .map(|e| {
+            let argv = e.detail["argv"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().unwrap_or("").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                e.tgid,
+                e.ppid,
+                e.detail["path"].as_str().unwrap_or("").to_string(),
+                argv,
+            )
+        })
+        .collect()
+}

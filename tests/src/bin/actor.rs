@@ -1,0 +1,88 @@
+//! A small, fast test actor: does one kind of action on request, so the
+//! end-to-end tests know exactly what the kernel should have seen.
+//!
+//! actor connect ADDR:PORT          blocking TCP connect, print the errno (0 = ok)
+//! actor connect-nonblocking ADDR:PORT  the same through a non-blocking connect
+//! actor udp ADDR:PORT COUNT        send COUNT datagrams to one destination
+//! actor accept PORT                accept one TCP connection on [::] (v4 and v6), print the peer
+//! actor spawn N PROGRAM            spawn+wait PROGRAM N times, print N
+//! actor storm SECONDS THREADS PROGRAM  spawn PROGRAM for SECONDS on THREADS threads, print how many
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Command, ExitCode},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["connect", addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let errno = match TcpStream::connect(addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{errno}");
+        }
+        ["connect-nonblocking", addr] => {
+            // std's connect_timeout: a non-blocking connect(2) (EINPROGRESS), then poll.
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let errno = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{errno}");
+        }
+        ["udp", addr, count] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let sock = UdpSocket::bind(bind).expect("bind");
+            for _ in 0..count.parse::<u32>().expect("COUNT") {
+                sock.send_to(b"airlock-test", addr).expect("send_to");
+            }
+        }
+        ["accept", port] => {
+            let listener = TcpListener::bind(format!("[::]:{port}")).expect("bind");
+            println!("listening");
+            std::io::stdout().flush().ok();
+            let (_s, peer) = listener.accept().expect("accept");
+            println!("{peer}");
+        }
+        ["spawn", n, program] => {
+            let n: u64 = n.parse().expect("N");
+            for _ in 0..n {
+                Command::new(program).status().expect("spawn");
+            }
+            println!("{n}");
+        }
+        ["storm", secs, threads, program] => {
+            let until = Instant::now() + Duration::from_secs(secs.parse().expect("SECONDS"));
+            let done = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..threads.parse::<u32>().expect("THREADS") {
+                    s.spawn(|| {
+                        while Instant::now() < until {
+                            if Command::new(program).status().is_ok() {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            println!("{}", done.load(Ordering::Relaxed));
+        }
+        _ => {
+            eprintln!("usage: see the top of tests/src/bin/actor.rs");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}

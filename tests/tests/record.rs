@@ -1,0 +1,338 @@
+//! Root tests on the host: the real daemon records real sessions.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use airlock_tests::{Daemon, can_run, execs, stdout};
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
+
+fn exits(events: &[airlock::store::EventRow]) -> HashMap<u32, serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e.kind == "exit")
+        .map(|e| (e.tgid, e.detail.clone()))
+        .collect()
+}
+
+#[test]
+fn script_tree_is_recorded_with_parents_and_exit_codes() {
+    if !can_run("script_tree_is_recorded_with_parents_and_exit_codes") {
+        return;
+    }
+    let d = Daemon::start();
+    let script = "/bin/echo one\n/bin/true\n( /bin/echo sub-a; /bin/echo sub-b )\n/bin/sh -c '/bin/echo grandchild; exit 4'\n/bin/sh -c 'kill -KILL $$'\n/bin/false || true\nexit 7\n";
+    let (id, out) = d.run(
+        &["agent=test-agent", "model=m-1.2", "user=alice"],
+        &["/bin/bash", "-c", script],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "airlock run exits with the command's status"
+    );
+    let events = d.events(id);
+    let session = d.session(id);
+    assert_eq!(session.labels["agent"], "test-agent");
+    assert_eq!(session.labels["model"], "m-1.2");
+    assert_eq!(session.labels["user"], "alice");
+    let execs = execs(&events);
+    let find = |argv: &[&str]| {
+        execs
+            .iter()
+            .find(|(_, _, _, a)| a.iter().map(String::as_str).eq(argv.iter().copied()))
+            .unwrap_or_else(|| panic!("no exec of {argv:?} in {execs:#?}"))
+            .clone()
+    };
+    let (bash, bash_parent, bash_path, _) = find(&["/bin/bash", "-c", script]);
+    assert_eq!(
+        bash_parent, session.root_pid,
+        "the command's parent is `airlock run`"
+    );
+    assert!(bash_path.ends_with("bash"));
+    assert_eq!(
+        execs[0].0, bash,
+        "the first exec of the session is the command itself"
+    );
+
+    let (_, p, path, _) = find(&["/bin/echo", "one"]);
+    assert_eq!((p, path.as_str()), (bash, "/bin/echo"));
+    assert_eq!(find(&["/bin/true"]).1, bash);
+
+    // The subshell is a fork of bash that runs /bin/echo sub-a as its child.
+    let (_, sub_parent, _, _) = find(&["/bin/echo", "sub-a"]);
+    assert_ne!(sub_parent, bash, "sub-a runs under the subshell, not bash");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "fork" && e.tgid == bash && e.detail["child_tgid"] == sub_parent),
+        "the subshell {sub_parent} is recorded as a fork of bash {bash}"
+    );
+
+    // A child of a child, with its exit code.
+    let (sh, sh_parent, _, _) = find(&["/bin/sh", "-c", "/bin/echo grandchild; exit 4"]);
+    assert_eq!(sh_parent, bash);
+    let (gc, gc_parent, _, _) = find(&["/bin/echo", "grandchild"]);
+    assert_eq!(gc_parent, sh);
+    let exits = exits(&events);
+    assert_eq!(exits[&sh]["exit_code"], 4);
+    assert_eq!(exits[&gc]["exit_code"], 0);
+    let (killed, _, _, _) = find(&["/bin/sh", "-c", "kill -KILL $$"]);
+    assert_eq!(exits[&killed]["signal"], 9, "{:?}", exits[&killed]);
+    let (f, _, _, _) = find(&["/bin/false"]);
+    assert_eq!(exits[&f]["exit_code"], 1);
+    assert_eq!(exits[&bash]["exit_code"], 7);
+
+    // Every process in the tree has a known parent: the root or a fork child.
+    let mut known: Vec<u32> = vec![session.root_pid];
+    known.extend(
+        events
+            .iter()
+            .filter(|e| e.kind == "fork")
+            .filter_map(|e| e.detail["child_tgid"].as_u64().map(|v| v as u32)),
+    );
+    for (tgid, ppid, path, _) in &execs {
+        assert!(
+            known.contains(tgid),
+            "exec {path} by {tgid} that never forked in the session"
+        );
+        assert!(
+            known.contains(ppid),
+            "exec {path} by {tgid} has unknown parent {ppid}"
+        );
+    }
+    // Every recorded exec ended and every process that ended was recorded.
+    for (tgid, _, path, _) in &execs {
+        assert!(exits.contains_key(tgid), "no exit for {path} ({tgid})");
+    }
+}
+
+#[test]
+fn connects_udp_and_outcomes_v4_and_v6() {
+    if !can_run("connects_udp_and_outcomes_v4_and_v6") {
+        return;
+    }
+    let d = Daemon::start();
+    let open4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open6 = TcpListener::bind("[::1]:0").unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed6 = TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (p4, p6) = (
+        open4.local_addr().unwrap().port(),
+        open6.local_addr().unwrap().port(),
+    );
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!(
+        "{ACTOR} connect 127.0.0.1:{p4} && {ACTOR} connect 127.0.0.1:{closed} && {ACTOR} connect [::1]:{p6} && \
+         {ACTOR} connect [::1]:{closed6} && {ACTOR} connect-nonblocking 127.0.0.1:{p4} && {ACTOR} udp 127.0.0.1:{udp} 3 && {ACTOR} udp [::1]:{udp} 2"
+    );
+    let (id, out) = d.run(&["agent=net"], &["/bin/sh", "-c", &script]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out),
+        "0\n111\n0\n111\n0\n",
+        "the actor saw: ok, refused, ok, refused, ok"
+    );
+    let events = d.events(id);
+    let net: Vec<(String, String, String, u64, Option<i64>)> = events
+        .iter()
+        .filter(|e| matches!(e.kind.as_str(), "connect" | "udp_send"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.detail["protocol"].as_str().unwrap_or("").to_string(),
+                e.detail["addr"].as_str().unwrap_or("").to_string(),
+                e.detail["port"].as_u64().unwrap_or(0),
+                e.detail["ret"].as_i64(),
+            )
+        })
+        .collect();
+    let s = |v: &str| v.to_string();
+    assert_eq!(
+        net,
+        vec![
+            (s("connect"), s("tcp"), s("127.0.0.1"), p4 as u64, Some(0)),
+            (
+                s("connect"),
+                s("tcp"),
+                s("127.0.0.1"),
+                closed as u64,
+                Some(-111)
+            ),
+            (s("connect"), s("tcp"), s("::1"), p6 as u64, Some(0)),
+            (s("connect"), s("tcp"), s("::1"), closed6 as u64, Some(-111)),
+            (
+                s("connect"),
+                s("tcp"),
+                s("127.0.0.1"),
+                p4 as u64,
+                Some(-115)
+            ),
+            (s("udp_send"), s("udp"), s("127.0.0.1"), udp as u64, None),
+            (s("udp_send"), s("udp"), s("::1"), udp as u64, None),
+        ],
+        "blocking connects give their outcome, a non-blocking one EINPROGRESS; 3 and 2 datagrams to one destination are one record each"
+    );
+}
+
+#[test]
+fn inbound_accept_records_the_peer() {
+    if !can_run("inbound_accept_records_the_peer") {
+        return;
+    }
+    let d = Daemon::start();
+    let port = TcpListener::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut run = Command::new(airlock_tests::airlock_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--", ACTOR, "accept", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    // The client is outside the session: its connect is not recorded.
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let local = client.local_addr().unwrap();
+    let peer = lines.next().unwrap().unwrap();
+    assert!(run.wait().unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    let id: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("airlock: session "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let events = d.events(id);
+    let accepts: Vec<_> = events.iter().filter(|e| e.kind == "accept").collect();
+    assert_eq!(accepts.len(), 1, "{events:#?}");
+    assert_eq!(
+        accepts[0].detail["addr"], "::ffff:127.0.0.1",
+        "peer printed by the actor: {peer}"
+    );
+    assert_eq!(accepts[0].detail["port"], local.port());
+    assert!(
+        accepts[0].detail["ret"].as_i64().unwrap() >= 0,
+        "accept returned a fd"
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == "connect"),
+        "the outside client is not recorded"
+    );
+}
+
+#[test]
+fn processes_outside_the_session_are_not_recorded() {
+    if !can_run("processes_outside_the_session_are_not_recorded") {
+        return;
+    }
+    let d = Daemon::start();
+    let marker = format!("outside-marker-{}", std::process::id());
+    let outside = std::thread::spawn({
+        let marker = marker.clone();
+        move || {
+            for _ in 0..100 {
+                Command::new("/bin/echo")
+                    .arg(&marker)
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap();
+            }
+        }
+    });
+    let (id, out) = d.run(&[], &[ACTOR, "spawn", "300", "/bin/true"]);
+    outside.join().unwrap();
+    assert!(out.status.success());
+    let events = d.events(id);
+    let execs = execs(&events);
+    assert_eq!(
+        execs.iter().filter(|(_, _, p, _)| p == "/bin/true").count(),
+        300
+    );
+    for s in d.store().sessions().unwrap() {
+        for e in d.store().events(s.id).unwrap() {
+            assert!(
+                !e.detail.to_string().contains(&marker),
+                "unwatched process recorded: {e:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_thousand_execs_give_a_thousand_records() {
+    if !can_run("a_thousand_execs_give_a_thousand_records") {
+        return;
+    }
+    let d = Daemon::start();
+    let (id, out) = d.run(&[], &[ACTOR, "spawn", "1000", "/bin/true"]);
+    assert_eq!(stdout(&out), "1000\n");
+    let events = d.events(id);
+    let execs = execs(&events);
+    assert_eq!(
+        execs
+            .iter()
+            .filter(|(_, _, p, a)| p == "/bin/true" && a == &["/bin/true"])
+            .count(),
+        1000
+    );
+    assert_eq!(execs.len(), 1001, "the actor's own exec and 1000 children");
+    assert!(
+        !events.iter().any(|e| e.kind == "loss"),
+        "no loss at this rate"
+    );
+}
+
+#[test]
+fn exec_storm_is_recorded_or_counted_exactly() {
+    if !can_run("exec_storm_is_recorded_or_counted_exactly") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let (id, out) = d.run(&[], &[ACTOR, "storm", "10", "4", "/bin/true"]);
+    let performed: u64 = stdout(&out).trim().parse().expect("storm count");
+    // Stopping drains the ring buffer and the loss counters into the store.
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop();
+    let store = d.store();
+    let events = store.events(id).unwrap();
+    let recorded = events.iter().filter(|e| e.kind == "exec").count() as u64;
+    let lost: u64 = events
+        .iter()
+        .filter(|e| e.kind == "loss" && e.detail["lost_kind"] == "exec")
+        .map(|e| e.detail["count"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "storm: {performed} execs performed in 10 s, {recorded} recorded, {lost} counted lost"
+    );
+    assert!(performed > 1000, "the storm ran ({performed})");
+    assert_eq!(
+        recorded + lost,
+        performed + 1,
+        "every exec (the actor's own too) is recorded or counted"
+    );
+}
