@@ -38,6 +38,9 @@ pub struct Config {
     /// How often the loss counters are turned into loss records, in ms.
     /// Default 1000.
     pub loss_poll_ms: u64,
+    /// Size of the kernel-to-daemon ring buffer in KiB: a power of two, at
+    /// least 4. Default 32768 (32 MiB, about 40,000 exec events in flight).
+    pub ring_buffer_kib: u32,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             batch_max: 4096,
             batch_interval_ms: 50,
             loss_poll_ms: 1000,
+            ring_buffer_kib: 32 * 1024,
         }
     }
 }
@@ -78,6 +82,15 @@ impl Config {
             return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
                 message: "batch_max must be at least 1".into(),
+            });
+        }
+        if config.ring_buffer_kib < 4 || !config.ring_buffer_kib.is_power_of_two() {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "ring_buffer_kib must be a power of two of at least 4, got {}",
+                    config.ring_buffer_kib
+                ),
             });
         }
         Ok(config)
@@ -128,6 +141,21 @@ mod tests {
         assert!(
             msg.starts_with("/etc/a.toml: at byte 0: unknown field `data_dri`"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn ring_buffer_size_is_checked() {
+        let e = Config::parse("ring_buffer_kib = 100\n", Path::new("a.toml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a.toml: ring_buffer_kib must be a power of two of at least 4, got 100"
+        );
+        assert_eq!(
+            Config::parse("ring_buffer_kib = 4\n", Path::new("a.toml"))
+                .unwrap()
+                .ring_buffer_kib,
+            4
         );
     }
 

@@ -37,7 +37,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         warn!(closed, "ended sessions left open by an earlier daemon");
     }
     let pid = std::process::id();
-    let sensor = Sensor::load(features, pid)?;
+    let sensor = Sensor::load(features, pid, config.ring_buffer_kib * 1024)?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
     let enforce: Vec<String> = Vec::new();

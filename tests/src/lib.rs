@@ -54,12 +54,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a daemon with extra config lines.
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("airlock.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\n{extra}\n",
                 dir.path().display()
             ),
         )

@@ -336,3 +336,35 @@ fn exec_storm_is_recorded_or_counted_exactly() {
         "every exec (the actor's own too) is recorded or counted"
     );
 }
+
+#[test]
+fn losses_from_a_tiny_ring_buffer_are_counted_exactly() {
+    if !can_run("losses_from_a_tiny_ring_buffer_are_counted_exactly") {
+        return;
+    }
+    // 4 KiB holds about five exec events: a storm must overflow it.
+    let mut d = Daemon::start_with("ring_buffer_kib = 4");
+    let (id, out) = d.run(&[], &[ACTOR, "storm", "3", "4", "/bin/true"]);
+    let performed: u64 = stdout(&out).trim().parse().expect("storm count");
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop();
+    let events = d.store().events(id).unwrap();
+    let recorded = events.iter().filter(|e| e.kind == "exec").count() as u64;
+    let lost: u64 = events
+        .iter()
+        .filter(|e| e.kind == "loss" && e.detail["lost_kind"] == "exec")
+        .map(|e| e.detail["count"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!("tiny ring: {performed} execs performed, {recorded} recorded, {lost} counted lost");
+    assert!(
+        lost > 0,
+        "a 4 KiB ring under a storm loses events ({recorded} recorded)"
+    );
+    assert_eq!(
+        recorded + lost,
+        performed + 1,
+        "every exec is recorded or counted"
+    );
+    let s = d.store().session(id).unwrap();
+    assert!(s.lost >= lost, "the session shows its gaps");
+}

@@ -106,7 +106,11 @@ pub struct Sensor {
 
 impl Sensor {
     /// Loads and attaches every program. `daemon_tgid` is never recorded.
-    pub fn load(features: &Features, daemon_tgid: u32) -> Result<Self, SensorError> {
+    pub fn load(
+        features: &Features,
+        daemon_tgid: u32,
+        ring_bytes: u32,
+    ) -> Result<Self, SensorError> {
         let offsets = crate::btf::kernel_offsets()?;
         let config = AgentConfig {
             daemon_tgid,
@@ -117,6 +121,7 @@ impl Sensor {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("AGENT_CONFIG", &config, true)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)
             .map_err(|e| SensorError::Load(chain(&e)))?;
         let mut attached = Vec::new();
