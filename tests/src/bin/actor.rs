@@ -7,6 +7,9 @@
 //! actor accept PORT                accept one TCP connection on [::] (v4 and v6), print the peer
 //! actor spawn N PROGRAM            spawn+wait PROGRAM N times, print N
 //! actor storm SECONDS THREADS PROGRAM  spawn PROGRAM for SECONDS on THREADS threads, print how many
+//! actor time-spawn N PROGRAM       spawn+wait PROGRAM N times, print the elapsed ns
+//! actor time-connect N             connect+close to its own loopback listener N times, print the elapsed ns
+//! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
 
 use std::{
     io::Write,
@@ -79,10 +82,61 @@ fn main() -> ExitCode {
             });
             println!("{}", done.load(Ordering::Relaxed));
         }
+        ["time-spawn", n, program] => {
+            let start = Instant::now();
+            for _ in 0..n.parse::<u64>().expect("N") {
+                Command::new(program).status().expect("spawn");
+            }
+            println!("{}", start.elapsed().as_nanos());
+        }
+        ["time-connect", n] => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    drop(s);
+                }
+            });
+            let start = Instant::now();
+            for _ in 0..n.parse::<u64>().expect("N") {
+                let s = TcpStream::connect(addr).expect("connect");
+                reset_on_close(&s);
+            }
+            println!("{}", start.elapsed().as_nanos());
+        }
+        ["udp-connects", n] => {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let start = Instant::now();
+            for i in 0..n.parse::<u32>().expect("N") {
+                let port = 1 + (i % 65000) as u16;
+                sock.connect(("127.0.0.1", port)).expect("udp connect");
+            }
+            println!("{}", start.elapsed().as_nanos());
+        }
         _ => {
             eprintln!("usage: see the top of tests/src/bin/actor.rs");
             return ExitCode::from(2);
         }
     }
     ExitCode::SUCCESS
+}
+
+/// SO_LINGER 0: close sends RST and leaves no TIME_WAIT behind, so a long
+/// connect loop does not exhaust loopback ports and slow itself down.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a linger struct of the size passed.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }

@@ -1,0 +1,346 @@
+//! `cargo xtask bench`: overhead and ingest, measured side by side in one
+//! run. Configurations are interleaved round by round (the machines are
+//! noisy) and medians and ratios are reported, never a single time.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::util::{cargo, is_root, output, workspace_root};
+
+pub struct Params {
+    pub execs: u32,
+    pub connects: u32,
+    pub rounds: u32,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    NoAgent,
+    Unwatched,
+    Watched,
+    Auditd,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Self::NoAgent => "no agent",
+            Self::Unwatched => "airlock, unwatched",
+            Self::Watched => "airlock, watched session",
+            Self::Auditd => "auditd (execve+connect rules)",
+        }
+    }
+}
+
+const SETUPS: [Setup; 4] = [
+    Setup::NoAgent,
+    Setup::Unwatched,
+    Setup::Watched,
+    Setup::Auditd,
+];
+
+pub fn run(p: Params) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads kernel programs and starts auditd: run it as root");
+    }
+    crate::bootstrap::apt(&["auditd"])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "airlock",
+        "-p",
+        "airlock-tests",
+        "--bins",
+    ])?;
+    let root = workspace_root();
+    let bin = root.join("target/release/airlock");
+    let actor = root.join("target/release/actor");
+    let dir = tempfile_dir()?;
+
+    // exec and connect samples: setup -> per-round ns.
+    let mut exec: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut conn: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    for round in 0..p.rounds {
+        eprintln!("bench: round {}/{}", round + 1, p.rounds);
+        // Each round visits every setup, in a rotated order.
+        for k in 0..SETUPS.len() {
+            let i = (k + round as usize) % SETUPS.len();
+            let setup = SETUPS[i];
+            let guard = start(setup, &bin, &dir)?;
+            let e = measure(
+                setup,
+                &bin,
+                &actor,
+                &dir,
+                &["time-spawn", &p.execs.to_string(), "/bin/true"],
+            )?;
+            let c = measure(
+                setup,
+                &bin,
+                &actor,
+                &dir,
+                &["time-connect", &p.connects.to_string()],
+            )?;
+            drop(guard);
+            exec[i].push(e / p.execs as f64);
+            conn[i].push(c / p.connects as f64);
+        }
+    }
+    println!(
+        "\nairlock bench: {} rounds, {} fork+exec of /bin/true and {} TCP connect+close per round",
+        p.rounds, p.execs, p.connects
+    );
+    println!(
+        "{:<32} {:>14} {:>8} {:>16} {:>8}",
+        "setup", "exec us (med)", "ratio", "connect us (med)", "ratio"
+    );
+    let (e0, c0) = (median(&exec[0]), median(&conn[0]));
+    for (i, s) in SETUPS.iter().enumerate() {
+        let (e, c) = (median(&exec[i]), median(&conn[i]));
+        println!(
+            "{:<32} {:>14.1} {:>7.3}x {:>16.2} {:>7.3}x",
+            s.name(),
+            e / 1e3,
+            e / e0,
+            c / 1e3,
+            c / c0
+        );
+    }
+    ingest(&bin, &actor, &dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Sustained ingest: a watched process makes N connect events as fast as the
+/// kernel allows; the time until all N are in SQLite gives events/s.
+fn ingest(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
+    let n: u64 = 500_000;
+    let d = Daemon::start(bin, dir)?;
+    let before = d.written()?;
+    let start = Instant::now();
+    let out = output(
+        Command::new(bin)
+            .arg("--config")
+            .arg(&d.config)
+            .args(["run", "-q", "--"])
+            .arg(actor)
+            .args(["udp-connects", &n.to_string()]),
+    )?;
+    let produce_ns: f64 = out.trim().parse().context("actor output")?;
+    // n connects + the actor's fork, exec and exit (+ airlock run's exit).
+    let want = before + n + 3;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut written = before;
+    while Instant::now() < deadline {
+        written = d.written()?;
+        if written >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let lost = d.lost()?;
+    println!(
+        "\ningest: {} events produced in {:.2} s ({:.0}/s offered); {} written to SQLite in {:.2} s = {:.0} events/s; {} lost",
+        n,
+        produce_ns / 1e9,
+        n as f64 / (produce_ns / 1e9),
+        written - before,
+        secs,
+        (written - before) as f64 / secs,
+        lost
+    );
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("airlock-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Whatever a setup started; dropping it stops it.
+enum Guard {
+    None,
+    /// Held so that dropping the guard stops the daemon.
+    Daemon {
+        _daemon: Daemon,
+    },
+    Auditd,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Auditd = self {
+            let _ = Command::new("auditctl")
+                .arg("-D")
+                .stdout(Stdio::null())
+                .status();
+            let _ = Command::new("auditctl")
+                .args(["-e", "0"])
+                .stdout(Stdio::null())
+                .status();
+            if let Ok(pid) = std::fs::read_to_string("/var/run/auditd.pid") {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+fn start(setup: Setup, bin: &Path, dir: &Path) -> anyhow::Result<Guard> {
+    Ok(match setup {
+        Setup::NoAgent => Guard::None,
+        Setup::Unwatched | Setup::Watched => Guard::Daemon {
+            _daemon: Daemon::start(bin, dir)?,
+        },
+        Setup::Auditd => {
+            crate::util::run(&mut Command::new("auditd"))?;
+            std::thread::sleep(Duration::from_millis(300));
+            crate::util::run(
+                Command::new("auditctl")
+                    .args(["-b", "8192"])
+                    .stdout(Stdio::null()),
+            )?;
+            crate::util::run(
+                Command::new("auditctl")
+                    .args(["-e", "1"])
+                    .stdout(Stdio::null()),
+            )?;
+            crate::util::run(
+                Command::new("auditctl")
+                    .args([
+                        "-a",
+                        "always,exit",
+                        "-F",
+                        "arch=b64",
+                        "-S",
+                        "execve,execveat,connect",
+                    ])
+                    .stdout(Stdio::null()),
+            )?;
+            Guard::Auditd
+        }
+    })
+}
+
+/// Runs one timed actor workload (the actor prints its elapsed ns).
+fn measure(
+    setup: Setup,
+    bin: &Path,
+    actor: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> anyhow::Result<f64> {
+    let mut cmd = if setup == Setup::Watched {
+        let mut c = Command::new(bin);
+        c.arg("--config")
+            .arg(dir.join("airlock.toml"))
+            .args(["run", "-q", "--"])
+            .arg(actor);
+        c
+    } else {
+        Command::new(actor)
+    };
+    let out = output(cmd.args(args))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("actor printed {out:?}"))
+}
+
+struct Daemon {
+    child: Child,
+    config: PathBuf,
+    bin: PathBuf,
+}
+
+impl Daemon {
+    fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let config = dir.join("airlock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\n",
+                dir.display()
+            ),
+        )?;
+        let _ = std::fs::remove_dir_all(dir.join("data"));
+        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("daemon")
+            .stderr(log)
+            .spawn()?;
+        let d = Self {
+            child,
+            config,
+            bin: bin.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while d.status().is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "daemon did not start: {}",
+                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(d)
+    }
+
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .stderr(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("status failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn written(&self) -> anyhow::Result<u64> {
+        Ok(self.status()?["records_written"].as_u64().unwrap_or(0))
+    }
+
+    fn lost(&self) -> anyhow::Result<u64> {
+        let s = self.status()?;
+        Ok(s["losses"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|l| l["count"].as_u64()).sum())
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
