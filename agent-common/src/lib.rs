@@ -275,8 +275,10 @@ const _: () = assert!(size_of::<KernelOffsets>() == 48);
 pub struct AgentConfig {
     /// The daemon's own tgid: never recorded.
     pub daemon_tgid: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// Wake the daemon only once this many bytes wait in the ring buffer;
+    /// it also drains on a short timer. Batching wakeups keeps the cost of a
+    /// watched exec low (one wakeup per event costs two context switches).
+    pub wakeup_bytes: u32,
     /// Field offsets in the running kernel.
     pub offsets: KernelOffsets,
 }

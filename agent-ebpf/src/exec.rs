@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{EVENTS, EXEC_SCRATCH, config, count_loss, session_of},
+    maps::{EVENTS, EXEC_SCRATCH, config, count_loss, session_of, submit_flags},
     task::{header, read},
 };
 
@@ -91,7 +91,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     // SAFETY: `size` is bounded by the scratch slot's size just above.
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_err() {
         count_loss(session_id, EventKind::Exec, LossReason::RingbufFull);
     }
     Ok(())

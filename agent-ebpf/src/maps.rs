@@ -13,7 +13,7 @@ use aya_ebpf::{
 #[unsafe(no_mangle)]
 static AGENT_CONFIG: AgentConfig = AgentConfig {
     daemon_tgid: 0,
-    _pad: 0,
+    wakeup_bytes: 0,
     offsets: airlock_common::KernelOffsets {
         task_pid: 0,
         task_tgid: 0,
@@ -91,4 +91,16 @@ pub fn session_of(tgid: u32) -> Option<u64> {
     }
     // SAFETY: the value is copied out at once.
     unsafe { SESSIONS.get(&tgid) }.map(|e| e.session_id)
+}
+
+/// Flags for submitting to [`EVENTS`]: wake the daemon only when enough has
+/// piled up (it also drains on a timer).
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    let pending = EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64);
+    if pending >= config().wakeup_bytes as u64 {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
+    }
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{EVENTS, count_loss, session_of},
+    maps::{EVENTS, count_loss, session_of, submit_flags},
     task::header,
 };
 
@@ -96,7 +96,7 @@ fn from_sock_addr<const V6: bool>(
 
 #[inline(always)]
 fn emit(event: &NetEvent) {
-    if EVENTS.output::<NetEvent>(event, 0).is_err() {
+    if EVENTS.output::<NetEvent>(event, submit_flags()).is_err() {
         count_loss(
             event.header.session_id,
             EventKind::from_u32(event.header.kind).unwrap_or(EventKind::Connect),

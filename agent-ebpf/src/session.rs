@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{EVENTS, SESSIONS, config, count_loss, session_of},
+    maps::{EVENTS, SESSIONS, config, count_loss, session_of, submit_flags},
     task::{header, read},
 };
 
@@ -45,7 +45,7 @@ fn try_session_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64>
         child_tgid,
         _pad: 0,
     };
-    if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ForkEvent>(&event, submit_flags()).is_err() {
         count_loss(session_id, EventKind::Fork, LossReason::RingbufFull);
     }
     Ok(())
@@ -80,7 +80,7 @@ fn try_session_sched_process_exit() -> Result<(), i64> {
         exit_code,
         _pad: 0,
     };
-    if EVENTS.output::<ExitEvent>(&event, 0).is_err() {
+    if EVENTS.output::<ExitEvent>(&event, submit_flags()).is_err() {
         count_loss(session_id, EventKind::Exit, LossReason::RingbufFull);
     }
     let _ = SESSIONS.remove(&tgid);

@@ -27,6 +27,9 @@ use crate::{
 /// The kernel programs, built by build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock"));
 
+/// How often the ring buffer is drained without a wakeup from the kernel.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Names of the programs attached, for `airlock status`.
 pub type Attached = Vec<String>;
 
@@ -112,9 +115,11 @@ impl Sensor {
         ring_bytes: u32,
     ) -> Result<Self, SensorError> {
         let offsets = crate::btf::kernel_offsets()?;
+        // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
+        let wakeup_bytes = (ring_bytes / 4).min(256 * 1024);
         let config = AgentConfig {
             daemon_tgid,
-            _pad: 0,
+            wakeup_bytes,
             offsets,
         };
         let btf = Btf::from_sys_fs().map_err(|e| SensorError::LoaderBtf(e.to_string()))?;
@@ -164,8 +169,16 @@ impl Sensor {
         let mut ring =
             unsafe { AsyncFd::register(ring) }.map_err(|e| SensorError::Poll(e.into_parts().1))?;
         let mut tick = tokio::time::interval(loss_poll);
+        // The kernel batches wakeups (see AgentConfig::wakeup_bytes): drain
+        // on this timer too, so a quiet session's events still arrive fast.
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
+                _ = drain.tick() => {
+                    let batch = self.drain(ring.get_mut(), &stats);
+                    send(&out, batch).await;
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(SensorError::Poll)?;
                     let batch = self.drain(guard.get_inner_mut(), &stats);
