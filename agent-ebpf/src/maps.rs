@@ -73,12 +73,12 @@ pub fn count_loss(session_id: u64, kind: EventKind, reason: LossReason) {
         kind: kind as u32,
         reason: reason as u32,
     };
-    match LOSSES.get_ptr_mut(&key) {
+    match LOSSES.get_ptr_mut(key) {
         // SAFETY: as above, this CPU's slot.
         Some(count) => unsafe { *count += 1 },
         None => {
             // A full map is already covered by LOSS_TOTALS.
-            let _ = LOSSES.insert(&key, &1, 0);
+            let _ = LOSSES.insert(key, 1, 0);
         }
     }
 }
@@ -90,7 +90,7 @@ pub fn session_of(tgid: u32) -> Option<u64> {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { SESSIONS.get(&tgid) }.map(|e| e.session_id)
+    unsafe { SESSIONS.get(tgid) }.map(|e| e.session_id)
 }
 
 /// Flags for submitting to [`EVENTS`]: wake the daemon only when enough has

@@ -113,7 +113,7 @@ fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return 1;
     };
     let event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
-    if PENDING_CONNECT.insert(&pid_tgid, &event, 0).is_err() {
+    if PENDING_CONNECT.insert(pid_tgid, event, 0).is_err() {
         // Record it without its outcome rather than not at all.
         count_loss(session_id, EventKind::Connect, LossReason::PendingMapFull);
         emit(&event);
@@ -141,11 +141,11 @@ pub fn net_connect6(ctx: SockAddrContext) -> i32 {
 pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(pending) = (unsafe { PENDING_CONNECT.get(&pid_tgid) }) else {
+    let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }) else {
         return 0;
     };
     let mut event = *pending;
-    let _ = PENDING_CONNECT.remove(&pid_tgid);
+    let _ = PENDING_CONNECT.remove(pid_tgid);
     // SAFETY: offset 16 is `long ret` in every syscalls:sys_exit_* format.
     let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(NET_RET_UNKNOWN as i64);
     event.ret = ret as i32;
@@ -170,10 +170,10 @@ fn on_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         addr: event.addr,
     };
     // SAFETY: only the presence of the key is used.
-    if unsafe { UDP_SEEN.get(&key) }.is_some() {
+    if unsafe { UDP_SEEN.get(key) }.is_some() {
         return 1;
     }
-    let _ = UDP_SEEN.insert(&key, &1, 0);
+    let _ = UDP_SEEN.insert(key, 1, 0);
     emit(&event);
     1
 }
@@ -213,7 +213,7 @@ fn on_accept_enter(ctx: &TracePointContext) {
     }
     // SAFETY: offset 24 is the second syscall argument in the format.
     let peer: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
-    let _ = PENDING_ACCEPT.insert(&pid_tgid, &peer, 0);
+    let _ = PENDING_ACCEPT.insert(pid_tgid, peer, 0);
 }
 
 /// syscalls:sys_exit_accept4: a successful accept, with the peer address the
@@ -235,10 +235,10 @@ pub fn net_sys_exit_accept(ctx: TracePointContext) -> u32 {
 fn on_accept_exit(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: copied out at once.
-    let Some(peer) = (unsafe { PENDING_ACCEPT.get(&pid_tgid) }).copied() else {
+    let Some(peer) = (unsafe { PENDING_ACCEPT.get(pid_tgid) }).copied() else {
         return;
     };
-    let _ = PENDING_ACCEPT.remove(&pid_tgid);
+    let _ = PENDING_ACCEPT.remove(pid_tgid);
     let Some(session_id) = session_of((pid_tgid >> 32) as u32) else {
         return;
     };

@@ -34,7 +34,7 @@ fn try_session_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64>
         return Ok(());
     }
     if SESSIONS
-        .insert(&child_tgid, &SessionEntry { session_id }, 0)
+        .insert(child_tgid, SessionEntry { session_id }, 0)
         .is_err()
     {
         count_loss(session_id, EventKind::Fork, LossReason::SessionMapFull);
@@ -83,6 +83,6 @@ fn try_session_sched_process_exit() -> Result<(), i64> {
     if EVENTS.output::<ExitEvent>(&event, submit_flags()).is_err() {
         count_loss(session_id, EventKind::Exit, LossReason::RingbufFull);
     }
-    let _ = SESSIONS.remove(&tgid);
+    let _ = SESSIONS.remove(tgid);
     Ok(())
 }

@@ -46,7 +46,7 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Registered { session_id: u64 },
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Error { message: String },
 }
 
@@ -217,7 +217,7 @@ async fn handle(stream: UnixStream, ctx: &Context) -> std::io::Result<()> {
 
 async fn respond(req: Request, pid: Option<i32>, ctx: &Context) -> Response {
     match req {
-        Request::Status => Response::Status(status(ctx).await),
+        Request::Status => Response::Status(Box::new(status(ctx).await)),
         Request::Register { labels, command } => {
             let Some(pid) = pid.filter(|p| *p > 0) else {
                 return Response::Error {

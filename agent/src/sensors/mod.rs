@@ -137,10 +137,10 @@ impl Sensor {
             .unwrap_or_else(|| "/sys/fs/cgroup".into());
         net::attach(&mut ebpf, &cgroup2, &mut attached)?;
 
-        let ring = take(&mut ebpf, "EVENTS", |m| RingBuf::try_from(m))?;
-        let sessions = take(&mut ebpf, "SESSIONS", |m| HashMap::try_from(m))?;
-        let losses = take(&mut ebpf, "LOSSES", |m| PerCpuHashMap::try_from(m))?;
-        let loss_totals = take(&mut ebpf, "LOSS_TOTALS", |m| PerCpuArray::try_from(m))?;
+        let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
+        let losses = take(&mut ebpf, "LOSSES", PerCpuHashMap::try_from)?;
+        let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
         Ok(Self {
             _ebpf: ebpf,
             ring: Some(ring),
