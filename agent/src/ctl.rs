@@ -39,7 +39,7 @@ pub enum Request {
         command: Vec<String>,
     },
     /// The daemon's mode and counters.
-    Status,
+    Status {},
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -217,7 +217,7 @@ async fn handle(stream: UnixStream, ctx: &Context) -> std::io::Result<()> {
 
 async fn respond(req: Request, pid: Option<i32>, ctx: &Context) -> Response {
     match req {
-        Request::Status => Response::Status(Box::new(status(ctx).await)),
+        Request::Status {} => Response::Status(Box::new(status(ctx).await)),
         Request::Register { labels, command } => {
             let Some(pid) = pid.filter(|p| *p > 0) else {
                 return Response::Error {

@@ -16,7 +16,7 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs, config: &Config) -> anyhow::Result<()> {
-    let s = match ctl::request(&config.socket_path, &Request::Status)? {
+    let s = match ctl::request(&config.socket_path, &Request::Status {})? {
         Response::Status(s) => s,
         other => anyhow::bail!("unexpected reply from the daemon: {other:?}"),
     };
