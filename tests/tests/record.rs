@@ -368,3 +368,71 @@ fn losses_from_a_tiny_ring_buffer_are_counted_exactly() {
     let s = d.store().session(id).unwrap();
     assert!(s.lost >= lost, "the session shows its gaps");
 }
+
+#[test]
+fn long_argv_is_cut_and_flagged() {
+    if !can_run("long_argv_is_cut_and_flagged") {
+        return;
+    }
+    let d = Daemon::start();
+    let long = "x".repeat(3000);
+    let (id, out) = d.run(&[], &["/bin/echo", "first", &long, &long]);
+    assert!(out.status.success());
+    let events = d.events(id);
+    let e = events
+        .iter()
+        .find(|e| e.kind == "exec")
+        .expect("exec recorded");
+    assert_eq!(e.detail["argv_truncated"], true, "{:?}", e.detail);
+    let argv: Vec<&str> = e.detail["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(&argv[..3], &["/bin/echo", "first", long.as_str()]);
+    let kept: usize = argv.iter().map(|a| a.len() + 1).sum();
+    assert!(
+        kept <= 4096 + 1 && kept > 4000,
+        "about 4 KiB of argv kept, got {kept}"
+    );
+    assert!(
+        long.starts_with(argv[3]) && argv[3].len() < long.len(),
+        "the last argument is cut"
+    );
+}
+
+#[test]
+fn control_socket_is_for_root_and_the_socket_group_only() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    if !can_run("control_socket_is_for_root_and_the_socket_group_only") {
+        return;
+    }
+    let status_as_nobody = |d: &Daemon| {
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Command::new(airlock_tests::airlock_bin())
+            .arg("--config")
+            .arg(&d.config)
+            .arg("status")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let root_only = Daemon::start();
+    let out = status_as_nobody(&root_only);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the airlock daemon") && err.contains("Permission denied"),
+        "{err}"
+    );
+
+    let group = Daemon::start_with("socket_group = \"nogroup\"");
+    let out = status_as_nobody(&group);
+    assert!(
+        out.status.success(),
+        "a member of socket_group may ask: {out:?}"
+    );
+}
