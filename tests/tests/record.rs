@@ -307,25 +307,41 @@ fn a_thousand_execs_give_a_thousand_records() {
     );
 }
 
-#[test]
-fn exec_storm_is_recorded_or_counted_exactly() {
-    if !can_run("exec_storm_is_recorded_or_counted_exactly") {
-        return;
-    }
-    let mut d = Daemon::start();
-    let (id, out) = d.run(&[], &[ACTOR, "storm", "10", "4", "/bin/true"]);
+/// Runs an exec storm in a new session, stops the daemon (which drains the
+/// ring buffer and the loss counters into the store) and returns
+/// (execs performed, exec records, execs counted lost).
+fn storm(mut d: Daemon, secs: u32, threads: u32) -> (u64, u64, u64, Daemon) {
+    let (id, out) = d.run(
+        &[],
+        &[
+            ACTOR,
+            "storm",
+            &secs.to_string(),
+            &threads.to_string(),
+            "/bin/true",
+        ],
+    );
     let performed: u64 = stdout(&out).trim().parse().expect("storm count");
-    // Stopping drains the ring buffer and the loss counters into the store.
     std::thread::sleep(Duration::from_millis(300));
     d.stop();
-    let store = d.store();
-    let events = store.events(id).unwrap();
+    let events = d.store().events(id).unwrap();
     let recorded = events.iter().filter(|e| e.kind == "exec").count() as u64;
     let lost: u64 = events
         .iter()
         .filter(|e| e.kind == "loss" && e.detail["lost_kind"] == "exec")
         .map(|e| e.detail["count"].as_u64().unwrap_or(0))
         .sum();
+    let s = d.store().session(id).unwrap();
+    assert!(s.lost >= lost, "the session shows its gaps");
+    (performed, recorded, lost, d)
+}
+
+#[test]
+fn exec_storm_is_recorded_or_counted_exactly() {
+    if !can_run("exec_storm_is_recorded_or_counted_exactly") {
+        return;
+    }
+    let (performed, recorded, lost, _d) = storm(Daemon::start(), 10, 4);
     eprintln!(
         "storm: {performed} execs performed in 10 s, {recorded} recorded, {lost} counted lost"
     );
@@ -343,18 +359,7 @@ fn losses_from_a_tiny_ring_buffer_are_counted_exactly() {
         return;
     }
     // 4 KiB holds about five exec events: a storm must overflow it.
-    let mut d = Daemon::start_with("ring_buffer_kib = 4");
-    let (id, out) = d.run(&[], &[ACTOR, "storm", "3", "4", "/bin/true"]);
-    let performed: u64 = stdout(&out).trim().parse().expect("storm count");
-    std::thread::sleep(Duration::from_millis(300));
-    d.stop();
-    let events = d.store().events(id).unwrap();
-    let recorded = events.iter().filter(|e| e.kind == "exec").count() as u64;
-    let lost: u64 = events
-        .iter()
-        .filter(|e| e.kind == "loss" && e.detail["lost_kind"] == "exec")
-        .map(|e| e.detail["count"].as_u64().unwrap_or(0))
-        .sum();
+    let (performed, recorded, lost, _d) = storm(Daemon::start_with("ring_buffer_kib = 4"), 3, 4);
     eprintln!("tiny ring: {performed} execs performed, {recorded} recorded, {lost} counted lost");
     assert!(
         lost > 0,
@@ -365,8 +370,6 @@ fn losses_from_a_tiny_ring_buffer_are_counted_exactly() {
         performed + 1,
         "every exec is recorded or counted"
     );
-    let s = d.store().session(id).unwrap();
-    assert!(s.lost >= lost, "the session shows its gaps");
 }
 
 #[test]
