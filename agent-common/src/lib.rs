@@ -21,6 +21,110 @@ pub const EXEC_ARGS_TRUNCATED: u32 = 1 << 0;
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// The argv could not be read from the new image's memory.
 pub const EXEC_ARGS_UNREADABLE: u32 = 1 << 2;
+/// A hold rule matched: the process was stopped before its first
+/// instruction and waits for a decision.
+pub const EXEC_HELD: u32 = 1 << 3;
+/// A deny rule matched: the process was killed before its first instruction.
+pub const EXEC_DENIED: u32 = 1 << 4;
+
+/// A deny rule refused this connect (the caller got EPERM).
+pub const NET_DENIED: u32 = 1 << 0;
+/// A hold rule matched and a verdict let this connect through.
+pub const NET_APPROVED: u32 = 1 << 1;
+/// A hold rule matched and a verdict refused this connect (EPERM).
+pub const NET_REFUSED: u32 = 1 << 2;
+
+/// Bytes of an executable path used as an exec rule key (zero padded).
+pub const EXEC_RULE_KEY: usize = 256;
+
+/// What a kernel-side rule does to a matching action.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleAction {
+    /// Stop the task and ask the daemon.
+    Hold = 1,
+    /// Refuse at once.
+    Deny = 2,
+}
+
+/// A decision the daemon hands the kernel for one held action.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the action through.
+    Allow = 1,
+    /// Refuse it with EPERM.
+    Deny = 2,
+}
+
+/// Value of the exec rule map (key: the path, zero padded to
+/// [`EXEC_RULE_KEY`] bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecRule {
+    /// Index of the rule in the daemon's rule list, plus one.
+    pub rule_id: u32,
+    /// A [`RuleAction`].
+    pub action: u32,
+}
+const _: () = assert!(size_of::<ExecRule>() == 8);
+
+/// Value of the network rule LPM trie (key: an IPv6 prefix, IPv4 mapped
+/// into ::ffff:0:0/96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRule {
+    /// Index of the rule in the daemon's rule list, plus one.
+    pub rule_id: u32,
+    /// A [`RuleAction`].
+    pub action: u32,
+    /// Only this destination port, or 0 for any.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<NetRule>() == 16);
+
+/// Key of a verdict: the process and a digest of the exact action, so a
+/// verdict never covers an action other than the one decided.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HoldKey {
+    /// The held process.
+    pub tgid: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// [`net_digest`] of the action.
+    pub digest: u64,
+}
+const _: () = assert!(size_of::<HoldKey>() == 16);
+
+/// FNV-1a over a connect's destination: family, protocol, port and address.
+/// Computed the same way by the kernel and the daemon.
+#[inline(always)]
+pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64 {
+    const PRIME: u64 = 0x100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let head = [
+        family as u8,
+        (family >> 8) as u8,
+        protocol as u8,
+        (protocol >> 8) as u8,
+        port as u8,
+        (port >> 8) as u8,
+    ];
+    let mut i = 0;
+    while i < head.len() {
+        h = (h ^ head[i] as u64).wrapping_mul(PRIME);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 16 {
+        h = (h ^ addr[i] as u64).wrapping_mul(PRIME);
+        i += 1;
+    }
+    h
+}
 
 /// What an event records. Ids come in ranges: 1-99 process, 100-199 network,
 /// 200-299 decisions, 900-999 agent-internal. Stored forever: never renumber.
@@ -40,6 +144,8 @@ pub enum EventKind {
     /// A watched process sent a datagram to an explicit destination
     /// (recorded once per destination per process).
     UdpSend = 102,
+    /// A connect that a hold rule stopped; it is re-issued once decided.
+    ConnectHeld = 103,
     /// Events lost before reaching the store, counted by reason.
     Loss = 900,
 }
@@ -54,6 +160,7 @@ impl EventKind {
             100 => Self::Connect,
             101 => Self::Accept,
             102 => Self::UdpSend,
+            103 => Self::ConnectHeld,
             900 => Self::Loss,
             _ => return None,
         })
@@ -68,6 +175,7 @@ impl EventKind {
             Self::Connect => "connect",
             Self::Accept => "accept",
             Self::UdpSend => "udp_send",
+            Self::ConnectHeld => "connect_held",
             Self::Loss => "loss",
         }
     }
@@ -85,10 +193,13 @@ pub enum LossReason {
     SessionMapFull = 2,
     /// The map pairing a syscall's entry with its exit was full.
     PendingMapFull = 3,
+    /// A hold request could not be published: the held task was killed
+    /// instead of being left stopped with nobody to answer.
+    HoldUnpublished = 4,
 }
 
 /// Number of slots in the per-reason loss counter array.
-pub const LOSS_REASONS: u32 = 4;
+pub const LOSS_REASONS: u32 = 5;
 
 impl LossReason {
     /// Decodes a reason id.
@@ -97,6 +208,7 @@ impl LossReason {
             1 => Self::RingbufFull,
             2 => Self::SessionMapFull,
             3 => Self::PendingMapFull,
+            4 => Self::HoldUnpublished,
             _ => return None,
         })
     }
@@ -107,6 +219,7 @@ impl LossReason {
             Self::RingbufFull => "ringbuf_full",
             Self::SessionMapFull => "session_map_full",
             Self::PendingMapFull => "pending_map_full",
+            Self::HoldUnpublished => "hold_unpublished",
         }
     }
 }
@@ -152,8 +265,8 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// `EXEC_*` flags.
     pub flags: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// The rule that held or denied this exec, 0 for none.
+    pub rule_id: u32,
     /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
     pub filename: [u8; FILENAME_MAX],
     /// argv as laid out in the new image: NUL-separated strings.
@@ -208,8 +321,14 @@ pub struct NetEvent {
     pub has_ret: u32,
     /// Remote address: 4 bytes for IPv4, 16 for IPv6, network byte order.
     pub addr: [u8; 16],
+    /// The rule that held or denied this connect, 0 for none.
+    pub rule_id: u32,
+    /// `NET_*` flags.
+    pub flags: u32,
+    /// [`net_digest`] of the destination (set for held connects).
+    pub digest: u64,
 }
-const _: () = assert!(size_of::<NetEvent>() == 56 + 32);
+const _: () = assert!(size_of::<NetEvent>() == 56 + 48);
 
 /// Placeholder for `NetEvent::ret` when the outcome was not observed.
 pub const NET_RET_UNKNOWN: i32 = i32::MIN;
@@ -295,4 +414,10 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AgentConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HoldKey {}
 }

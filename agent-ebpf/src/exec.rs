@@ -4,26 +4,34 @@
 use core::mem::offset_of;
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind,
-    ExecEvent, FILENAME_MAX, LossReason,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
+    EXEC_HELD, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason, RuleAction,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_probe_read_user,
+        bpf_send_signal, generated::bpf_probe_read_user,
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 
 use crate::{
-    maps::{EVENTS, EXEC_SCRATCH, config, count_loss, session_of, submit_flags},
+    maps::{
+        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, session_of,
+        submit_flags,
+    },
     task::{header, read},
 };
+
+const SIGKILL: u32 = 9;
+const SIGSTOP: u32 = 19;
 
 /// `trace_sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// fired in exec_binprm once the new image is in place and before it runs:
 /// argv is already in the new mm, and the exec is known to have succeeded.
+/// Without BPF LSM this is also where an exec is held: SIGSTOP here stops
+/// the new image before its first instruction (allow: SIGCONT; deny: SIGKILL).
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn exec_sched_process_exec(ctx: BtfTracePointContext) -> u32 {
     let _ = try_exec_sched_process_exec(&ctx);
@@ -43,7 +51,9 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let off = config().offsets;
     ev.header = header(EventKind::Exec, session_id);
     ev.flags = 0;
-    ev._pad = 0;
+    ev.rule_id = 0;
+    // Zeroed so the path's first EXEC_RULE_KEY bytes are a clean rule key.
+    ev.filename = [0; FILENAME_MAX];
 
     let bprm: u64 = ctx.arg(2);
     let filename: u64 = read(bprm, off.binprm_filename)?;
@@ -84,6 +94,27 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     ev.args_len = args_len;
 
+    let mut flags = submit_flags();
+    // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed past
+    // the path; the key is copied out by the lookup.
+    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
+    // SAFETY: the rule is copied out at once.
+    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied() {
+        ev.rule_id = rule.rule_id;
+        // The new image has not run an instruction yet: stop (or kill) it
+        // before publishing, so a fast answer cannot overtake the stop.
+        if rule.action == RuleAction::Deny as u32 {
+            // SAFETY: signals the current process; no memory is touched.
+            unsafe { bpf_send_signal(SIGKILL) };
+            ev.flags |= EXEC_DENIED;
+        } else {
+            // SAFETY: as above.
+            unsafe { bpf_send_signal(SIGSTOP) };
+            ev.flags |= EXEC_HELD;
+        }
+        flags = FORCE_WAKEUP;
+    }
+
     // Send only the bytes used: most argv are far below ARGS_MAX.
     let mut size = offset_of!(ExecEvent, args) + args_len as usize;
     if size > core::mem::size_of::<ExecEvent>() {
@@ -91,8 +122,16 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     // SAFETY: `size` is bounded by the scratch slot's size just above.
     let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_err() {
-        count_loss(session_id, EventKind::Exec, LossReason::RingbufFull);
+    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
+        if ev.flags & EXEC_HELD != 0 {
+            // Nobody will hear of this hold: fail closed rather than leave
+            // the task stopped forever.
+            // SAFETY: signals the current process.
+            unsafe { bpf_send_signal(SIGKILL) };
+            count_loss(session_id, EventKind::Exec, LossReason::HoldUnpublished);
+        } else {
+            count_loss(session_id, EventKind::Exec, LossReason::RingbufFull);
+        }
     }
     Ok(())
 }

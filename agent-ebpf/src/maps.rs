@@ -1,11 +1,12 @@
 //! Maps and globals shared by every probe family, and the loss counters.
 
 use airlock_common::{
-    AgentConfig, EventKind, ExecEvent, LOSS_REASONS, LossKey, LossReason, SessionEntry,
+    AgentConfig, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, HoldKey, LOSS_REASONS, LossKey,
+    LossReason, NetRule, SessionEntry,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Set by the daemon before load (`EbpfLoader::set_global`): its own tgid and
@@ -43,6 +44,25 @@ pub fn config() -> AgentConfig {
 /// first process, inherited on fork, dropped on exit.
 #[map]
 pub static SESSIONS: HashMap<u32, SessionEntry> = HashMap::with_max_entries(65536, 0);
+
+/// Exec rules by executable path (zero padded), written by the daemon from
+/// its rule list; checked for watched processes only.
+#[map]
+pub static EXEC_RULES: HashMap<[u8; EXEC_RULE_KEY], ExecRule> = HashMap::with_max_entries(4096, 0);
+
+/// Connect rules by destination prefix (IPv6; IPv4 as ::ffff:a.b.c.d).
+#[map]
+pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(4096, 0);
+
+/// One-shot verdicts for held connects, written by the daemon before it
+/// resumes the task; the retried syscall consumes its verdict.
+#[map]
+pub static VERDICTS: HashMap<HoldKey, u32> = HashMap::with_max_entries(8192, 0);
+
+/// Held connects already published, so a stray SIGCONT re-holds without a
+/// second request.
+#[map]
+pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(8192, 0);
 
 /// Every event goes through this ring buffer to the daemon's sensor task.
 #[map]
@@ -104,3 +124,6 @@ pub fn submit_flags() -> u64 {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
     }
 }
+
+/// Publishes with an immediate wakeup: a held task waits on this event.
+pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;

@@ -3,22 +3,32 @@
 
 use core::ptr::read_volatile;
 
-use airlock_common::{EventKind, LossReason, NET_RET_UNKNOWN, NetEvent};
+use airlock_common::{
+    EventKind, HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_REFUSED, NET_RET_UNKNOWN,
+    NetEvent, NetRule, RuleAction, Verdict, net_digest,
+};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
     macros::{cgroup_sock_addr, map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, TracePointContext},
 };
 
 use crate::{
-    maps::{EVENTS, count_loss, session_of, submit_flags},
+    maps::{
+        EVENTS, FORCE_WAKEUP, HOLD_PENDING, NET_RULES, VERDICTS, count_loss, session_of,
+        submit_flags,
+    },
     task::header,
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
+const SIGSTOP: u32 = 19;
+/// The kernel re-issues a syscall that returns this once the task resumes;
+/// the caller never sees it.
+const ERESTARTNOINTR: i32 = -513;
 
 /// A connect seen by the cgroup hook, waiting for the syscall's return value.
 #[map]
@@ -91,6 +101,9 @@ fn from_sock_addr<const V6: bool>(
         ret: NET_RET_UNKNOWN,
         has_ret: 0,
         addr,
+        rule_id: 0,
+        flags: 0,
+        digest: 0,
     }
 }
 
@@ -105,20 +118,120 @@ fn emit(event: &NetEvent) {
     }
 }
 
-/// Remembers a watched connect until `sys_exit_connect` gives its outcome.
+/// Remembers a watched connect until `sys_exit_connect` gives its outcome,
+/// after applying the connect rules: deny refuses at once; hold stops the
+/// task and restarts the syscall (-ERESTARTNOINTR) until a verdict exists.
+/// Returns 1 to let the connect proceed, 0 to refuse or hold it.
 #[inline(always)]
 fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(session_id) = session_of((pid_tgid >> 32) as u32) else {
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
         return 1;
     };
-    let event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
+    let mut event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
+    let mut verdict = 1;
+    if let Some(rule) = net_rule::<V6>(&event) {
+        event.rule_id = rule.rule_id;
+        if rule.action == RuleAction::Deny as u32 {
+            event.flags |= NET_DENIED;
+            verdict = 0;
+        } else {
+            let key = HoldKey {
+                tgid,
+                _pad: 0,
+                digest: net_digest(event.family, event.protocol, event.port, &event.addr),
+            };
+            event.digest = key.digest;
+            // SAFETY: copied out at once.
+            match unsafe { VERDICTS.get(key) }.copied() {
+                Some(v) => {
+                    // One shot: this verdict covers this attempt only.
+                    let _ = VERDICTS.remove(key);
+                    let _ = HOLD_PENDING.remove(key);
+                    if v == Verdict::Allow as u32 {
+                        event.flags |= NET_APPROVED;
+                    } else {
+                        event.flags |= NET_REFUSED;
+                        verdict = 0;
+                    }
+                }
+                None => return hold(event, key),
+            }
+        }
+    }
     if PENDING_CONNECT.insert(pid_tgid, event, 0).is_err() {
         // Record it without its outcome rather than not at all.
         count_loss(session_id, EventKind::Connect, LossReason::PendingMapFull);
         emit(&event);
     }
-    1
+    verdict
+}
+
+/// The connect rule for this destination, if any.
+#[inline(always)]
+fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
+    let mut addr = event.addr;
+    if !V6 {
+        // IPv4 rules live in the trie as ::ffff:a.b.c.d.
+        addr = [
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xff,
+            0xff,
+            event.addr[0],
+            event.addr[1],
+            event.addr[2],
+            event.addr[3],
+        ];
+    }
+    let rule = NET_RULES.get(Key::new(128, addr)).copied()?;
+    (rule.port == 0 || rule.port == event.port).then_some(rule)
+}
+
+/// Stops the task and makes the kernel re-issue the connect once it runs
+/// again. The request is published once; a stray SIGCONT only re-holds.
+#[inline(always)]
+fn hold(mut event: NetEvent, key: HoldKey) -> i32 {
+    // SAFETY: only the presence of the key is used.
+    let published = unsafe { HOLD_PENDING.get(key) }.is_some();
+    let mut slot = None;
+    if !published {
+        // Reserve first: if the daemon cannot be told, refuse (fail closed)
+        // instead of stopping a task nobody will resume.
+        match EVENTS.reserve::<NetEvent>(0) {
+            Some(s) => slot = Some(s),
+            None => {
+                count_loss(
+                    event.header.session_id,
+                    EventKind::ConnectHeld,
+                    LossReason::HoldUnpublished,
+                );
+                return 0;
+            }
+        }
+    }
+    // Stop before publishing, so a fast answer cannot overtake the stop.
+    // SAFETY: signals the current process; sets this syscall's return value.
+    unsafe {
+        bpf_send_signal(SIGSTOP);
+        bpf_set_retval(ERESTARTNOINTR);
+    }
+    if let Some(mut slot) = slot {
+        let _ = HOLD_PENDING.insert(key, 1, 0);
+        event.header.kind = EventKind::ConnectHeld as u32;
+        slot.write(event);
+        slot.submit(FORCE_WAKEUP);
+    }
+    0
 }
 
 /// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect
@@ -257,6 +370,9 @@ fn on_accept_exit(ctx: &TracePointContext) {
         ret: ret as i32,
         has_ret: 1,
         addr: [0; 16],
+        rule_id: 0,
+        flags: 0,
+        digest: 0,
     };
     if peer != 0 {
         // SAFETY: user memory reads that fail cleanly.

@@ -1,8 +1,14 @@
 //! Daemon and CLI configuration (TOML). Every default lives here, commented.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
-use serde::Deserialize;
+use airlock_common::EXEC_RULE_KEY;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/airlock/airlock.toml";
@@ -41,6 +47,74 @@ pub struct Config {
     /// Size of the kernel-to-daemon ring buffer in KiB: a power of two, at
     /// least 4. Default 32768 (32 MiB, about 40,000 exec events in flight).
     pub ring_buffer_kib: u32,
+    /// Where the approval API listens. Default 127.0.0.1:7070.
+    pub api_listen: SocketAddr,
+    /// Actions to hold or deny in watched sessions (`[[rule]]`). Default:
+    /// none, everything is only recorded.
+    #[serde(rename = "rule")]
+    pub rules: Vec<Rule>,
+    /// Who may approve or deny over the API (`[[approver]]`). Default: none.
+    #[serde(rename = "approver")]
+    pub approvers: Vec<Approver>,
+}
+
+/// What a rule does with a matching action.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Stop the action until a human decides (or the timeout does).
+    Hold,
+    /// Refuse it at once.
+    Deny,
+}
+
+/// How a held action ends when nobody decides in time.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Refuse it (the default).
+    #[default]
+    Deny,
+    /// Let it through.
+    Allow,
+}
+
+/// One rule: actions it matches and what happens to them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Shown to approvers and stored with every request it makes.
+    pub name: String,
+    pub action: RuleAction,
+    /// Absolute paths of executables, as passed to execve.
+    #[serde(default)]
+    pub exec: Vec<PathBuf>,
+    /// Destination networks for connect (CIDR, IPv4 or IPv6).
+    #[serde(default)]
+    pub connect: Vec<IpNet>,
+    /// Only connects to this port (default: any).
+    pub port: Option<u16>,
+    /// Seconds a held action waits for a decision. Default 300.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Decision when the timeout expires. Default deny.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+fn default_timeout() -> u64 {
+    300
+}
+
+/// An identity allowed to decide over the API.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Approver {
+    /// The identity; a session whose `user` label equals it cannot be
+    /// approved by it (no self-approval).
+    pub name: String,
+    /// Bearer token (at least 16 characters).
+    pub token: String,
 }
 
 impl Default for Config {
@@ -53,6 +127,9 @@ impl Default for Config {
             batch_interval_ms: 50,
             loss_poll_ms: 1000,
             ring_buffer_kib: 32 * 1024,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            rules: Vec::new(),
+            approvers: Vec::new(),
         }
     }
 }
@@ -93,7 +170,63 @@ impl Config {
                 ),
             });
         }
+        config.check_rules().map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(config)
+    }
+
+    /// Rules and approvers make sense together: one clear message if not.
+    fn check_rules(&self) -> Result<(), String> {
+        let mut paths = HashSet::new();
+        let mut nets = HashSet::new();
+        for r in &self.rules {
+            let name = &r.name;
+            if r.exec.is_empty() && r.connect.is_empty() {
+                return Err(format!(
+                    "rule {name:?} matches nothing: give `exec` paths or `connect` networks"
+                ));
+            }
+            if r.port.is_some() && r.connect.is_empty() {
+                return Err(format!("rule {name:?}: `port` needs `connect`"));
+            }
+            for p in &r.exec {
+                let len = p.as_os_str().len();
+                if !p.is_absolute() || len >= EXEC_RULE_KEY {
+                    return Err(format!(
+                        "rule {name:?}: exec path {} must be absolute and under {EXEC_RULE_KEY} bytes",
+                        p.display()
+                    ));
+                }
+                if !paths.insert(p.clone()) {
+                    return Err(format!(
+                        "rule {name:?}: exec path {} is already in another rule",
+                        p.display()
+                    ));
+                }
+            }
+            for n in &r.connect {
+                if !nets.insert(n.trunc()) {
+                    return Err(format!(
+                        "rule {name:?}: network {n} is already in another rule"
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for a in &self.approvers {
+            if a.token.len() < 16 {
+                return Err(format!(
+                    "approver {:?}: token must be at least 16 characters",
+                    a.name
+                ));
+            }
+            if !names.insert(&a.name) {
+                return Err(format!("approver {:?} appears twice", a.name));
+            }
+        }
+        Ok(())
     }
 
     /// The SQLite database file.
@@ -141,6 +274,44 @@ mod tests {
         assert!(
             msg.starts_with("/etc/a.toml: at byte 0: unknown field `data_dri`"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn rules_parse_and_are_checked() {
+        let c = Config::parse(
+            "[[rule]]\nname = \"uploads\"\naction = \"hold\"\nexec = [\"/usr/bin/curl\"]\nconnect = [\"10.0.0.0/8\", \"::1/128\"]\nport = 443\ntimeout_s = 5\non_timeout = \"allow\"\n\n[[approver]]\nname = \"alice\"\ntoken = \"0123456789abcdef\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].action, RuleAction::Hold);
+        assert_eq!(c.rules[0].on_timeout, OnTimeout::Allow);
+        assert_eq!(c.rules[0].connect.len(), 2);
+        assert_eq!(c.approvers[0].name, "alice");
+        let bad = |text: &str| {
+            Config::parse(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\n"),
+            "a.toml: rule \"x\" matches nothing: give `exec` paths or `connect` networks"
+        );
+        assert_eq!(
+            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\nexec = [\"curl\"]\n"),
+            "a.toml: rule \"x\": exec path curl must be absolute and under 256 bytes"
+        );
+        assert!(
+            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\nconnect = [\"10.0.0.300/8\"]\n")
+                .contains("invalid IP address")
+        );
+        assert!(
+            bad("[[rule]]\nname = \"x\"\naction = \"maybe\"\nexec = [\"/a\"]\n")
+                .contains("unknown variant `maybe`")
+        );
+        assert_eq!(
+            bad("[[approver]]\nname = \"bob\"\ntoken = \"short\"\n"),
+            "a.toml: approver \"bob\": token must be at least 16 characters"
         );
     }
 

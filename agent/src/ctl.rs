@@ -62,6 +62,8 @@ pub struct StatusReport {
     pub can_enforce: Vec<String>,
     pub programs: Vec<String>,
     pub store: String,
+    /// The approval API's address, as bound.
+    pub api: String,
     pub uptime_s: u64,
     pub sessions_registered: u64,
     pub events: Vec<KindCount>,

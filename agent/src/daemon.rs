@@ -20,6 +20,14 @@ use crate::{
 /// What can be recorded in every mode today.
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
 
+/// What rules can do in this build, which uses no BPF LSM program yet.
+const ENFORCES: &[&str] = &[
+    "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
+    "exec deny: killed with SIGKILL before its first instruction",
+    "connect hold: the syscall waits and is re-issued (allow connects, deny fails with EPERM)",
+    "connect deny: EPERM",
+];
+
 /// How long the drain after SIGTERM may take before the daemon gives up.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -37,18 +45,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         warn!(closed, "ended sessions left open by an earlier daemon");
     }
     let pid = std::process::id();
-    let sensor = Sensor::load(features, pid, config.ring_buffer_kib * 1024)?;
+    let sensor = Sensor::load(features, pid, config.ring_buffer_kib * 1024, &config.rules)?;
+    let pending = store.requests(Some("pending"))?;
+    let api_listener = std::net::TcpListener::bind(config.api_listen)
+        .map_err(|e| anyhow::anyhow!("approval API on {}: {e}", config.api_listen))?;
+    api_listener.set_nonblocking(true)?;
+    let api_addr = api_listener.local_addr()?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let enforce: Vec<String> = Vec::new();
+    let enforce: Vec<String> = ENFORCES.iter().map(|s| s.to_string()).collect();
     info!(
-        "airlock daemon {} pid {pid}: mode {}; records {}; enforces nothing yet (holds arrive with BPF LSM support); kernel {}; store {}; socket {}",
+        "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
         env!("CARGO_PKG_VERSION"),
         features.mode(),
         RECORDS.join(", "),
+        ENFORCES.join("; "),
+        config.rules.len(),
         features.kernel,
         config.db_path().display(),
-        config.socket_path.display()
+        config.socket_path.display(),
+        api_addr
     );
     let status = StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -60,6 +76,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         can_enforce: enforce,
         programs: sensor.attached.clone(),
         store: config.db_path().display().to_string(),
+        api: format!("http://{api_addr}"),
         uptime_s: 0,
         sessions_registered: 0,
         events: Vec::new(),
@@ -87,6 +104,28 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::UnixListener::from_std(listener_std)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (sensor_tx, sensor_rx) = mpsc::channel(64);
+        let (broker_tx, broker_rx) = mpsc::channel(1024);
+        let (updates, _) = tokio::sync::broadcast::channel(256);
+        let broker = crate::broker::Broker::new(
+            config.rules.clone(),
+            rec_tx.clone(),
+            sensor_tx.clone(),
+            updates.clone(),
+            config.db_path(),
+            pending,
+        );
+        let broker_task = tokio::spawn(broker.run(broker_rx));
+        let api_state = Arc::new(crate::api::ApiState::new(
+            broker_tx.clone(),
+            &config.approvers,
+            config.db_path(),
+            updates,
+        ));
+        let api_task = tokio::spawn(crate::api::serve(
+            tokio::net::TcpListener::from_std(api_listener)?,
+            api_state,
+            shutdown_rx.clone(),
+        ));
         let ctx = Arc::new(ctl::Context {
             sensor: sensor_tx,
             recorder: rec_tx.clone(),
@@ -98,6 +137,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let mut sensor_task = tokio::spawn(sensor.run(
             sensor_rx,
             rec_tx,
+            broker_tx,
             stats.clone(),
             Duration::from_millis(config.loss_poll_ms),
             shutdown_rx.clone(),
@@ -113,12 +153,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         };
         let _ = shutdown_tx.send(true);
         let _ = tokio::time::timeout(DRAIN_LIMIT, ctl_task).await;
+        let _ = tokio::time::timeout(DRAIN_LIMIT, api_task).await;
         let sensor_result = match early {
             Some(r) => Ok(r),
             None => tokio::time::timeout(DRAIN_LIMIT, sensor_task).await,
         };
         match sensor_result {
-            Ok(Ok(Ok(()))) => anyhow::Ok(()),
+            Ok(Ok(Ok(()))) => {
+                // The sensor dropped its broker sender; the API's is gone too.
+                let _ = tokio::time::timeout(DRAIN_LIMIT, broker_task).await;
+                anyhow::Ok(())
+            }
             Ok(Ok(Err(e))) => Err(anyhow::anyhow!("sensor failed: {e}")),
             Ok(Err(e)) => Err(anyhow::anyhow!("sensor task panicked: {e}")),
             Err(_) => Err(anyhow::anyhow!(

@@ -35,6 +35,18 @@ pub struct Record {
     pub gid: u32,
     pub cgroup_id: u64,
     pub detail: Detail,
+    /// Set when a rule stopped this action and it waits for a decision.
+    #[serde(skip)]
+    pub hold: Option<HoldInfo>,
+}
+
+/// What the broker needs to resume or refuse a held action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldInfo {
+    /// The rule (index in the config's rule list, plus one).
+    pub rule_id: u32,
+    /// The verdict key's digest (connect only; 0 for exec).
+    pub digest: u64,
 }
 
 /// Serializable wrapper of the kind, by its stable name.
@@ -60,6 +72,11 @@ pub enum Detail {
         argv_truncated: bool,
         path_truncated: bool,
         argv_unreadable: bool,
+        /// What a rule did: "held" or "denied" (absent when no rule matched).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        enforcement: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule_id: Option<u32>,
     },
     Exit(ExitStatus),
     Net {
@@ -67,6 +84,11 @@ pub enum Detail {
         addr: Option<IpAddr>,
         port: u16,
         ret: Option<i32>,
+        /// What a rule did: "held", "denied", "approved" or "refused".
+        #[serde(skip_serializing_if = "Option::is_none")]
+        enforcement: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule_id: Option<u32>,
     },
     Loss {
         lost_kind: &'static str,
@@ -187,6 +209,7 @@ fn read<T: Copy>(bytes: &[u8], kind: &'static str) -> Result<T, DecodeError> {
 pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
     let h: EventHeader = read(bytes, "event")?;
     let kind = EventKind::from_u32(h.kind).ok_or(DecodeError::UnknownKind(h.kind))?;
+    let mut hold = None;
     let detail = match kind {
         EventKind::Fork => Detail::Fork {
             child_tgid: read::<ForkEvent>(bytes, "fork")?.child_tgid,
@@ -194,8 +217,12 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
         EventKind::Exit => Detail::Exit(ExitStatus::from_wait_status(
             read::<ExitEvent>(bytes, "exit")?.exit_code,
         )),
-        EventKind::Exec => decode_exec(bytes)?,
-        EventKind::Connect | EventKind::Accept | EventKind::UdpSend => {
+        EventKind::Exec => {
+            let (detail, held) = decode_exec(bytes)?;
+            hold = held;
+            detail
+        }
+        EventKind::Connect | EventKind::Accept | EventKind::UdpSend | EventKind::ConnectHeld => {
             let n: NetEvent = read(bytes, "network")?;
             let addr = match n.family as i32 {
                 libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
@@ -204,11 +231,28 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                 libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(n.addr))),
                 _ => None,
             };
+            let enforcement = if kind == EventKind::ConnectHeld {
+                hold = Some(HoldInfo {
+                    rule_id: n.rule_id,
+                    digest: n.digest,
+                });
+                Some("held")
+            } else if n.flags & airlock_common::NET_DENIED != 0 {
+                Some("denied")
+            } else if n.flags & airlock_common::NET_APPROVED != 0 {
+                Some("approved")
+            } else if n.flags & airlock_common::NET_REFUSED != 0 {
+                Some("refused")
+            } else {
+                None
+            };
             Detail::Net {
                 protocol: Protocol::from_ip(n.protocol),
                 addr,
                 port: n.port,
                 ret: (n.has_ret != 0).then_some(n.ret),
+                enforcement,
+                rule_id: (n.rule_id != 0).then_some(n.rule_id),
             }
         }
         EventKind::Loss => return Err(DecodeError::UnknownKind(h.kind)),
@@ -225,11 +269,12 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
         gid: h.gid,
         cgroup_id: h.cgroup_id,
         detail,
+        hold,
     })
 }
 
 /// The exec event is sent cut to the argv bytes used.
-fn decode_exec(bytes: &[u8]) -> Result<Detail, DecodeError> {
+fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> {
     let fixed = std::mem::offset_of!(ExecEvent, args);
     if bytes.len() < fixed {
         return Err(DecodeError::Short {
@@ -243,16 +288,28 @@ fn decode_exec(bytes: &[u8]) -> Result<Detail, DecodeError> {
         (f(std::mem::offset_of!(ExecEvent, filename_len)) as usize).min(FILENAME_MAX);
     let args_len = (f(std::mem::offset_of!(ExecEvent, args_len)) as usize).min(ARGS_MAX);
     let flags = f(std::mem::offset_of!(ExecEvent, flags));
+    let rule_id = f(std::mem::offset_of!(ExecEvent, rule_id));
+    let held = flags & airlock_common::EXEC_HELD != 0;
+    let enforcement = if held {
+        Some("held")
+    } else if flags & airlock_common::EXEC_DENIED != 0 {
+        Some("denied")
+    } else {
+        None
+    };
     let name_at = std::mem::offset_of!(ExecEvent, filename);
     let path = String::from_utf8_lossy(&bytes[name_at..name_at + filename_len]).into_owned();
     let args = &bytes[fixed..(fixed + args_len).min(bytes.len())];
-    Ok(Detail::Exec {
+    let detail = Detail::Exec {
         path,
         argv: split_args(args),
         argv_truncated: flags & airlock_common::EXEC_ARGS_TRUNCATED != 0,
         path_truncated: flags & airlock_common::EXEC_FILENAME_TRUNCATED != 0,
         argv_unreadable: flags & airlock_common::EXEC_ARGS_UNREADABLE != 0,
-    })
+        enforcement,
+        rule_id: (rule_id != 0).then_some(rule_id),
+    };
+    Ok((detail, held.then_some(HoldInfo { rule_id, digest: 0 })))
 }
 
 /// argv as the kernel lays it out: NUL-terminated strings back to back.
@@ -284,6 +341,7 @@ pub fn loss_record(session_id: u64, kind: EventKind, reason: LossReason, count: 
             reason: reason.name(),
             count,
         },
+        hold: None,
     }
 }
 
@@ -319,7 +377,7 @@ mod tests {
             filename_len: 8,
             args_len: 0,
             flags: airlock_common::EXEC_ARGS_TRUNCATED,
-            _pad: 0,
+            rule_id: 0,
             filename: [0; FILENAME_MAX],
             args: [0; ARGS_MAX],
         };
@@ -353,8 +411,11 @@ mod tests {
                 argv_truncated: true,
                 path_truncated: false,
                 argv_unreadable: false,
+                enforcement: None,
+                rule_id: None,
             }
         );
+        assert_eq!(r.hold, None);
     }
 
     #[test]
@@ -404,7 +465,9 @@ mod tests {
                 protocol: Protocol::Tcp,
                 addr: Some("127.0.0.1".parse().unwrap()),
                 port: 8080,
-                ret: Some(-111)
+                ret: Some(-111),
+                enforcement: None,
+                rule_id: None,
             }
         );
         n.family = libc::AF_INET6 as u16;
@@ -418,8 +481,40 @@ mod tests {
                 protocol: Protocol::Udp,
                 addr: Some("::1".parse().unwrap()),
                 port: 8080,
-                ret: None
+                ret: None,
+                enforcement: None,
+                rule_id: None,
             }
+        );
+    }
+
+    #[test]
+    fn held_connect_carries_its_hold() {
+        let mut n = NetEvent {
+            header: header(EventKind::ConnectHeld),
+            family: libc::AF_INET as u16,
+            protocol: 6,
+            port: 443,
+            rule_id: 2,
+            digest: 0xfeed,
+            ..Default::default()
+        };
+        n.addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let r = decode(&bytes_of(&n), &Clock::fixed(0)).unwrap();
+        assert_eq!(
+            r.hold,
+            Some(HoldInfo {
+                rule_id: 2,
+                digest: 0xfeed
+            })
+        );
+        assert_eq!(r.kind.0.name(), "connect_held");
+        let d = airlock_common::net_digest(2, 6, 443, &n.addr);
+        assert_eq!(d, airlock_common::net_digest(2, 6, 443, &n.addr), "stable");
+        assert_ne!(
+            d,
+            airlock_common::net_digest(2, 6, 444, &n.addr),
+            "bound to the port"
         );
     }
 

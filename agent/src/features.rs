@@ -35,9 +35,9 @@ impl Features {
     /// The mode the daemon runs in, in words.
     pub fn mode(&self) -> &'static str {
         if self.bpf_lsm {
-            "record (BPF LSM active)"
+            "record and hold without BPF LSM (listed as active, but this build loads no LSM program yet)"
         } else {
-            "record (BPF LSM not active)"
+            "record and hold without BPF LSM (not active)"
         }
     }
 

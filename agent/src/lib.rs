@@ -3,6 +3,8 @@
 //! The binary is a thin shell over this library so the end-to-end tests and
 //! xtask can share its feature check and store reader.
 
+pub mod api;
+pub mod broker;
 pub mod btf;
 pub mod cli;
 pub mod config;

@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
 use crate::{
+    broker::ApprovalRequest,
     event::{Detail, Record, wall_now_ns},
     stats::Stats,
     store::{NewSession, Store, StoreError},
@@ -15,6 +16,13 @@ use crate::{
 
 pub enum RecorderMsg {
     Records(Vec<Record>),
+    /// Store a new approval request; replies with its id.
+    CreateRequest {
+        req: ApprovalRequest,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Store a request's new state.
+    UpdateRequest(Box<ApprovalRequest>),
     CreateSession {
         session: NewSession,
         reply: oneshot::Sender<Result<u64, String>>,
@@ -67,6 +75,17 @@ fn handle(
                 roots.insert(id, root);
             }
             let _ = reply.send(r);
+        }
+        RecorderMsg::CreateRequest { mut req, reply } => {
+            // The held action's own record goes first.
+            flush(store, batch, roots, stats);
+            let _ = reply.send(store.create_request(&mut req).map_err(|e| e.to_string()));
+        }
+        RecorderMsg::UpdateRequest(req) => {
+            flush(store, batch, roots, stats);
+            if let Err(e) = store.update_request(&req) {
+                error!(error = %e, id = req.id, "storing a decision");
+            }
         }
     }
 }

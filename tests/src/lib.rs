@@ -64,7 +64,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\n{extra}\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\n{extra}\n",
                 dir.path().display()
             ),
         )

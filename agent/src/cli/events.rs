@@ -58,6 +58,10 @@ pub fn describe(e: &EventRow) -> String {
             if d.get("argv_truncated").and_then(Value::as_bool) == Some(true) {
                 line.push_str(" (argv truncated)");
             }
+            if let (Some(e), Some(r)) = (d.get("enforcement").and_then(Value::as_str), n("rule_id"))
+            {
+                line.push_str(&format!(" [{e} by rule {r}]"));
+            }
             line
         }
         "fork" => format!("child {}", n("child_tgid").unwrap_or(0)),
@@ -66,7 +70,7 @@ pub fn describe(e: &EventRow) -> String {
             (None, Some(sig)) => format!("killed by signal {sig}"),
             _ => "exit".into(),
         },
-        "connect" | "accept" | "udp_send" => {
+        "connect" | "accept" | "udp_send" | "connect_held" => {
             let addr = match (d.get("addr").and_then(Value::as_str), n("port")) {
                 (Some(a), Some(p)) if a.contains(':') => format!("[{a}]:{p}"),
                 (Some(a), Some(p)) => format!("{a}:{p}"),
@@ -77,7 +81,11 @@ pub fn describe(e: &EventRow) -> String {
                 Some(r) if r >= 0 => " -> ok".into(),
                 Some(r) => format!(" -> {}", std::io::Error::from_raw_os_error(-r as i32)),
             };
-            format!("{} {addr}{outcome}", s("protocol"))
+            let rule = match (d.get("enforcement").and_then(Value::as_str), n("rule_id")) {
+                (Some(e), Some(r)) => format!(" [{e} by rule {r}]"),
+                _ => String::new(),
+            };
+            format!("{} {addr}{outcome}{rule}", s("protocol"))
         }
         "loss" => format!(
             "LOST {} {} event(s): {}",

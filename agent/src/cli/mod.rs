@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, help text from doc comments.
 
+mod approvals;
 mod daemon;
 mod events;
 mod run;
@@ -36,6 +37,9 @@ pub enum Command {
     Sessions(sessions::SessionsArgs),
     Events(events::EventsArgs),
     Status(status::StatusArgs),
+    Approvals(approvals::ApprovalsArgs),
+    Approve(approvals::DecideArgs),
+    Deny(approvals::DecideArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -52,6 +56,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Sessions(a) => report(sessions::run(a, &config)),
         Command::Events(a) => report(events::run(a, &config)),
         Command::Status(a) => report(status::run(a, &config)),
+        Command::Approvals(a) => report(approvals::list(a, &config)),
+        Command::Approve(a) => report(approvals::decide(a, &config, true)),
+        Command::Deny(a) => report(approvals::decide(a, &config, false)),
     }
 }
 

@@ -40,6 +40,7 @@ pub fn run(args: StatusArgs, config: &Config) -> anyhow::Result<()> {
         s.store, s.records_written, s.store_errors
     );
     println!("sessions:    {} registered", s.sessions_registered);
+    println!("api:         {}", s.api);
     let events: Vec<String> = s
         .events
         .iter()

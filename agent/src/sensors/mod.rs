@@ -3,10 +3,13 @@
 
 mod exec;
 mod net;
+mod rules;
 
 use std::collections::HashMap as StdHashMap;
 
-use airlock_common::{AgentConfig, EventKind, LOSS_REASONS, LossKey, LossReason, SessionEntry};
+use airlock_common::{
+    AgentConfig, EventKind, HoldKey, LOSS_REASONS, LossKey, LossReason, SessionEntry, Verdict,
+};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -18,6 +21,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
+    broker::BrokerMsg,
     event::{Clock, Record, decode, loss_record},
     features::Features,
     recorder::RecorderMsg,
@@ -91,6 +95,14 @@ pub enum Command {
     LossTotals {
         reply: oneshot::Sender<Vec<(&'static str, u64)>>,
     },
+    /// Store a one-shot verdict for a held connect (the caller then resumes
+    /// the task, whose retried connect consumes it).
+    Verdict {
+        tgid: u32,
+        digest: u64,
+        allow: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The loaded programs and the maps the daemon uses.
@@ -101,6 +113,7 @@ pub struct Sensor {
     sessions: HashMap<MapData, u32, SessionEntry>,
     losses: PerCpuHashMap<MapData, LossKey, u64>,
     loss_totals: PerCpuArray<MapData, u64>,
+    verdicts: HashMap<MapData, HoldKey, u32>,
     /// Programs attached, in words.
     pub attached: Attached,
     clock: Clock,
@@ -113,6 +126,7 @@ impl Sensor {
         features: &Features,
         daemon_tgid: u32,
         ring_bytes: u32,
+        rule_list: &[crate::config::Rule],
     ) -> Result<Self, SensorError> {
         let offsets = crate::btf::kernel_offsets()?;
         // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
@@ -141,12 +155,15 @@ impl Sensor {
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
         let losses = take(&mut ebpf, "LOSSES", PerCpuHashMap::try_from)?;
         let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
+        let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
+        rules::load(&mut ebpf, rule_list)?;
         Ok(Self {
             _ebpf: ebpf,
             ring: Some(ring),
             sessions,
             losses,
             loss_totals,
+            verdicts,
             attached,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
@@ -159,6 +176,7 @@ impl Sensor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         out: mpsc::Sender<RecorderMsg>,
+        broker: mpsc::Sender<BrokerMsg>,
         stats: std::sync::Arc<Stats>,
         loss_poll: std::time::Duration,
         mut shutdown: watch::Receiver<bool>,
@@ -177,26 +195,26 @@ impl Sensor {
             tokio::select! {
                 _ = drain.tick() => {
                     let batch = self.drain(ring.get_mut(), &stats);
-                    send(&out, batch).await;
+                    send(&out, &broker, batch).await;
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.map_err(SensorError::Poll)?;
                     let batch = self.drain(guard.get_inner_mut(), &stats);
                     guard.clear_ready();
-                    send(&out, batch).await;
+                    send(&out, &broker, batch).await;
                 }
                 Some(cmd) = commands.recv() => self.command(cmd),
                 _ = tick.tick() => {
                     let losses = self.poll_losses();
-                    send(&out, losses).await;
+                    send(&out, &broker, losses).await;
                 }
                 _ = shutdown.changed() => break,
             }
         }
         let batch = self.drain(ring.get_mut(), &stats);
-        send(&out, batch).await;
+        send(&out, &broker, batch).await;
         let losses = self.poll_losses();
-        send(&out, losses).await;
+        send(&out, &broker, losses).await;
         Ok(())
     }
 
@@ -232,6 +250,20 @@ impl Sensor {
                     .map_err(|e| e.to_string());
                 debug!(tgid, session_id, ok = r.is_ok(), "watch");
                 let _ = reply.send(r);
+            }
+            Command::Verdict {
+                tgid,
+                digest,
+                allow,
+                reply,
+            } => {
+                let key = HoldKey {
+                    tgid,
+                    _pad: 0,
+                    digest,
+                };
+                let v = if allow { Verdict::Allow } else { Verdict::Deny } as u32;
+                let _ = reply.send(self.verdicts.insert(key, v, 0).map_err(|e| e.to_string()));
             }
             Command::LossTotals { reply } => {
                 let mut totals = Vec::new();
@@ -280,9 +312,27 @@ impl Sensor {
     }
 }
 
-async fn send(out: &mpsc::Sender<RecorderMsg>, batch: Vec<Record>) {
+/// Hands a batch to the recorder, and holds and exits to the broker.
+async fn send(
+    out: &mpsc::Sender<RecorderMsg>,
+    broker: &mpsc::Sender<BrokerMsg>,
+    batch: Vec<Record>,
+) {
     if batch.is_empty() {
         return;
+    }
+    for r in &batch {
+        let msg = match (r.hold, &r.detail) {
+            (Some(hold), _) => BrokerMsg::Held {
+                record: r.clone(),
+                hold,
+            },
+            (None, crate::event::Detail::Exit(_)) => BrokerMsg::Exited { tgid: r.tgid },
+            _ => continue,
+        };
+        if broker.send(msg).await.is_err() {
+            warn!("broker is gone");
+        }
     }
     if out.send(RecorderMsg::Records(batch)).await.is_err() {
         warn!("recorder is gone; records dropped");

@@ -4,6 +4,7 @@
 //! (`PRAGMA user_version`), indexes for session and time.
 
 mod query;
+mod requests;
 mod schema;
 
 use std::{

@@ -33,6 +33,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_session_ts ON events (session_id, ts);
     CREATE INDEX events_ts ON events (ts);
     CREATE INDEX sessions_started ON sessions (started_at);",
+    // 2: approval requests; the whole request as JSON in `body`.
+    "CREATE TABLE requests (
+        id           INTEGER PRIMARY KEY,
+        session_id   INTEGER NOT NULL,
+        state        TEXT NOT NULL,            -- pending, approved, denied, timed_out, abandoned, failed
+        requested_at INTEGER NOT NULL,         -- ns since the epoch
+        body         TEXT NOT NULL             -- JSON: broker::ApprovalRequest
+    );
+    CREATE INDEX requests_state ON requests (state, id);
+    CREATE INDEX requests_session ON requests (session_id, id);",
 ];
 
 pub enum MigrateError {

@@ -31,12 +31,15 @@ fn exec(session_id: u64, ts: i64) -> Record {
         euid: 1000,
         gid: 1000,
         cgroup_id: u64::MAX - 1,
+        hold: None,
         detail: Detail::Exec {
             path: "/usr/bin/git".into(),
             argv: vec!["git".into(), "status".into()],
             argv_truncated: false,
             path_truncated: false,
             argv_unreadable: false,
+            enforcement: None,
+            rule_id: None,
         },
     }
 }
@@ -105,7 +108,7 @@ fn newer_schema_is_refused() {
     let e = Store::open(&path).err().unwrap();
     assert!(
         e.to_string()
-            .ends_with("schema version 99 is newer than this airlock knows (1); upgrade airlock"),
+            .ends_with("schema version 99 is newer than this airlock knows (2); upgrade airlock"),
         "{e}"
     );
 }

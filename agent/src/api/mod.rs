@@ -1,0 +1,284 @@
+//! The approval API: JSON over HTTP, bearer tokens per approver.
+//!
+//! GET  /v1/requests[?state=pending]   list requests
+//! GET  /v1/requests/{id}              one request
+//! POST /v1/requests/{id}/approve      {"reason": "..."} (body optional)
+//! POST /v1/requests/{id}/deny         {"reason": "..."} (body optional)
+//! GET  /v1/stream                     server-sent events: new and resolved requests
+//! GET  /v1/openapi.json               this API's OpenAPI document (no token needed)
+
+use std::{collections::HashMap, convert::Infallible, path::PathBuf, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response, Sse, sse::Event},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
+
+use crate::{
+    broker::{ApprovalRequest, BrokerMsg, DecideError, State as ReqState},
+    config::Approver,
+    store::Store,
+};
+
+/// What the handlers share.
+pub struct ApiState {
+    pub broker: mpsc::Sender<BrokerMsg>,
+    /// token -> approver name
+    pub tokens: HashMap<String, String>,
+    pub db: PathBuf,
+    pub updates: broadcast::Sender<ApprovalRequest>,
+}
+
+impl ApiState {
+    pub fn new(
+        broker: mpsc::Sender<BrokerMsg>,
+        approvers: &[Approver],
+        db: PathBuf,
+        updates: broadcast::Sender<ApprovalRequest>,
+    ) -> Self {
+        let tokens = approvers
+            .iter()
+            .map(|a| (a.token.clone(), a.name.clone()))
+            .collect();
+        Self {
+            broker,
+            tokens,
+            db,
+            updates,
+        }
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/requests", get(list))
+        .route("/v1/requests/{id}", get(one))
+        .route("/v1/requests/{id}/approve", post(approve))
+        .route("/v1/requests/{id}/deny", post(deny))
+        .route("/v1/stream", get(stream))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /v1/openapi.json",
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// The approver behind the bearer token, or a 401.
+fn approver(state: &ApiState, headers: &HeaderMap) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer TOKEN)",
+            )
+        })?;
+    state
+        .tokens
+        .get(token.trim())
+        .cloned()
+        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "unknown token"))
+}
+
+async fn read_store<T: Send + 'static>(
+    state: &ApiState,
+    f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let db = state.db.clone();
+    tokio::task::spawn_blocking(move || Store::open_read_only(&db).and_then(|s| f(&s)))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+async fn list(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = approver(&state, &headers) {
+        return r;
+    }
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the only query parameter is state=pending|approved|denied|timed_out|abandoned|failed",
+        );
+    };
+    if let Some(s) = &q.state
+        && ReqState::parse(s).is_none()
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown state {s:?}: use pending, approved, denied, timed_out, abandoned or failed"
+            ),
+        );
+    }
+    match read_store(&state, move |s| s.requests(q.state.as_deref())).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn one(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = approver(&state, &headers) {
+        return r;
+    }
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("request id must be a number, got {id:?}"),
+        );
+    };
+    match read_store(&state, move |s| s.request(id)).await {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no request {id}")),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    reason: Option<String>,
+}
+
+async fn approve(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    id: Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    decide(state, headers, id, body, true).await
+}
+
+async fn deny(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    id: Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    decide(state, headers, id, body, false).await
+}
+
+async fn decide(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+    approve: bool,
+) -> Response {
+    let by = match approver(&state, &headers) {
+        Ok(by) => by,
+        Err(r) => return r,
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("request id must be a number, got {id:?}"),
+        );
+    };
+    let body: DecideBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DecideBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("body must be JSON like {{\"reason\": \"...\"}}: {e}"),
+                );
+            }
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    let msg = BrokerMsg::Decide {
+        id,
+        approve,
+        by,
+        reason: body.reason,
+        reply: tx,
+    };
+    if state.broker.send(msg).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the broker has stopped");
+    }
+    match rx.await.unwrap_or(Err(DecideError::Stopped)) {
+        Ok(r) => Json(r).into_response(),
+        Err(e @ DecideError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ DecideError::AlreadyDecided { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ DecideError::SelfApproval { .. }) => error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e @ DecideError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn stream(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = approver(&state, &headers) {
+        return r;
+    }
+    let rx = state.updates.subscribe();
+    let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(BroadcastStream::new(rx).filter_map(|r| {
+            let r = r.ok()?;
+            let name = if r.state == ReqState::Pending {
+                "request"
+            } else {
+                "resolved"
+            };
+            Some(Ok(Event::default()
+                .event(name)
+                .json_data(&r)
+                .unwrap_or_default()))
+        }));
+    Sse::new(events)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// The OpenAPI document, checked to be valid JSON by a test.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[cfg(test)]
+mod tests;

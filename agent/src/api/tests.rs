@@ -1,0 +1,354 @@
+//! The API against a real broker, store and recorder, holding a real
+//! (stopped) process; no kernel programs needed.
+
+use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
+
+use airlock_common::EventKind;
+use reqwest::StatusCode;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::*;
+use crate::{
+    broker::Broker,
+    config::{OnTimeout, Rule, RuleAction},
+    event::{Detail, EventKindName, HoldInfo, Record},
+    stats::Stats,
+    store::NewSession,
+};
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789ab";
+
+struct Harness {
+    base: String,
+    broker: mpsc::Sender<BrokerMsg>,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    _shutdown: watch::Sender<bool>,
+}
+
+async fn harness(timeout_s: u64) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("airlock.db");
+    let mut store = Store::open(&db).unwrap();
+    let labels: BTreeMap<String, String> = [
+        ("user".to_string(), "bob".to_string()),
+        ("agent".to_string(), "codex".to_string()),
+    ]
+    .into();
+    let session = store
+        .create_session(&NewSession {
+            started_at: 1,
+            root_pid: 1,
+            command: vec![],
+            labels,
+        })
+        .unwrap();
+    let (rec_tx, rec_rx) = mpsc::channel(16);
+    std::thread::spawn(move || crate::recorder::run(store, rec_rx, 64, Arc::new(Stats::default())));
+    let (sensor_tx, _sensor_rx) = mpsc::channel(16);
+    let (updates, _) = broadcast::channel(16);
+    let rule = Rule {
+        name: "hold sleep".into(),
+        action: RuleAction::Hold,
+        exec: vec!["/bin/sleep".into()],
+        connect: vec![],
+        port: None,
+        timeout_s,
+        on_timeout: OnTimeout::Deny,
+    };
+    let broker = Broker::new(
+        vec![rule],
+        rec_tx,
+        sensor_tx,
+        updates.clone(),
+        db.clone(),
+        vec![],
+    );
+    let (broker_tx, broker_rx) = mpsc::channel(16);
+    tokio::spawn(broker.run(broker_rx));
+    let approvers = [
+        Approver {
+            name: "alice".into(),
+            token: ALICE.into(),
+        },
+        Approver {
+            name: "bob".into(),
+            token: BOB.into(),
+        },
+    ];
+    let state = Arc::new(ApiState::new(broker_tx.clone(), &approvers, db, updates));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(serve(listener, state, rx));
+
+    // A real process, stopped as the kernel program stops a held exec.
+    let child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+    let pid = child.id();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let record = Record {
+        session_id: session,
+        ts_ns: 1,
+        kind: EventKindName(EventKind::Exec),
+        pid,
+        tgid: pid,
+        ppid: std::process::id(),
+        uid: 0,
+        euid: 0,
+        gid: 0,
+        cgroup_id: 0,
+        detail: Detail::Exec {
+            path: "/bin/sleep".into(),
+            argv: vec!["/bin/sleep".into(), "30".into()],
+            argv_truncated: false,
+            path_truncated: false,
+            argv_unreadable: false,
+            enforcement: Some("held"),
+            rule_id: Some(1),
+        },
+        hold: Some(HoldInfo {
+            rule_id: 1,
+            digest: 0,
+        }),
+    };
+    broker_tx
+        .send(BrokerMsg::Held {
+            record,
+            hold: HoldInfo {
+                rule_id: 1,
+                digest: 0,
+            },
+        })
+        .await
+        .unwrap();
+    Harness {
+        base,
+        broker: broker_tx,
+        child,
+        _dir: dir,
+        _shutdown: shutdown,
+    }
+}
+
+fn state_of(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .and_then(|r| r.trim().chars().next())
+        .unwrap_or('?')
+}
+
+async fn pending(h: &Harness) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let r: Vec<serde_json::Value> = reqwest::Client::new()
+            .get(format!("{}/v1/requests?state=pending", h.base))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !r.is_empty() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Vec::new()
+}
+
+#[tokio::test]
+async fn approve_flow_with_auth_errors_and_no_self_approval() {
+    let mut h = harness(300).await;
+    let c = reqwest::Client::new();
+    let reqs = pending(&h).await;
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(
+        (r["id"].as_u64(), r["kind"].as_str(), r["rule"].as_str()),
+        (Some(1), Some("exec"), Some("hold sleep"))
+    );
+    assert_eq!(r["labels"]["agent"], "codex");
+    assert_eq!(r["action"]["argv"], serde_json::json!(["/bin/sleep", "30"]));
+    assert_eq!(r["ancestry"][0]["pid"], h.child.id());
+    assert_eq!(state_of(h.child.id()), 'T', "held: stopped");
+
+    let url = |p: &str| format!("{}{p}", h.base);
+    let status = |r: reqwest::Response| r.status();
+    assert_eq!(
+        status(c.get(url("/v1/requests")).send().await.unwrap()),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = c
+        .get(url("/v1/requests"))
+        .bearer_auth("wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "unknown token"
+    );
+    assert_eq!(
+        status(
+            c.get(url("/v1/requests/abc"))
+                .bearer_auth(ALICE)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status(
+            c.get(url("/v1/requests?state=maybe"))
+                .bearer_auth(ALICE)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        status(
+            c.get(url("/v1/requests/99"))
+                .bearer_auth(ALICE)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        status(
+            c.post(url("/v1/requests/99/approve"))
+                .bearer_auth(ALICE)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::NOT_FOUND
+    );
+    let r = c
+        .post(url("/v1/requests/1/approve"))
+        .bearer_auth(ALICE)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = c
+        .post(url("/v1/requests/1/approve"))
+        .bearer_auth(BOB)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("no self-approval")
+    );
+    assert_eq!(
+        state_of(h.child.id()),
+        'T',
+        "still held after refused attempts"
+    );
+
+    let r = c
+        .post(url("/v1/requests/1/approve"))
+        .bearer_auth(ALICE)
+        .json(&serde_json::json!({"reason": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            r["state"].as_str(),
+            r["decided_by"].as_str(),
+            r["reason"].as_str()
+        ),
+        (Some("approved"), Some("alice"), Some("ok"))
+    );
+    assert_eq!(r["outcome"], "resumed: the program runs");
+    assert_ne!(state_of(h.child.id()), 'T', "resumed");
+    assert_eq!(
+        status(
+            c.post(url("/v1/requests/1/deny"))
+                .bearer_auth(ALICE)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::CONFLICT
+    );
+    let stored: serde_json::Value = c
+        .get(url("/v1/requests/1"))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["state"], "approved", "the decision is in the store");
+    let doc = c.get(url("/v1/openapi.json")).send().await.unwrap();
+    assert_eq!(doc.status(), StatusCode::OK);
+    assert_eq!(
+        doc.json::<serde_json::Value>().await.unwrap()["openapi"],
+        "3.0.3"
+    );
+    let _ = h.child.kill();
+    let _ = h.child.wait();
+}
+
+#[tokio::test]
+async fn deny_kills_and_timeout_applies_default() {
+    let mut h = harness(1).await;
+    assert_eq!(pending(&h).await.len(), 1);
+    // Nobody decides: after the 1 s timeout the default (deny) kills it.
+    let st = tokio::task::spawn_blocking(move || {
+        let st = h.child.wait().unwrap();
+        (st, h)
+    })
+    .await
+    .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.0.signal(), Some(libc::SIGKILL));
+    let h = st.1;
+    let r: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/requests/1", h.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["decided_by"].as_str()),
+        (Some("timed_out"), Some("timeout"))
+    );
+    assert!(r["outcome"].as_str().unwrap().contains("SIGKILL"), "{r}");
+    drop(h.broker);
+}
+
+#[test]
+fn openapi_is_valid_json_naming_every_route() {
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    for p in [
+        "/v1/requests",
+        "/v1/requests/{id}",
+        "/v1/requests/{id}/approve",
+        "/v1/requests/{id}/deny",
+        "/v1/stream",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "{p} documented");
+    }
+}
