@@ -18,7 +18,7 @@ pub enum RecorderMsg {
     Records(Vec<Record>),
     /// Store a new approval request; replies with its id.
     CreateRequest {
-        req: ApprovalRequest,
+        req: Box<ApprovalRequest>,
         reply: oneshot::Sender<Result<u64, String>>,
     },
     /// Store a request's new state.

@@ -30,19 +30,23 @@ pub fn can_run(test: &str) -> bool {
     }
 }
 
-/// The airlock binary under test: $AIRLOCK_BIN, else target/{release,debug}.
+/// The airlock binary under test: $AIRLOCK_BIN, else the newest of
+/// target/{release,debug}/airlock.
 pub fn airlock_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("AIRLOCK_BIN") {
         return PathBuf::from(p);
     }
+    // The newer of the release and debug builds, so a stale one is not used.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for profile in ["release", "debug"] {
-        let p = root.join("target").join(profile).join("airlock");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no airlock binary: build it (cargo build -p airlock) or set AIRLOCK_BIN");
+    ["release", "debug"]
+        .iter()
+        .map(|profile| root.join("target").join(profile).join("airlock"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!("no airlock binary: build it (cargo build -p airlock) or set AIRLOCK_BIN")
+        })
 }
 
 /// A daemon with its own store and socket in a temporary directory.
@@ -142,6 +146,74 @@ impl Daemon {
                 )
             });
         (id, out)
+    }
+
+    /// Starts `airlock run --label ... -- CMD` without waiting for it.
+    pub fn spawn_run(&self, labels: &[&str], cmd: &[&str]) -> Child {
+        let mut c = Command::new(airlock_bin());
+        c.arg("--config").arg(&self.config).arg("run");
+        for l in labels {
+            c.args(["--label", l]);
+        }
+        c.arg("--")
+            .args(cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn airlock run")
+    }
+
+    /// The approval API's base URL, as the daemon bound it.
+    pub fn api(&self) -> String {
+        let out = self.airlock(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        v["api"].as_str().expect("api in status").to_string()
+    }
+
+    /// `airlock approvals|approve|deny ...` with a token, against this daemon's API.
+    pub fn approvals(&self, token: &str, args: &[&str]) -> Output {
+        let api = self.api();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend_from_slice(&["--api", &api, "--token", token]);
+        self.airlock(&full)
+    }
+
+    /// Waits until `n` requests are pending and returns them.
+    pub fn wait_pending(&self, token: &str, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.approvals(token, &["approvals", "--pending", "--json"]);
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if v.len() >= n {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} of {n} requests pending after 30 s: {out:?}\ndaemon log:\n{}",
+                    v.len(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Restarts the daemon on the same store and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("log");
+        let child = Command::new(airlock_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("daemon")
+            .stderr(log)
+            .spawn()
+            .expect("spawn airlock daemon");
+        self.child = Some(child);
+        self.wait_ready();
     }
 
     pub fn store(&self) -> Store {

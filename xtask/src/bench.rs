@@ -276,7 +276,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\napi_listen = \"127.0.0.1:0\"\n",
                 dir.display()
             ),
         )?;

@@ -86,37 +86,46 @@ pub async fn serve(
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+    ApiError(status, message.into()).into_response()
+}
+
+/// An error answer: its status and a JSON body `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
 }
 
 /// The approver behind the bearer token, or a 401.
-fn approver(state: &ApiState, headers: &HeaderMap) -> Result<String, Response> {
+fn approver(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
-            error(
+            ApiError(
                 StatusCode::UNAUTHORIZED,
-                "missing bearer token (Authorization: Bearer TOKEN)",
+                "missing bearer token (Authorization: Bearer TOKEN)".into(),
             )
         })?;
     state
         .tokens
         .get(token.trim())
         .cloned()
-        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "unknown token"))
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))
 }
 
 async fn read_store<T: Send + 'static>(
     state: &ApiState,
     f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     let db = state.db.clone();
     tokio::task::spawn_blocking(move || Store::open_read_only(&db).and_then(|s| f(&s)))
         .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -131,7 +140,7 @@ async fn list(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if let Err(r) = approver(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     let Ok(Query(q)) = q else {
         return error(
@@ -151,7 +160,7 @@ async fn list(
     }
     match read_store(&state, move |s| s.requests(q.state.as_deref())).await {
         Ok(v) => Json(v).into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -161,7 +170,7 @@ async fn one(
     Path(id): Path<String>,
 ) -> Response {
     if let Err(r) = approver(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     let Ok(id) = id.parse::<u64>() else {
         return error(
@@ -172,7 +181,7 @@ async fn one(
     match read_store(&state, move |s| s.request(id)).await {
         Ok(Some(r)) => Json(r).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no request {id}")),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -209,7 +218,7 @@ async fn decide(
 ) -> Response {
     let by = match approver(&state, &headers) {
         Ok(by) => by,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Ok(id) = id.parse::<u64>() else {
         return error(
@@ -252,7 +261,7 @@ async fn decide(
 
 async fn stream(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     if let Err(r) = approver(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     let rx = state.updates.subscribe();
     let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =

@@ -287,7 +287,7 @@ impl Broker {
         if self
             .recorder
             .send(RecorderMsg::CreateRequest {
-                req: req.clone(),
+                req: Box::new(req.clone()),
                 reply: tx,
             })
             .await

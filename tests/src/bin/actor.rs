@@ -10,6 +10,9 @@
 //! actor time-spawn N PROGRAM       spawn+wait PROGRAM N times, print the elapsed ns
 //! actor time-connect N             connect+close to its own loopback listener N times, print the elapsed ns
 //! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
+//! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>" or "<ms> signal:<n>"
+//! actor connect-timed ADDR:PORT    blocking TCP connect, print "<ms> <errno>"
+//! actor parallel N PROGRAM         spawn N at once, wait for all, print "exit:<k> signal:<m>"
 
 use std::{
     io::Write,
@@ -112,6 +115,43 @@ fn main() -> ExitCode {
                 sock.connect(("127.0.0.1", port)).expect("udp connect");
             }
             println!("{}", start.elapsed().as_nanos());
+        }
+        ["run-timed", program, rest @ ..] => {
+            let start = Instant::now();
+            let st = Command::new(program).args(rest).status().expect("spawn");
+            let ms = start.elapsed().as_millis();
+            match (
+                st.code(),
+                std::os::unix::process::ExitStatusExt::signal(&st),
+            ) {
+                (Some(c), _) => println!("{ms} exit:{c}"),
+                (None, Some(sig)) => println!("{ms} signal:{sig}"),
+                _ => println!("{ms} unknown"),
+            }
+        }
+        ["connect-timed", addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let start = Instant::now();
+            let errno = match TcpStream::connect(addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{} {errno}", start.elapsed().as_millis());
+        }
+        ["parallel", n, program] => {
+            let children: Vec<_> = (0..n.parse::<u32>().expect("N"))
+                .map(|_| Command::new(program).spawn().expect("spawn"))
+                .collect();
+            let (mut exited, mut signalled) = (0, 0);
+            for mut c in children {
+                let st = c.wait().expect("wait");
+                if st.code().is_some() {
+                    exited += 1;
+                } else {
+                    signalled += 1;
+                }
+            }
+            println!("exit:{exited} signal:{signalled}");
         }
         _ => {
             eprintln!("usage: see the top of tests/src/bin/actor.rs");

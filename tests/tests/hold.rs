@@ -1,0 +1,346 @@
+//! Root tests on this host (no BPF LSM): held execs and connects, decided
+//! over the API, by timeout, or by the process's end.
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use airlock_tests::{Daemon, can_run};
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789ab";
+
+/// Rules: hold /usr/bin/id (timeout `t` s, default `default`), deny
+/// /usr/bin/whoami, hold connects to 127.0.0.2; approvers alice and bob.
+fn daemon(t: u64, default: &str) -> Daemon {
+    Daemon::start_with(&format!(
+        "[[rule]]\nname = \"hold id\"\naction = \"hold\"\nexec = [\"/usr/bin/id\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
+         [[rule]]\nname = \"no whoami\"\naction = \"deny\"\nexec = [\"/usr/bin/whoami\"]\n\n\
+         [[rule]]\nname = \"hold 127.0.0.2\"\naction = \"hold\"\nconnect = [\"127.0.0.2/32\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
+         [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n\n[[approver]]\nname = \"bob\"\ntoken = \"{BOB}\"\n"
+    ))
+}
+
+/// Waits for an `airlock run` child; returns its stdout.
+fn finish(mut c: Child) -> String {
+    let st = c.wait().expect("wait airlock run");
+    let mut out = String::new();
+    c.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    let mut err = String::new();
+    c.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(st.success(), "airlock run failed: {st}\n{out}\n{err}");
+    out
+}
+
+/// The actor's own line comes last, after what the held program printed.
+fn last(out: &str) -> &str {
+    out.lines().last().unwrap_or("").trim()
+}
+
+fn state_of(pid: u64) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .and_then(|r| r.trim().chars().next())
+        .unwrap_or('?')
+}
+
+fn decide(d: &Daemon, verb: &str, id: u64, token: &str) -> std::process::Output {
+    d.approvals(
+        token,
+        &[verb, &id.to_string(), "--reason", "test", "--json"],
+    )
+}
+
+#[test]
+fn exec_held_then_approved_runs_after_the_delay() {
+    if !can_run("exec_held_then_approved_runs_after_the_delay") {
+        return;
+    }
+    let d = daemon(60, "deny");
+    let run = d.spawn_run(
+        &["user=bob", "agent=test"],
+        &[ACTOR, "run-timed", "/usr/bin/id", "-u"],
+    );
+    let reqs = d.wait_pending(ALICE, 1);
+    let r = &reqs[0];
+    assert_eq!(
+        (r["kind"].as_str(), r["rule"].as_str()),
+        (Some("exec"), Some("hold id"))
+    );
+    assert_eq!(
+        r["action"]["argv"],
+        serde_json::json!(["/usr/bin/id", "-u"])
+    );
+    assert_eq!(r["labels"]["agent"], "test");
+    let tgid = r["tgid"].as_u64().unwrap();
+    assert_eq!(state_of(tgid), 'T', "the held process is stopped");
+    assert!(
+        r["ancestry"].as_array().unwrap().len() >= 3,
+        "process, actor, airlock run: {}",
+        r["ancestry"]
+    );
+
+    // bob is the session's user: he cannot approve it; a bad token cannot either.
+    let out = decide(&d, "approve", r["id"].as_u64().unwrap(), BOB);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no self-approval"),
+        "{out:?}"
+    );
+    let out = decide(
+        &d,
+        "approve",
+        r["id"].as_u64().unwrap(),
+        "not-a-token-at-all",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown token (401"),
+        "{out:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = decide(&d, "approve", r["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    let decided: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (decided["state"].as_str(), decided["decided_by"].as_str()),
+        (Some("approved"), Some("alice"))
+    );
+
+    let out = finish(run);
+    let (ms, status) = last(&out).split_once(' ').unwrap();
+    assert_eq!(status, "exit:0", "the program ran: {out}");
+    let ms: u64 = ms.parse().unwrap();
+    assert!(
+        (1000..5000).contains(&ms),
+        "exec took as long as the approval: {ms} ms"
+    );
+    let out = decide(&d, "deny", r["id"].as_u64().unwrap(), ALICE);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already approved (409"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn exec_held_then_denied_is_killed_and_deny_rules_kill_at_once() {
+    if !can_run("exec_held_then_denied_is_killed_and_deny_rules_kill_at_once") {
+        return;
+    }
+    let d = daemon(60, "deny");
+    let run = d.spawn_run(
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            &format!(
+                "{ACTOR} run-timed /usr/bin/id; {ACTOR} run-timed /usr/bin/whoami; echo after"
+            ),
+        ],
+    );
+    let reqs = d.wait_pending(ALICE, 1);
+    let out = decide(&d, "deny", reqs[0]["id"].as_u64().unwrap(), ALICE);
+    let decided: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        decided["outcome"],
+        "killed (SIGKILL) before its first instruction"
+    );
+    let out = finish(run);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].ends_with("signal:9"), "denied exec: {out}");
+    assert!(lines[1].ends_with("signal:9"), "deny rule: {out}");
+    assert_eq!(lines[2], "after", "the caller continues");
+    assert_eq!(
+        d.wait_pending(ALICE, 0).len(),
+        0,
+        "a deny rule makes no request"
+    );
+}
+
+#[test]
+fn connect_held_then_allowed_or_denied_without_leaking_restart_codes() {
+    if !can_run("connect_held_then_allowed_or_denied_without_leaking_restart_codes") {
+        return;
+    }
+    let d = daemon(60, "deny");
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let run = d.spawn_run(
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("{ACTOR} connect-timed {target}; {ACTOR} connect-timed {target}"),
+        ],
+    );
+    let first = d.wait_pending(ALICE, 1);
+    assert_eq!(first[0]["kind"], "connect");
+    assert_eq!(
+        first[0]["action"]["port"],
+        listener.local_addr().unwrap().port()
+    );
+    let tgid = first[0]["tgid"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(state_of(tgid), 'T');
+    // A stray SIGCONT only re-runs the check: held again, no second request.
+    // SAFETY: signalling a test process.
+    unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state_of(tgid), 'T', "re-held after a stray SIGCONT");
+    assert_eq!(d.wait_pending(ALICE, 1).len(), 1, "no duplicate request");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        decide(&d, "approve", first[0]["id"].as_u64().unwrap(), ALICE)
+            .status
+            .success()
+    );
+    let second = loop {
+        let p = d.wait_pending(ALICE, 1);
+        if p[0]["id"] != first[0]["id"] {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        decide(&d, "deny", second[0]["id"].as_u64().unwrap(), ALICE)
+            .status
+            .success()
+    );
+    let out = finish(run);
+    let lines: Vec<(u64, i32)> = out
+        .lines()
+        .map(|l| {
+            let (ms, errno) = l.split_once(' ').unwrap();
+            (ms.parse().unwrap(), errno.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines[0].1, 0, "allowed: connected ({out})");
+    assert!(
+        lines[0].0 >= 1000,
+        "the connect waited for the approval: {out}"
+    );
+    assert_eq!(
+        lines[1].1,
+        libc::EPERM,
+        "denied: EPERM, never EINTR or 513 ({out})"
+    );
+}
+
+#[test]
+fn timeout_applies_the_rule_default() {
+    if !can_run("timeout_applies_the_rule_default") {
+        return;
+    }
+    let d = daemon(1, "allow");
+    let (id, out) = d.run(&[], &[ACTOR, "run-timed", "/usr/bin/id"]);
+    let (ms, status) = out_line(&out);
+    assert_eq!(status, "exit:0", "on_timeout = allow lets it run");
+    assert!(ms >= 1000, "after the 1 s timeout: {ms} ms");
+    let reqs: Vec<serde_json::Value> =
+        serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (reqs[0]["state"].as_str(), reqs[0]["decided_by"].as_str()),
+        (Some("timed_out"), Some("timeout"))
+    );
+    assert_eq!(reqs[0]["session_id"], id);
+
+    let d = daemon(1, "deny");
+    let (_, out) = d.run(&[], &[ACTOR, "run-timed", "/usr/bin/id"]);
+    assert_eq!(out_line(&out).1, "signal:9", "on_timeout = deny kills it");
+}
+
+fn out_line(out: &std::process::Output) -> (u64, String) {
+    let s = String::from_utf8_lossy(&out.stdout);
+    let (ms, status) = last(&s)
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("actor printed {s:?}"));
+    (ms.parse().unwrap(), status.to_string())
+}
+
+#[test]
+fn process_killed_while_held_is_abandoned() {
+    if !can_run("process_killed_while_held_is_abandoned") {
+        return;
+    }
+    let d = daemon(60, "deny");
+    let run = d.spawn_run(&[], &[ACTOR, "run-timed", "/usr/bin/id"]);
+    let r = d.wait_pending(ALICE, 1);
+    let tgid = r[0]["tgid"].as_u64().unwrap();
+    // SAFETY: killing a test process.
+    unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
+    assert!(finish(run).trim().ends_with("signal:9"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reqs: Vec<serde_json::Value> =
+            serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+        if reqs[0]["state"] == "abandoned" {
+            assert_eq!(reqs[0]["decided_by"], "process-exit");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not abandoned: {reqs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fifty_holds_at_once_are_each_resolved_as_decided() {
+    if !can_run("fifty_holds_at_once_are_each_resolved_as_decided") {
+        return;
+    }
+    let d = daemon(120, "deny");
+    let run = d.spawn_run(&[], &[ACTOR, "parallel", "50", "/usr/bin/id"]);
+    let reqs = d.wait_pending(ALICE, 50);
+    assert_eq!(reqs.len(), 50);
+    let mut approved = 0;
+    for (i, r) in reqs.iter().enumerate() {
+        let verb = if i % 2 == 0 { "approve" } else { "deny" };
+        let out = decide(&d, verb, r["id"].as_u64().unwrap(), ALICE);
+        assert!(out.status.success(), "{out:?}");
+        approved += usize::from(i % 2 == 0);
+    }
+    assert_eq!(
+        last(&finish(run)),
+        format!("exit:{approved} signal:{}", 50 - approved)
+    );
+}
+
+#[test]
+fn pending_holds_survive_a_daemon_restart() {
+    if !can_run("pending_holds_survive_a_daemon_restart") {
+        return;
+    }
+    let mut d = daemon(120, "deny");
+    let run = d.spawn_run(&[], &[ACTOR, "run-timed", "/usr/bin/id"]);
+    let before = d.wait_pending(ALICE, 1);
+    d.restart();
+    let after = d.wait_pending(ALICE, 1);
+    assert_eq!(
+        after[0]["id"], before[0]["id"],
+        "the same request, still pending"
+    );
+    assert_eq!(
+        state_of(after[0]["tgid"].as_u64().unwrap()),
+        'T',
+        "still held"
+    );
+    assert!(
+        decide(&d, "approve", after[0]["id"].as_u64().unwrap(), ALICE)
+            .status
+            .success()
+    );
+    assert!(
+        finish(run).trim().ends_with("exit:0"),
+        "decided by the restarted daemon"
+    );
+}
