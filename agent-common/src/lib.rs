@@ -33,6 +33,9 @@ pub const NET_DENIED: u32 = 1 << 0;
 pub const NET_APPROVED: u32 = 1 << 1;
 /// A hold rule matched and a verdict refused this connect (EPERM).
 pub const NET_REFUSED: u32 = 1 << 2;
+/// A hold rule matched on a kernel that cannot hold a connect from the
+/// cgroup hook (no bpf_send_signal there, before Linux 6.18): refused.
+pub const NET_HOLD_UNAVAILABLE: u32 = 1 << 3;
 
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;

@@ -4,8 +4,8 @@
 use core::ptr::read_volatile;
 
 use airlock_common::{
-    EventKind, HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_REFUSED, NET_RET_UNKNOWN,
-    NetEvent, NetRule, RuleAction, Verdict, net_digest,
+    EventKind, HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE, NET_REFUSED,
+    NET_RET_UNKNOWN, NetEvent, NetRule, RuleAction, Verdict, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
@@ -123,7 +123,7 @@ fn emit(event: &NetEvent) {
 /// task and restarts the syscall (-ERESTARTNOINTR) until a verdict exists.
 /// Returns 1 to let the connect proceed, 0 to refuse or hold it.
 #[inline(always)]
-fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(session_id) = session_of(tgid) else {
@@ -135,6 +135,11 @@ fn on_connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         event.rule_id = rule.rule_id;
         if rule.action == RuleAction::Deny as u32 {
             event.flags |= NET_DENIED;
+            verdict = 0;
+        } else if !HOLD {
+            // Without a way to stop the task here, refuse rather than let a
+            // flagged connect through unasked.
+            event.flags |= NET_DENIED | NET_HOLD_UNAVAILABLE;
             verdict = 0;
         } else {
             let key = HoldKey {
@@ -236,16 +241,30 @@ fn hold(mut event: NetEvent, key: HoldKey) -> i32 {
 
 /// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect
 /// and udp connect): sees TCP and UDP connects with the socket's protocol,
-/// which the syscall tracepoints cannot tell. Never blocks (returns 1).
+/// which the syscall tracepoints cannot tell. Holds flagged connects
+/// (bpf_send_signal is allowed here from Linux 6.18).
+#[cgroup_sock_addr(connect4)]
+pub fn net_connect4_hold(ctx: SockAddrContext) -> i32 {
+    on_connect::<false, true>(&ctx)
+}
+
+/// cgroup/connect6: as `net_connect4_hold`, for IPv6.
+#[cgroup_sock_addr(connect6)]
+pub fn net_connect6_hold(ctx: SockAddrContext) -> i32 {
+    on_connect::<true, true>(&ctx)
+}
+
+/// cgroup/connect4 for kernels that refuse bpf_send_signal in this program
+/// type: records, denies, and refuses what it cannot hold.
 #[cgroup_sock_addr(connect4)]
 pub fn net_connect4(ctx: SockAddrContext) -> i32 {
-    on_connect::<false>(&ctx)
+    on_connect::<false, false>(&ctx)
 }
 
 /// cgroup/connect6: as `net_connect4`, for IPv6.
 #[cgroup_sock_addr(connect6)]
 pub fn net_connect6(ctx: SockAddrContext) -> i32 {
-    on_connect::<true>(&ctx)
+    on_connect::<true, false>(&ctx)
 }
 
 /// syscalls:sys_exit_connect (`long ret` at offset 16): pairs the outcome with

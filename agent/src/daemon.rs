@@ -21,12 +21,19 @@ use crate::{
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
 
 /// What rules can do in this build, which uses no BPF LSM program yet.
-const ENFORCES: &[&str] = &[
-    "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
-    "exec deny: killed with SIGKILL before its first instruction",
-    "connect hold: the syscall waits and is re-issued (allow connects, deny fails with EPERM)",
-    "connect deny: EPERM",
-];
+fn enforces(connect_hold: bool) -> Vec<String> {
+    let mut v = vec![
+        "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
+        "exec deny: killed with SIGKILL before its first instruction",
+    ];
+    v.push(if connect_hold {
+        "connect hold: the syscall waits and is re-issued (allow connects, deny fails with EPERM)"
+    } else {
+        "connect hold: not possible on this kernel without BPF LSM: flagged connects fail with EPERM"
+    });
+    v.push("connect deny: EPERM");
+    v.into_iter().map(String::from).collect()
+}
 
 /// How long the drain after SIGTERM may take before the daemon gives up.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -53,13 +60,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let api_addr = api_listener.local_addr()?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let enforce: Vec<String> = ENFORCES.iter().map(|s| s.to_string()).collect();
+    let enforce = enforces(sensor.connect_hold);
     info!(
         "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
         env!("CARGO_PKG_VERSION"),
         features.mode(),
         RECORDS.join(", "),
-        ENFORCES.join("; "),
+        enforce.join("; "),
         config.rules.len(),
         features.kernel,
         config.db_path().display(),

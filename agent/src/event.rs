@@ -237,6 +237,8 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                     digest: n.digest,
                 });
                 Some("held")
+            } else if n.flags & airlock_common::NET_HOLD_UNAVAILABLE != 0 {
+                Some("denied: cannot hold here")
             } else if n.flags & airlock_common::NET_DENIED != 0 {
                 Some("denied")
             } else if n.flags & airlock_common::NET_APPROVED != 0 {

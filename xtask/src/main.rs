@@ -6,6 +6,7 @@ mod bootstrap;
 mod lint;
 mod test;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +47,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// Only the VM tier: Debian kernels with BPF LSM under QEMU.
+    Vm,
     /// cargo fmt --check and clippy (userspace and the eBPF crate).
     Lint,
     /// Only install the tools (nightly rust-src, bpf-linker).
@@ -74,6 +77,14 @@ fn main() -> anyhow::Result<()> {
                 connects,
                 rounds,
             })
+        }
+        Cmd::Vm => {
+            bootstrap::toolchain()?;
+            let results = vm::tier()?;
+            if results.iter().any(|r| !r.ok) {
+                anyhow::bail!("the VM tier failed");
+            }
+            Ok(())
         }
         Cmd::Lint => {
             bootstrap::toolchain()?;

@@ -116,6 +116,8 @@ pub struct Sensor {
     verdicts: HashMap<MapData, HoldKey, u32>,
     /// Programs attached, in words.
     pub attached: Attached,
+    /// Whether this kernel lets the cgroup connect hook hold a connect.
+    pub connect_hold: bool,
     clock: Clock,
     seen_losses: StdHashMap<LossKey, u64>,
 }
@@ -149,7 +151,7 @@ impl Sensor {
             .cgroup2
             .clone()
             .unwrap_or_else(|| "/sys/fs/cgroup".into());
-        net::attach(&mut ebpf, &cgroup2, &mut attached)?;
+        let connect_hold = net::attach(&mut ebpf, &cgroup2, &mut attached)?;
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
@@ -165,6 +167,7 @@ impl Sensor {
             loss_totals,
             verdicts,
             attached,
+            connect_hold,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
         })

@@ -10,12 +10,11 @@ use aya::{
 
 use super::{Attached, SensorError};
 
-const CGROUP_PROGRAMS: &[&str] = &[
-    "net_connect4",
-    "net_connect6",
-    "net_sendmsg4",
-    "net_sendmsg6",
-];
+/// Connect hooks that can hold (need bpf_send_signal in cgroup programs,
+/// Linux 6.18+), and the ones used where the kernel refuses that.
+const CONNECT_HOLD: &[&str] = &["net_connect4_hold", "net_connect6_hold"];
+const CONNECT_PLAIN: &[&str] = &["net_connect4", "net_connect6"];
+const SENDMSG: &[&str] = &["net_sendmsg4", "net_sendmsg6"];
 
 const TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_connect", "sys_exit_connect"),
@@ -25,7 +24,12 @@ const TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_accept", "sys_exit_accept"),
 ];
 
-pub fn attach(ebpf: &mut Ebpf, cgroup2: &str, attached: &mut Attached) -> Result<(), SensorError> {
+/// Attaches the network programs; returns whether connects can be held.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup2: &str,
+    attached: &mut Attached,
+) -> Result<bool, SensorError> {
     // Tracepoints first: a connect seen by the cgroup hook waits for its exit.
     for (name, tp) in TRACEPOINTS {
         let prog: &mut TracePoint = ebpf
@@ -42,19 +46,48 @@ pub fn attach(ebpf: &mut Ebpf, cgroup2: &str, attached: &mut Attached) -> Result
         path: cgroup2.into(),
         source,
     })?;
-    for name in CGROUP_PROGRAMS {
+    let can_hold = match load_cgroup(ebpf, CONNECT_HOLD) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(
+                "connect holds unavailable in the cgroup hook on this kernel ({e}); flagged connects are refused instead"
+            );
+            load_cgroup(ebpf, CONNECT_PLAIN)?;
+            false
+        }
+    };
+    let connect = if can_hold {
+        CONNECT_HOLD
+    } else {
+        CONNECT_PLAIN
+    };
+    for name in connect.iter().chain(SENDMSG) {
+        if SENDMSG.contains(name) {
+            load_cgroup(ebpf, &[name])?;
+        }
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or(SensorError::MissingProgram(name))?
             .try_into()
             .map_err(|e| SensorError::program(name, e))?;
-        prog.load().map_err(|e| SensorError::program(name, e))?;
         // On 5.7+ aya attaches through bpf_link_create, whose links always
         // coexist with other programs (systemd's, Cilium's) and which refuses
         // any flag: `Single` is the mode that passes flags = 0.
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| SensorError::program(name, e))?;
         attached.push(format!("{name} (cgroup_sock_addr on {cgroup2})"));
+    }
+    Ok(can_hold)
+}
+
+fn load_cgroup(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), SensorError> {
+    for name in names {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(SensorError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| SensorError::program(name, e))?;
+        prog.load().map_err(|e| SensorError::program(name, e))?;
     }
     Ok(())
 }
