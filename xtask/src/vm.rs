@@ -307,7 +307,7 @@ pub fn boot(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Resul
     });
     let mut console = Vec::new();
     let mut result = VmResult {
-        kernel: String::new(),
+        kernel: kernel_series.to_string(),
         passed: 0,
         failed: 0,
         ok: true,
