@@ -37,6 +37,10 @@ pub const NET_REFUSED: u32 = 1 << 2;
 /// cgroup hook (no bpf_send_signal there, before Linux 6.18): refused.
 pub const NET_HOLD_UNAVAILABLE: u32 = 1 << 3;
 
+/// Slot of the mode array that is 1 while the LSM socket_connect program
+/// holds connects (the cgroup hook then leaves hold rules to it).
+pub const MODE_LSM_CONNECT: u32 = 0;
+
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;
 
@@ -388,8 +392,12 @@ pub struct KernelOffsets {
     pub cred_euid: u32,
     /// `linux_binprm.filename`
     pub binprm_filename: u32,
+    /// `socket.type` (a short: SOCK_STREAM, SOCK_DGRAM, ...)
+    pub socket_type: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 48);
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -404,7 +412,7 @@ pub struct AgentConfig {
     /// Field offsets in the running kernel.
     pub offsets: KernelOffsets,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 56);
+const _: () = assert!(size_of::<AgentConfig>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -6,7 +6,7 @@ use airlock_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Set by the daemon before load (`EbpfLoader::set_global`): its own tgid and
@@ -28,6 +28,8 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         mm_arg_end: 0,
         cred_euid: 0,
         binprm_filename: 0,
+        socket_type: 0,
+        _pad: 0,
     },
 };
 
@@ -63,6 +65,14 @@ pub static VERDICTS: HashMap<HoldKey, u32> = HashMap::with_max_entries(8192, 0);
 /// second request.
 #[map]
 pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(8192, 0);
+
+/// Run-time switches the daemon sets after attaching (see `MODE_*`).
+#[map]
+pub static MODE: Array<u32> = Array::with_max_entries(4, 0);
+
+/// Connects the LSM hook approved, for the cgroup hook to record as such.
+#[map]
+pub static LSM_APPROVED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(8192, 0);
 
 /// Every event goes through this ring buffer to the daemon's sensor task.
 #[map]

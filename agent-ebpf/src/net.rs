@@ -4,8 +4,9 @@
 use core::ptr::read_volatile;
 
 use airlock_common::{
-    EventKind, HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE, NET_REFUSED,
-    NET_RET_UNKNOWN, NetEvent, NetRule, RuleAction, Verdict, net_digest,
+    EventKind, HoldKey, LossReason, MODE_LSM_CONNECT, NET_APPROVED, NET_DENIED,
+    NET_HOLD_UNAVAILABLE, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule, RuleAction, Verdict,
+    net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
@@ -16,8 +17,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        EVENTS, FORCE_WAKEUP, HOLD_PENDING, NET_RULES, VERDICTS, count_loss, session_of,
-        submit_flags,
+        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, VERDICTS, count_loss,
+        session_of, submit_flags,
     },
     task::header,
 };
@@ -25,14 +26,14 @@ use crate::{
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
-const SIGSTOP: u32 = 19;
+pub const SIGSTOP: u32 = 19;
 /// The kernel re-issues a syscall that returns this once the task resumes;
 /// the caller never sees it.
-const ERESTARTNOINTR: i32 = -513;
+pub const ERESTARTNOINTR: i32 = -513;
 
 /// A connect seen by the cgroup hook, waiting for the syscall's return value.
 #[map]
-static PENDING_CONNECT: LruHashMap<u64, NetEvent> = LruHashMap::with_max_entries(8192, 0);
+pub static PENDING_CONNECT: LruHashMap<u64, NetEvent> = LruHashMap::with_max_entries(8192, 0);
 
 /// The peer-address buffer an accept call passed, keyed by pid_tgid.
 #[map]
@@ -136,6 +137,14 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
         if rule.action == RuleAction::Deny as u32 {
             event.flags |= NET_DENIED;
             verdict = 0;
+        } else if lsm_holds_connects() {
+            // The LSM hook ran first and let this connect through: it was
+            // either approved there or is a retry it already decided.
+            // SAFETY: copied out at once.
+            if let Some(flags) = unsafe { LSM_APPROVED.get(pid_tgid) }.copied() {
+                event.flags |= flags;
+                let _ = LSM_APPROVED.remove(pid_tgid);
+            }
         } else if !HOLD {
             // Without a way to stop the task here, refuse rather than let a
             // flagged connect through unasked.
@@ -173,9 +182,15 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
     verdict
 }
 
+/// True while the LSM socket_connect program holds connects.
+#[inline(always)]
+fn lsm_holds_connects() -> bool {
+    MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
+}
+
 /// The connect rule for this destination, if any.
 #[inline(always)]
-fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
+pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
     let mut addr = event.addr;
     if !V6 {
         // IPv4 rules live in the trie as ::ffff:a.b.c.d.
@@ -205,13 +220,27 @@ fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
 /// Stops the task and makes the kernel re-issue the connect once it runs
 /// again. The request is published once; a stray SIGCONT only re-holds.
 #[inline(always)]
-fn hold(mut event: NetEvent, key: HoldKey) -> i32 {
+fn hold(event: NetEvent, key: HoldKey) -> i32 {
+    if publish_hold(event, key) {
+        // SAFETY: sets this syscall's return value; no memory is touched.
+        unsafe { bpf_set_retval(ERESTARTNOINTR) };
+    }
+    // 0 refuses the connect: restarted after the stop, or EPERM when the
+    // hold could not be published.
+    0
+}
+
+/// Stops the current task and publishes the hold request (once per action).
+/// Returns false, without stopping anything, when the daemon cannot be told:
+/// the caller then refuses the connect (fail closed).
+#[inline(always)]
+pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> bool {
     // SAFETY: only the presence of the key is used.
     let published = unsafe { HOLD_PENDING.get(key) }.is_some();
     let mut slot = None;
     if !published {
-        // Reserve first: if the daemon cannot be told, refuse (fail closed)
-        // instead of stopping a task nobody will resume.
+        // Reserve first, so a full ring buffer refuses instead of stopping a
+        // task nobody will hear of.
         match EVENTS.reserve::<NetEvent>(0) {
             Some(s) => slot = Some(s),
             None => {
@@ -220,23 +249,20 @@ fn hold(mut event: NetEvent, key: HoldKey) -> i32 {
                     EventKind::ConnectHeld,
                     LossReason::HoldUnpublished,
                 );
-                return 0;
+                return false;
             }
         }
     }
     // Stop before publishing, so a fast answer cannot overtake the stop.
-    // SAFETY: signals the current process; sets this syscall's return value.
-    unsafe {
-        bpf_send_signal(SIGSTOP);
-        bpf_set_retval(ERESTARTNOINTR);
-    }
+    // SAFETY: signals the current process; no memory is touched.
+    unsafe { bpf_send_signal(SIGSTOP) };
     if let Some(mut slot) = slot {
         let _ = HOLD_PENDING.insert(key, 1, 0);
         event.header.kind = EventKind::ConnectHeld as u32;
         slot.write(event);
         slot.submit(FORCE_WAKEUP);
     }
-    0
+    true
 }
 
 /// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect

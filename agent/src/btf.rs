@@ -40,6 +40,8 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         mm_arg_end: f("mm_struct", "arg_end")?,
         cred_euid: f("cred", "euid")?,
         binprm_filename: f("linux_binprm", "filename")?,
+        socket_type: f("socket", "type")?,
+        _pad: 0,
     })
 }
 

@@ -21,13 +21,15 @@ use crate::{
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
 
 /// What rules can do in this build, which uses no BPF LSM program yet.
-fn enforces(connect_hold: bool) -> Vec<String> {
+fn enforces(connect_hold: bool, lsm_connect: bool) -> Vec<String> {
     let mut v = vec![
         "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
         "exec deny: killed with SIGKILL before its first instruction",
     ];
-    v.push(if connect_hold {
-        "connect hold: the syscall waits and is re-issued (allow connects, deny fails with EPERM)"
+    v.push(if lsm_connect {
+        "connect hold: the syscall waits and is re-issued (BPF LSM socket_connect; allow connects, deny fails with EPERM)"
+    } else if connect_hold {
+        "connect hold: the syscall waits and is re-issued (cgroup connect hook; allow connects, deny fails with EPERM)"
     } else {
         "connect hold: not possible on this kernel without BPF LSM: flagged connects fail with EPERM"
     });
@@ -60,11 +62,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let api_addr = api_listener.local_addr()?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let enforce = enforces(sensor.connect_hold);
+    let enforce = enforces(sensor.connect_hold, sensor.lsm_connect);
+    let mode = if sensor.lsm_connect {
+        "record and hold (BPF LSM holds connects; execs are held at sched_process_exec)"
+    } else {
+        features.mode()
+    };
     info!(
         "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
         env!("CARGO_PKG_VERSION"),
-        features.mode(),
+        mode,
         RECORDS.join(", "),
         enforce.join("; "),
         config.rules.len(),
@@ -76,7 +83,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let status = StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
         pid,
-        mode: features.mode().into(),
+        mode: mode.into(),
         kernel: features.kernel.clone(),
         bpf_lsm: features.bpf_lsm,
         can_record: RECORDS.iter().map(|s| s.to_string()).collect(),

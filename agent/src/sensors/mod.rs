@@ -2,6 +2,7 @@
 //! Everyone else talks to it with [`Command`]s over a channel.
 
 mod exec;
+mod lsm;
 mod net;
 mod rules;
 
@@ -116,8 +117,10 @@ pub struct Sensor {
     verdicts: HashMap<MapData, HoldKey, u32>,
     /// Programs attached, in words.
     pub attached: Attached,
-    /// Whether this kernel lets the cgroup connect hook hold a connect.
+    /// Whether connects can be held (LSM hook, or the cgroup hook on 6.18+).
     pub connect_hold: bool,
+    /// Whether the BPF LSM socket_connect program holds them.
+    pub lsm_connect: bool,
     clock: Clock,
     seen_losses: StdHashMap<LossKey, u64>,
 }
@@ -151,7 +154,15 @@ impl Sensor {
             .cgroup2
             .clone()
             .unwrap_or_else(|| "/sys/fs/cgroup".into());
-        let connect_hold = net::attach(&mut ebpf, &cgroup2, &mut attached)?;
+        let mut connect_hold = net::attach(&mut ebpf, &cgroup2, &mut attached)?;
+        let lsm_connect = match lsm::attach(&mut ebpf, &btf, &mut attached) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!("BPF LSM socket_connect not attached: {why}");
+                false
+            }
+        };
+        connect_hold |= lsm_connect;
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
@@ -168,6 +179,7 @@ impl Sensor {
             verdicts,
             attached,
             connect_hold,
+            lsm_connect,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
         })

@@ -50,7 +50,7 @@ pub fn attach(
         Ok(()) => true,
         Err(e) => {
             tracing::info!(
-                "connect holds unavailable in the cgroup hook on this kernel ({e}); flagged connects are refused instead"
+                "the cgroup hook cannot hold connects on this kernel ({e}); BPF LSM will if it can, else flagged connects are refused"
             );
             load_cgroup(ebpf, CONNECT_PLAIN)?;
             false

@@ -1,0 +1,30 @@
+//! Userspace half of `agent-ebpf/src/lsm.rs`: BPF LSM programs, attached
+//! when the kernel runs BPF LSM and accepts them.
+
+use airlock_common::MODE_LSM_CONNECT;
+use aya::{Btf, Ebpf, maps::Array, programs::Lsm};
+
+use super::Attached;
+
+/// Attaches `lsm_socket_connect` and tells the cgroup hook to leave hold
+/// rules to it. Returns why not when the kernel refuses (no BPF LSM, or LSM
+/// programs refused as on the development host): the caller falls back.
+pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
+    let name = "lsm_socket_connect";
+    let prog: &mut Lsm = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load("socket_connect", btf)
+        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+    prog.attach()
+        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+    let mut mode: Array<_, u32> =
+        Array::try_from(ebpf.map_mut("MODE").ok_or("eBPF object has no map MODE")?)
+            .map_err(|e| e.to_string())?;
+    mode.set(MODE_LSM_CONNECT, 1, 0)
+        .map_err(|e| e.to_string())?;
+    attached.push(format!("{name} (lsm/socket_connect)"));
+    Ok(())
+}
