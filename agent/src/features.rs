@@ -35,9 +35,9 @@ impl Features {
     /// The mode the daemon runs in, in words.
     pub fn mode(&self) -> &'static str {
         if self.bpf_lsm {
-            "record and hold without BPF LSM (listed as active, but this build loads no LSM program yet)"
+            "record and hold without BPF LSM (listed as active, but the kernel refused its programs): execs held at sched_process_exec, connects in the cgroup hook"
         } else {
-            "record and hold without BPF LSM (not active)"
+            "record and hold without BPF LSM (not active): execs held at sched_process_exec, connects in the cgroup hook"
         }
     }
 

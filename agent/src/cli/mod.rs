@@ -50,6 +50,12 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // A CLI piped into `head` should end quietly, as Unix tools do,
+        // instead of panicking on EPIPE (Rust ignores SIGPIPE by default).
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Daemon(a) => daemon::run(a, config),
         Command::Run(a) => run::run(a, &config),
