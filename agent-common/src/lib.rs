@@ -24,8 +24,13 @@ pub const EXEC_ARGS_UNREADABLE: u32 = 1 << 2;
 /// A hold rule matched: the process was stopped before its first
 /// instruction and waits for a decision.
 pub const EXEC_HELD: u32 = 1 << 3;
-/// A deny rule matched: the process was killed before its first instruction.
+/// A deny rule matched: killed before its first instruction, or (BPF LSM)
+/// execve failed with EPERM.
 pub const EXEC_DENIED: u32 = 1 << 4;
+/// Held inside execve by the BPF LSM hook (resumed through a verdict).
+pub const EXEC_HELD_IN_SYSCALL: u32 = 1 << 5;
+/// A verdict refused a held execve: it failed with EPERM.
+pub const EXEC_REFUSED: u32 = 1 << 6;
 
 /// A deny rule refused this connect (the caller got EPERM).
 pub const NET_DENIED: u32 = 1 << 0;
@@ -40,6 +45,9 @@ pub const NET_HOLD_UNAVAILABLE: u32 = 1 << 3;
 /// Slot of the mode array that is 1 while the LSM socket_connect program
 /// holds connects (the cgroup hook then leaves hold rules to it).
 pub const MODE_LSM_CONNECT: u32 = 0;
+/// Slot of the mode array that is 1 while the LSM bprm_creds_for_exec
+/// program holds execs (sched_process_exec then only records).
+pub const MODE_LSM_EXEC: u32 = 1;
 
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;
@@ -274,12 +282,14 @@ pub struct ExecEvent {
     pub flags: u32,
     /// The rule that held or denied this exec, 0 for none.
     pub rule_id: u32,
+    /// Verdict key digest of a held execve (path and argv), else 0.
+    pub digest: u64,
     /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
     pub filename: [u8; FILENAME_MAX],
     /// argv as laid out in the new image: NUL-separated strings.
     pub args: [u8; ARGS_MAX],
 }
-const _: () = assert!(size_of::<ExecEvent>() == 56 + 16 + FILENAME_MAX + ARGS_MAX);
+const _: () = assert!(size_of::<ExecEvent>() == 56 + 24 + FILENAME_MAX + ARGS_MAX);
 
 /// A process created a child process (`sched_process_fork`, threads excluded).
 #[repr(C)]

@@ -5,20 +5,22 @@ use core::mem::offset_of;
 
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
-    EXEC_HELD, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason, RuleAction,
+    EXEC_HELD, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason, MODE_LSM_EXEC,
+    RuleAction,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
-        bpf_send_signal, generated::bpf_probe_read_user,
+        bpf_probe_read_user, bpf_send_signal, generated,
     },
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 
 use crate::{
     maps::{
-        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, session_of,
+        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss, session_of,
         submit_flags,
     },
     task::{header, read},
@@ -52,6 +54,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     ev.header = header(EventKind::Exec, session_id);
     ev.flags = 0;
     ev.rule_id = 0;
+    ev.digest = 0;
     // Zeroed so the path's first EXEC_RULE_KEY bytes are a clean rule key.
     ev.filename = [0; FILENAME_MAX];
 
@@ -84,7 +87,11 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // SAFETY: reads at most ARGS_MAX bytes of the new image's argv into
         // a buffer of exactly that size; the helper fails cleanly.
         let rc = unsafe {
-            bpf_probe_read_user(ev.args.as_mut_ptr().cast(), n as u32, arg_start as *const _)
+            generated::bpf_probe_read_user(
+                ev.args.as_mut_ptr().cast(),
+                n as u32,
+                arg_start as *const _,
+            )
         };
         if rc == 0 {
             args_len = n as u32;
@@ -99,7 +106,9 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // the path; the key is copied out by the lookup.
     let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
     // SAFETY: the rule is copied out at once.
-    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied() {
+    // With BPF LSM the rules were applied inside execve already.
+    let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
+    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied().filter(|_| !lsm) {
         ev.rule_id = rule.rule_id;
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
@@ -134,4 +143,91 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// argv as the caller passed it to execve, kept from the syscall's entry
+/// until the LSM hook (the new image's copy is not readable there). Twice
+/// ARGS_MAX so every bounded write stays inside for the verifier.
+#[repr(C)]
+pub struct ArgvStash {
+    pub len: u32,
+    pub truncated: u32,
+    pub bytes: [u8; 2 * ARGS_MAX],
+}
+
+#[map]
+pub static ARGV_STASH: LruHashMap<u64, ArgvStash> = LruHashMap::with_max_entries(1024, 0);
+
+#[map]
+static STASH_SCRATCH: PerCpuArray<ArgvStash> = PerCpuArray::with_max_entries(1, 0);
+
+/// Most argv entries read from the caller.
+const MAX_ARGS: u32 = 64;
+
+/// syscalls:sys_enter_execve (`argv` at offset 24): stashes the caller's
+/// argv for `lsm_bprm_creds_for_exec`. Only while BPF LSM holds execs.
+#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
+pub fn exec_sys_enter_execve(ctx: TracePointContext) -> u32 {
+    stash_argv(&ctx, 24);
+    0
+}
+
+/// syscalls:sys_enter_execveat (`argv` at offset 32): as execve.
+#[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
+pub fn exec_sys_enter_execveat(ctx: TracePointContext) -> u32 {
+    stash_argv(&ctx, 32);
+    0
+}
+
+#[inline(always)]
+fn stash_argv(ctx: &TracePointContext, argv_at: usize) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1)
+        || session_of((pid_tgid >> 32) as u32).is_none()
+    {
+        return;
+    }
+    // SAFETY: a syscall tracepoint's arguments are 8-byte slots from 16 on.
+    let Ok(argv) = (unsafe { ctx.read_at::<u64>(argv_at) }) else {
+        return;
+    };
+    // Built in this CPU's scratch (8 KiB is far beyond the stack), then
+    // copied into the map under this thread's key.
+    let Some(stash) = STASH_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    let stash = unsafe { &mut *stash };
+    stash.truncated = 0;
+    let mut off: u32 = 0;
+    for i in 0..MAX_ARGS {
+        // SAFETY: user memory read that fails cleanly.
+        let Ok(p) = (unsafe { bpf_probe_read_user((argv + i as u64 * 8) as *const u64) }) else {
+            break;
+        };
+        if p == 0 {
+            break;
+        }
+        let at = (off & (ARGS_MAX as u32 - 1)) as usize;
+        // SAFETY: writes at most ARGS_MAX bytes from `at` < ARGS_MAX into a
+        // buffer of 2 * ARGS_MAX.
+        let n = unsafe {
+            generated::bpf_probe_read_user_str(
+                stash.bytes.as_mut_ptr().add(at).cast(),
+                ARGS_MAX as u32,
+                p as *const _,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        off += n as u32;
+        if off >= ARGS_MAX as u32 {
+            off = ARGS_MAX as u32;
+            stash.truncated = 1;
+            break;
+        }
+    }
+    stash.len = off;
+    let _ = ARGV_STASH.insert(pid_tgid, &*stash, 0);
 }

@@ -5,17 +5,27 @@
 //! a syscall that took as long as the approval.
 
 use airlock_common::{
-    EventKind, HoldKey, NET_APPROVED, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict,
-    net_digest,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_REFUSED,
+    EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, HoldKey, LossReason, NET_APPROVED,
+    NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict, net_digest,
 };
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, bpf_send_signal},
+    macros::lsm,
+    programs::LsmContext,
+};
 
 use crate::{
-    maps::{HOLD_PENDING, LSM_APPROVED, VERDICTS, config, session_of},
-    net::{ERESTARTNOINTR, PENDING_CONNECT, net_rule, publish_hold},
+    exec::ARGV_STASH,
+    maps::{
+        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, VERDICTS,
+        config, count_loss, session_of,
+    },
+    net::{ERESTARTNOINTR, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
     task::{header, read},
 };
 
+const SIGCONT: u32 = 18;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EPERM: i32 = 1;
@@ -48,13 +58,7 @@ pub fn lsm_socket_connect(ctx: LsmContext) -> i32 {
     // range the verifier accepts.
     let prev: i32 = ctx.arg(3);
     if prev != 0 {
-        return if prev < -4095 {
-            -4095
-        } else if prev > 0 {
-            0
-        } else {
-            prev
-        };
+        return prev.clamp(-4095, 0);
     }
     match try_lsm_socket_connect(&ctx) {
         Ok(v) => v.ret(),
@@ -134,5 +138,172 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         }
         None if publish_hold(event, key) => Ok(LsmVerdict::Hold),
         None => Ok(LsmVerdict::Deny),
+    }
+}
+
+/// `int security_bprm_creds_for_exec(struct linux_binprm *bprm)`, called once
+/// per execve before the point of no return (unlike bprm_check_security,
+/// which runs again for a script's interpreter and would hold it twice).
+/// Deny rules fail execve with EPERM; hold rules stop the caller and
+/// restart execve until a verdict for this exact path and argv exists. On an
+/// internal error it fails open (0): sched_process_exec still records.
+#[lsm(hook = "bprm_creds_for_exec")]
+pub fn lsm_bprm_creds_for_exec(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(1);
+    if prev != 0 {
+        return prev.clamp(-4095, 0);
+    }
+    match try_lsm_bprm_creds_for_exec(&ctx) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(LsmVerdict::Allow);
+    };
+    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let ev: &mut ExecEvent = unsafe { &mut *ev };
+    ev.filename = [0; FILENAME_MAX];
+    let bprm: u64 = ctx.arg(0);
+    let filename: u64 = read(bprm, config().offsets.binprm_filename)?;
+    // SAFETY: a kernel string read into a bounded buffer.
+    let len = unsafe { bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut ev.filename) }
+        .map(|s| s.len())
+        .unwrap_or(0);
+    // SAFETY: the scratch slot is zeroed past the path.
+    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
+    // SAFETY: copied out at once.
+    let Some(rule) = (unsafe { EXEC_RULES.get(key) }).copied() else {
+        let _ = ARGV_STASH.remove(pid_tgid);
+        return Ok(LsmVerdict::Allow);
+    };
+    ev.header = header(EventKind::Exec, session_id);
+    ev.filename_len = len as u32;
+    ev.rule_id = rule.rule_id;
+    ev.flags = 0;
+    ev.args_len = 0;
+    ev.digest = 0;
+    // The caller's argv, stashed at the syscall's entry.
+    // SAFETY: the stash is read by this task only, before it is removed.
+    if let Some(stash) = unsafe { ARGV_STASH.get(pid_tgid) } {
+        let n = stash.len.min(ARGS_MAX as u32);
+        if n > 0 {
+            // SAFETY: copies at most ARGS_MAX bytes between two buffers of
+            // at least that size.
+            unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                    ev.args.as_mut_ptr().cast(),
+                    n,
+                    stash.bytes.as_ptr().cast(),
+                )
+            };
+            ev.args_len = n;
+        }
+        if stash.truncated != 0 {
+            ev.flags |= EXEC_ARGS_TRUNCATED;
+        }
+    }
+    if rule.action == RuleAction::Deny as u32 {
+        ev.flags |= EXEC_DENIED;
+        emit_exec(ev);
+        return Ok(LsmVerdict::Deny);
+    }
+    let digest = exec_digest(ev);
+    ev.digest = digest;
+    let key = HoldKey {
+        tgid,
+        _pad: 0,
+        digest,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { VERDICTS.get(key) }.copied() {
+        Some(v) => {
+            let _ = VERDICTS.remove(key);
+            let _ = HOLD_PENDING.remove(key);
+            let _ = ARGV_STASH.remove(pid_tgid);
+            if v == Verdict::Allow as u32 {
+                // sched_process_exec records the exec that now happens.
+                Ok(LsmVerdict::Allow)
+            } else {
+                ev.flags |= EXEC_REFUSED;
+                emit_exec(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        }
+        None => {
+            // SAFETY: only the presence of the key is used.
+            if unsafe { HOLD_PENDING.get(key) }.is_none() {
+                ev.flags |= EXEC_HELD | EXEC_HELD_IN_SYSCALL;
+                // Stop before publishing, so a fast answer cannot overtake it.
+                // SAFETY: signals the current process.
+                unsafe { bpf_send_signal(SIGSTOP) };
+                if !emit_exec_now(ev) {
+                    // Nobody would hear of this hold: refuse instead.
+                    count_loss(session_id, EventKind::Exec, LossReason::HoldUnpublished);
+                    // SAFETY: as above; the task is not left stopped.
+                    unsafe { bpf_send_signal(SIGCONT) };
+                    return Ok(LsmVerdict::Deny);
+                }
+                let _ = HOLD_PENDING.insert(key, 1, 0);
+            } else {
+                // A re-issued execve still waiting: stop again, no new request.
+                // SAFETY: as above.
+                unsafe { bpf_send_signal(SIGSTOP) };
+            }
+            Ok(LsmVerdict::Hold)
+        }
+    }
+}
+
+/// FNV-1a over the path and argv: the verdict covers this exact command.
+#[inline(always)]
+fn exec_digest(ev: &ExecEvent) -> u64 {
+    const PRIME: u64 = 0x100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let n = ev.filename_len as usize;
+    for i in 0..EXEC_RULE_KEY {
+        if i >= n {
+            break;
+        }
+        h = (h ^ ev.filename[i] as u64).wrapping_mul(PRIME);
+    }
+    h = (h ^ 0xff).wrapping_mul(PRIME);
+    let n = ev.args_len as usize;
+    for i in 0..ARGS_MAX {
+        if i >= n {
+            break;
+        }
+        h = (h ^ ev.args[i] as u64).wrapping_mul(PRIME);
+    }
+    h
+}
+
+/// Publishes the exec event (cut to its argv) with an immediate wakeup.
+#[inline(always)]
+fn emit_exec_now(ev: &ExecEvent) -> bool {
+    let mut size = core::mem::offset_of!(ExecEvent, args) + ev.args_len as usize;
+    if size > core::mem::size_of::<ExecEvent>() {
+        size = core::mem::size_of::<ExecEvent>();
+    }
+    // SAFETY: `size` is bounded by the scratch slot's size just above.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
+    EVENTS.output::<[u8]>(bytes, FORCE_WAKEUP).is_ok()
+}
+
+#[inline(always)]
+fn emit_exec(ev: &ExecEvent) {
+    if !emit_exec_now(ev) {
+        count_loss(
+            ev.header.session_id,
+            EventKind::Exec,
+            LossReason::RingbufFull,
+        );
     }
 }

@@ -21,11 +21,18 @@ use crate::{
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
 
 /// What rules can do in this build, which uses no BPF LSM program yet.
-fn enforces(connect_hold: bool, lsm_connect: bool) -> Vec<String> {
-    let mut v = vec![
-        "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
-        "exec deny: killed with SIGKILL before its first instruction",
-    ];
+fn enforces(connect_hold: bool, lsm_connect: bool, lsm_exec: bool) -> Vec<String> {
+    let mut v = if lsm_exec {
+        vec![
+            "exec hold: execve waits and is re-issued (BPF LSM bprm_creds_for_exec; allow runs the program, deny fails execve with EPERM)",
+            "exec deny: execve fails with EPERM",
+        ]
+    } else {
+        vec![
+            "exec hold: stopped before its first instruction (allow resumes it, deny kills it with SIGKILL)",
+            "exec deny: killed with SIGKILL before its first instruction",
+        ]
+    };
     v.push(if lsm_connect {
         "connect hold: the syscall waits and is re-issued (BPF LSM socket_connect; allow connects, deny fails with EPERM)"
     } else if connect_hold {
@@ -62,8 +69,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let api_addr = api_listener.local_addr()?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let enforce = enforces(sensor.connect_hold, sensor.lsm_connect);
-    let mode = if sensor.lsm_connect {
+    let enforce = enforces(sensor.connect_hold, sensor.lsm_connect, sensor.lsm_exec);
+    let mode = if sensor.lsm_exec {
+        "record and hold with BPF LSM: execve and connect wait inside the syscall"
+    } else if sensor.lsm_connect {
         "record and hold (BPF LSM holds connects; execs are held at sched_process_exec)"
     } else {
         features.mode()

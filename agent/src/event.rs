@@ -45,8 +45,12 @@ pub struct Record {
 pub struct HoldInfo {
     /// The rule (index in the config's rule list, plus one).
     pub rule_id: u32,
-    /// The verdict key's digest (connect only; 0 for exec).
+    /// The verdict key's digest (0 for an exec stopped after the fact).
     pub digest: u64,
+    /// Held inside the syscall: resumed through a verdict the retried
+    /// syscall consumes. Otherwise (exec without BPF LSM) resumed by
+    /// SIGCONT and refused by SIGKILL.
+    pub in_syscall: bool,
 }
 
 /// Serializable wrapper of the kind, by its stable name.
@@ -235,6 +239,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                 hold = Some(HoldInfo {
                     rule_id: n.rule_id,
                     digest: n.digest,
+                    in_syscall: true,
                 });
                 Some("held")
             } else if n.flags & airlock_common::NET_HOLD_UNAVAILABLE != 0 {
@@ -291,9 +296,18 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
     let args_len = (f(std::mem::offset_of!(ExecEvent, args_len)) as usize).min(ARGS_MAX);
     let flags = f(std::mem::offset_of!(ExecEvent, flags));
     let rule_id = f(std::mem::offset_of!(ExecEvent, rule_id));
+    let digest = {
+        let o = std::mem::offset_of!(ExecEvent, digest);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[o..o + 8]);
+        u64::from_ne_bytes(b)
+    };
     let held = flags & airlock_common::EXEC_HELD != 0;
+    let in_syscall = flags & airlock_common::EXEC_HELD_IN_SYSCALL != 0;
     let enforcement = if held {
         Some("held")
+    } else if flags & airlock_common::EXEC_REFUSED != 0 {
+        Some("refused")
     } else if flags & airlock_common::EXEC_DENIED != 0 {
         Some("denied")
     } else {
@@ -311,7 +325,14 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
         enforcement,
         rule_id: (rule_id != 0).then_some(rule_id),
     };
-    Ok((detail, held.then_some(HoldInfo { rule_id, digest: 0 })))
+    Ok((
+        detail,
+        held.then_some(HoldInfo {
+            rule_id,
+            digest,
+            in_syscall,
+        }),
+    ))
 }
 
 /// argv as the kernel lays it out: NUL-terminated strings back to back.
@@ -380,6 +401,7 @@ mod tests {
             args_len: 0,
             flags: airlock_common::EXEC_ARGS_TRUNCATED,
             rule_id: 0,
+            digest: 0,
             filename: [0; FILENAME_MAX],
             args: [0; ARGS_MAX],
         };
@@ -507,7 +529,8 @@ mod tests {
             r.hold,
             Some(HoldInfo {
                 rule_id: 2,
-                digest: 0xfeed
+                digest: 0xfeed,
+                in_syscall: true,
             })
         );
         assert_eq!(r.kind.0.name(), "connect_held");

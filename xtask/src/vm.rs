@@ -57,7 +57,7 @@ pub fn kernel(series: &str) -> anyhow::Result<PathBuf> {
             .filter_map(|l| l.split_whitespace().next())
             .map(String::from)
             .collect();
-        names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        names.sort_by_key(|a| version_key(a));
         Ok(names)
     };
     let mut names = search()?;

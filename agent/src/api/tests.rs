@@ -111,6 +111,7 @@ async fn harness(timeout_s: u64) -> Harness {
         hold: Some(HoldInfo {
             rule_id: 1,
             digest: 0,
+            in_syscall: false,
         }),
     };
     broker_tx
@@ -119,6 +120,7 @@ async fn harness(timeout_s: u64) -> Harness {
             hold: HoldInfo {
                 rule_id: 1,
                 digest: 0,
+                in_syscall: false,
             },
         })
         .await

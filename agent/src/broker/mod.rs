@@ -95,6 +95,10 @@ pub struct ApprovalRequest {
     pub digest: u64,
     /// Start time of the held process (clock ticks since boot), against pid reuse.
     pub start_time: u64,
+    /// Held inside the syscall (BPF LSM, or the cgroup connect hook): the
+    /// decision is a one-shot verdict the re-issued syscall consumes.
+    #[serde(default)]
+    pub in_syscall: bool,
 }
 
 /// Why a decision was refused.
@@ -282,6 +286,7 @@ impl Broker {
             outcome: None,
             digest: hold.digest,
             start_time: process::start_time(record.tgid).unwrap_or(0),
+            in_syscall: hold.in_syscall,
         };
         let (tx, rx) = oneshot::channel();
         if self
@@ -441,10 +446,14 @@ impl Broker {
     async fn apply(&self, req: &ApprovalRequest, allow: bool) -> Result<String, String> {
         match (req.kind.as_str(), allow) {
             // Held at sched_process_exec: the new image has not run yet.
-            ("exec", true) => process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)
-                .map(|()| "resumed: the program runs".into()),
-            ("exec", false) => process::signal_if_same(req.tgid, req.start_time, libc::SIGKILL)
-                .map(|()| "killed (SIGKILL) before its first instruction".into()),
+            ("exec", true) if !req.in_syscall => {
+                process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)
+                    .map(|()| "resumed: the program runs".into())
+            }
+            ("exec", false) if !req.in_syscall => {
+                process::signal_if_same(req.tgid, req.start_time, libc::SIGKILL)
+                    .map(|()| "killed (SIGKILL) before its first instruction".into())
+            }
             (_, allow) => {
                 let (tx, rx) = oneshot::channel();
                 let cmd = SensorCommand::Verdict {
@@ -460,10 +469,15 @@ impl Broker {
                 rx.await
                     .map_err(|_| "the sensor has stopped".to_string())??;
                 process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)?;
-                Ok(if allow {
-                    "resumed: connect re-issued".into()
+                let call = if req.kind == "exec" {
+                    "execve"
                 } else {
-                    "resumed: connect fails with EPERM".into()
+                    "connect"
+                };
+                Ok(if allow {
+                    format!("resumed: {call} re-issued")
+                } else {
+                    format!("resumed: {call} fails with EPERM")
                 })
             }
         }

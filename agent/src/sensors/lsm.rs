@@ -1,8 +1,12 @@
 //! Userspace half of `agent-ebpf/src/lsm.rs`: BPF LSM programs, attached
 //! when the kernel runs BPF LSM and accepts them.
 
-use airlock_common::MODE_LSM_CONNECT;
-use aya::{Btf, Ebpf, maps::Array, programs::Lsm};
+use airlock_common::{MODE_LSM_CONNECT, MODE_LSM_EXEC};
+use aya::{
+    Btf, Ebpf,
+    maps::Array,
+    programs::{Lsm, TracePoint},
+};
 
 use super::Attached;
 
@@ -26,5 +30,46 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(),
     mode.set(MODE_LSM_CONNECT, 1, 0)
         .map_err(|e| e.to_string())?;
     attached.push(format!("{name} (lsm/socket_connect)"));
+    Ok(())
+}
+
+/// Attaches `lsm_bprm_creds_for_exec` with the argv stash tracepoints, then
+/// tells sched_process_exec to leave exec rules to it.
+pub fn attach_exec(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
+    let name = "lsm_bprm_creds_for_exec";
+    let prog: &mut Lsm = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.load("bprm_creds_for_exec", btf)
+        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+    for (tp_name, tp) in [
+        ("exec_sys_enter_execve", "sys_enter_execve"),
+        ("exec_sys_enter_execveat", "sys_enter_execveat"),
+    ] {
+        let t: &mut TracePoint = ebpf
+            .program_mut(tp_name)
+            .ok_or_else(|| format!("eBPF object has no program {tp_name}"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        t.load()
+            .map_err(|e| super::SensorError::program(tp_name, e).to_string())?;
+        t.attach("syscalls", tp)
+            .map_err(|e| super::SensorError::program(tp_name, e).to_string())?;
+        attached.push(format!("{tp_name} (tracepoint/syscalls/{tp})"));
+    }
+    let prog: &mut Lsm = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("eBPF object has no program {name}"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    prog.attach()
+        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+    let mut mode: Array<_, u32> =
+        Array::try_from(ebpf.map_mut("MODE").ok_or("eBPF object has no map MODE")?)
+            .map_err(|e| e.to_string())?;
+    mode.set(MODE_LSM_EXEC, 1, 0).map_err(|e| e.to_string())?;
+    attached.push(format!("{name} (lsm/bprm_creds_for_exec)"));
     Ok(())
 }

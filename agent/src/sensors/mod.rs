@@ -121,6 +121,8 @@ pub struct Sensor {
     pub connect_hold: bool,
     /// Whether the BPF LSM socket_connect program holds them.
     pub lsm_connect: bool,
+    /// Whether the BPF LSM bprm_creds_for_exec program holds execs.
+    pub lsm_exec: bool,
     clock: Clock,
     seen_losses: StdHashMap<LossKey, u64>,
 }
@@ -163,6 +165,14 @@ impl Sensor {
             }
         };
         connect_hold |= lsm_connect;
+        let lsm_exec = lsm_connect
+            && match lsm::attach_exec(&mut ebpf, &btf, &mut attached) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("BPF LSM bprm_creds_for_exec not attached: {why}");
+                    false
+                }
+            };
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
@@ -180,6 +190,7 @@ impl Sensor {
             attached,
             connect_hold,
             lsm_connect,
+            lsm_exec,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
         })

@@ -10,9 +10,9 @@
 //! actor time-spawn N PROGRAM       spawn+wait PROGRAM N times, print the elapsed ns
 //! actor time-connect N             connect+close to its own loopback listener N times, print the elapsed ns
 //! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
-//! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>" or "<ms> signal:<n>"
+//! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>", "<ms> signal:<n>" or "<ms> error:<errno>"
 //! actor connect-timed ADDR:PORT    blocking TCP connect, print "<ms> <errno>"
-//! actor parallel N PROGRAM         spawn N at once, wait for all, print "exit:<k> signal:<m>"
+//! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
 
 use std::{
     io::Write,
@@ -139,10 +139,26 @@ fn main() -> ExitCode {
             println!("{} {errno}", start.elapsed().as_millis());
         }
         ["parallel", n, program] => {
-            let children: Vec<_> = (0..n.parse::<u32>().expect("N"))
-                .map(|_| Command::new(program).spawn().expect("spawn"))
-                .collect();
-            let (mut exited, mut signalled) = (0, 0);
+            // One thread per child: with vfork-style spawning a parent waits
+            // while its child's execve is held.
+            let spawned: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..n.parse::<u32>().expect("N"))
+                    .map(|_| s.spawn(|| Command::new(program).spawn()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("spawner"))
+                    .collect()
+            });
+            let (mut exited, mut signalled, mut refused) = (0, 0, 0);
+            let mut children = Vec::new();
+            for c in spawned {
+                match c {
+                    Ok(c) => children.push(c),
+                    // execve refused (EPERM from a BPF LSM deny).
+                    Err(_) => refused += 1,
+                }
+            }
             for mut c in children {
                 let st = c.wait().expect("wait");
                 if st.code().is_some() {
@@ -151,7 +167,7 @@ fn main() -> ExitCode {
                     signalled += 1;
                 }
             }
-            println!("exit:{exited} signal:{signalled}");
+            println!("exit:{exited} signal:{signalled} refused:{refused}");
         }
         _ => {
             eprintln!("usage: see the top of tests/src/bin/actor.rs");
