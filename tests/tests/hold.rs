@@ -17,12 +17,14 @@ const BOB: &str = "bob-token-0123456789ab";
 /// Rules: hold /usr/bin/id (timeout `t` s, default `default`), deny
 /// /usr/bin/whoami, hold connects to 127.0.0.2; approvers alice and bob.
 fn daemon(t: u64, default: &str) -> Daemon {
-    Daemon::start_with(&format!(
+    let d = Daemon::start_with(&format!(
         "[[rule]]\nname = \"hold id\"\naction = \"hold\"\nexec = [\"/usr/bin/id\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
          [[rule]]\nname = \"no whoami\"\naction = \"deny\"\nexec = [\"/usr/bin/whoami\"]\n\n\
          [[rule]]\nname = \"hold 127.0.0.2\"\naction = \"hold\"\nconnect = [\"127.0.0.2/32\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
          [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n\n[[approver]]\nname = \"bob\"\ntoken = \"{BOB}\"\n"
-    ))
+    ));
+    expect_lsm(&d);
+    d
 }
 
 /// Waits for an `airlock run` child; returns its stdout.
@@ -55,6 +57,22 @@ fn state_of(pid: u64) -> char {
         .next()
         .and_then(|r| r.trim().chars().next())
         .unwrap_or('?')
+}
+
+/// In the VM tier (AIRLOCK_EXPECT_LSM=1) the kernel runs BPF LSM: the
+/// daemon must hold inside the syscalls there, not fall back.
+fn expect_lsm(d: &Daemon) {
+    if std::env::var("AIRLOCK_EXPECT_LSM").as_deref() != Ok("1") {
+        return;
+    }
+    let status: serde_json::Value =
+        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
+    let mode = status["mode"].as_str().unwrap_or_default();
+    assert!(
+        mode.starts_with("record and hold with BPF LSM"),
+        "BPF LSM expected, daemon says: {status:#}\n{}",
+        d.log()
+    );
 }
 
 /// True when execve itself waits (BPF LSM): a refused exec then fails with

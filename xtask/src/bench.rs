@@ -113,6 +113,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         );
     }
     ingest(&bin, &actor, &dir)?;
+    resume(&bin, &actor, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -157,6 +158,107 @@ fn ingest(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
         lost
     );
     Ok(())
+}
+
+/// Time from the approving API call to the held action going on: for an
+/// exec, the resumed program's first act; for a connect, the syscall
+/// returning. Measured on this kernel's hold mechanism (see `airlock status`).
+fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
+    const N: usize = 100;
+    const TOKEN: &str = "bench-token-0123456789";
+    let stamp = dir.join("stamp");
+    std::fs::copy(actor, &stamp)?;
+    let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
+    let target = listener.local_addr()?.to_string();
+    let extra = format!(
+        "[[rule]]\nname = \"bench exec\"\naction = \"hold\"\nexec = [\"{}\"]\n\n[[rule]]\nname = \"bench connect\"\naction = \"hold\"\nconnect = [\"127.0.0.3/32\"]\n\n[[approver]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\n",
+        stamp.display()
+    );
+    let d = Daemon::start_with(bin, dir, &extra)?;
+    let api = d.status()?["api"].as_str().unwrap_or_default().to_string();
+    let how = d.status()?["can_enforce"].clone();
+    let client = reqwest::blocking::Client::new();
+    let mut report = Vec::new();
+    for (what, args) in [
+        (
+            "exec",
+            vec![
+                "seq".to_string(),
+                N.to_string(),
+                stamp.display().to_string(),
+                "now".into(),
+            ],
+        ),
+        (
+            "connect",
+            vec!["connect-stamps".to_string(), N.to_string(), target.clone()],
+        ),
+    ] {
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&d.config)
+            .args(["run", "-q", "--"])
+            .arg(actor)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut approved_at = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while approved_at.len() < N && Instant::now() < deadline {
+            let pending: Vec<serde_json::Value> = client
+                .get(format!("{api}/v1/requests?state=pending"))
+                .bearer_auth(TOKEN)
+                .send()?
+                .json()?;
+            let Some(id) = pending.first().and_then(|r| r["id"].as_u64()) else {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            };
+            let t0 = wall_ns();
+            let r = client
+                .post(format!("{api}/v1/requests/{id}/approve"))
+                .bearer_auth(TOKEN)
+                .send()?;
+            if !r.status().is_success() {
+                bail!("approve {id}: {}", r.status());
+            }
+            approved_at.push(t0);
+        }
+        let out = child.wait_with_output()?;
+        let stamps: Vec<u128> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        let mut lat: Vec<f64> = stamps
+            .iter()
+            .zip(&approved_at)
+            .map(|(s, t)| (*s as f64 - *t as f64) / 1e6)
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        if lat.len() < N {
+            bail!("{what}: only {} of {N} holds resolved", lat.len());
+        }
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        report.push(format!(
+            "{what}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {N} holds",
+            pct(0.5),
+            pct(0.99),
+            lat[lat.len() - 1]
+        ));
+    }
+    println!("\nresume latency, approving API call -> held action proceeds:");
+    for r in report {
+        println!("  {r}");
+    }
+    println!("  (mechanisms: {how})");
+    Ok(())
+}
+
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -272,11 +374,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(bin, dir, "")
+    }
+
+    fn start_with(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<Self> {
         let config = dir.join("airlock.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\napi_listen = \"127.0.0.1:0\"\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\napi_listen = \"127.0.0.1:0\"\n{extra}",
                 dir.display()
             ),
         )?;

@@ -208,7 +208,7 @@ pub fn initramfs(airlock: &Path, actor: &Path, tests: &[PathBuf]) -> anyhow::Res
     let init = format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s
-export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0
+export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0 AIRLOCK_EXPECT_LSM=1
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev

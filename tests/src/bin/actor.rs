@@ -12,6 +12,9 @@
 //! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
 //! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>", "<ms> signal:<n>" or "<ms> error:<errno>"
 //! actor connect-timed ADDR:PORT    blocking TCP connect, print "<ms> <errno>"
+//! actor now                        print the wall-clock time in ns (a resumed program's first act)
+//! actor seq N PROGRAM [ARGS]       run PROGRAM N times, one after the other
+//! actor connect-stamps N ADDR:PORT connect N times, printing the wall-clock ns as each returns
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
 
 use std::{
@@ -138,6 +141,24 @@ fn main() -> ExitCode {
             };
             println!("{} {errno}", start.elapsed().as_millis());
         }
+        ["now"] => println!("{}", wall_ns()),
+        ["seq", n, program, rest @ ..] => {
+            for _ in 0..n.parse::<u32>().expect("N") {
+                Command::new(program).args(rest).status().expect("spawn");
+            }
+        }
+        ["connect-stamps", n, addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            for _ in 0..n.parse::<u32>().expect("N") {
+                let r = TcpStream::connect(addr);
+                println!(
+                    "{} {}",
+                    wall_ns(),
+                    r.map(|_| 0)
+                        .unwrap_or_else(|e| e.raw_os_error().unwrap_or(-1))
+                );
+            }
+        }
         ["parallel", n, program] => {
             // One thread per child: with vfork-style spawning a parent waits
             // while its child's execve is held.
@@ -195,4 +216,11 @@ fn reset_on_close(s: &TcpStream) {
             size_of::<libc::linger>() as libc::socklen_t,
         )
     };
+}
+
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
