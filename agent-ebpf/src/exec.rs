@@ -208,7 +208,9 @@ fn stash_argv(ctx: &TracePointContext, argv_at: usize) {
         if p == 0 {
             break;
         }
-        let at = (off & (ARGS_MAX as u32 - 1)) as usize;
+        // black_box keeps the mask: LLVM would drop it as redundant, but the
+        // verifier needs it to bound the write.
+        let at = (core::hint::black_box(off) & (ARGS_MAX as u32 - 1)) as usize;
         // SAFETY: writes at most ARGS_MAX bytes from `at` < ARGS_MAX into a
         // buffer of 2 * ARGS_MAX.
         let n = unsafe {
