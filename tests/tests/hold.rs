@@ -162,7 +162,7 @@ fn exec_held_then_approved_runs_after_the_delay() {
     assert_eq!(status, "exit:0", "the program ran: {out}");
     let ms: u64 = ms.parse().unwrap();
     assert!(
-        (1000..5000).contains(&ms),
+        (1000..60_000).contains(&ms), // the CLI calls around it take seconds under emulation
         "exec took as long as the approval: {ms} ms"
     );
     let out = decide(&d, "deny", r["id"].as_u64().unwrap(), ALICE);

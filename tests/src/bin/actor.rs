@@ -121,7 +121,15 @@ fn main() -> ExitCode {
         }
         ["run-timed", program, rest @ ..] => {
             let start = Instant::now();
-            let st = Command::new(program).args(rest).status().expect("spawn");
+            let st = match Command::new(program).args(rest).status() {
+                Ok(st) => st,
+                Err(e) => {
+                    // execve itself failed (EPERM from a BPF LSM deny).
+                    let errno = e.raw_os_error().unwrap_or(-1);
+                    println!("{} error:{errno}", start.elapsed().as_millis());
+                    return ExitCode::SUCCESS;
+                }
+            };
             let ms = start.elapsed().as_millis();
             match (
                 st.code(),
