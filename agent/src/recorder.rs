@@ -22,7 +22,12 @@ pub enum RecorderMsg {
         reply: oneshot::Sender<Result<u64, String>>,
     },
     /// Store a request's new state.
-    UpdateRequest(Box<ApprovalRequest>),
+    /// Store a request's new state; the reply comes once it is written, so
+    /// an API client reads its own decision back.
+    UpdateRequest {
+        req: Box<ApprovalRequest>,
+        reply: oneshot::Sender<()>,
+    },
     CreateSession {
         session: NewSession,
         reply: oneshot::Sender<Result<u64, String>>,
@@ -81,11 +86,12 @@ fn handle(
             flush(store, batch, roots, stats);
             let _ = reply.send(store.create_request(&mut req).map_err(|e| e.to_string()));
         }
-        RecorderMsg::UpdateRequest(req) => {
+        RecorderMsg::UpdateRequest { req, reply } => {
             flush(store, batch, roots, stats);
             if let Err(e) = store.update_request(&req) {
                 error!(error = %e, id = req.id, "storing a decision");
             }
+            let _ = reply.send(());
         }
     }
 }

@@ -16,6 +16,7 @@ pub struct Params {
     pub execs: u32,
     pub connects: u32,
     pub rounds: u32,
+    pub resume_only: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -62,6 +63,11 @@ pub fn run(p: Params) -> anyhow::Result<()> {
     let bin = root.join("target/release/airlock");
     let actor = root.join("target/release/actor");
     let dir = tempfile_dir()?;
+    if p.resume_only {
+        resume(&bin, &actor, &dir)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
 
     // exec and connect samples: setup -> per-round ns.
     let mut exec: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
@@ -203,6 +209,7 @@ fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
             .stdout(Stdio::piped())
             .spawn()?;
         let mut approved_at = Vec::new();
+        let mut done = std::collections::HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         while approved_at.len() < N && Instant::now() < deadline {
             let pending: Vec<serde_json::Value> = client
@@ -210,7 +217,11 @@ fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
                 .bearer_auth(TOKEN)
                 .send()?
                 .json()?;
-            let Some(id) = pending.first().and_then(|r| r["id"].as_u64()) else {
+            let Some(id) = pending
+                .iter()
+                .filter_map(|r| r["id"].as_u64())
+                .find(|id| !done.contains(id))
+            else {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             };
@@ -223,6 +234,7 @@ fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
                 bail!("approve {id}: {}", r.status());
             }
             approved_at.push(t0);
+            done.insert(id);
         }
         let out = child.wait_with_output()?;
         let stamps: Vec<u128> = String::from_utf8_lossy(&out.stdout)

@@ -46,6 +46,9 @@ enum Cmd {
         /// Interleaved rounds per configuration (medians are reported).
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// Only the approval resume latency.
+        #[arg(long)]
+        resume_only: bool,
     },
     /// Only the VM tier: Debian kernels with BPF LSM under QEMU.
     Vm,
@@ -70,12 +73,14 @@ fn main() -> anyhow::Result<()> {
             execs,
             connects,
             rounds,
+            resume_only,
         } => {
             bootstrap::toolchain()?;
             bench::run(bench::Params {
                 execs,
                 connects,
                 rounds,
+                resume_only,
             })
         }
         Cmd::Vm => {

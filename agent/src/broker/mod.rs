@@ -434,10 +434,14 @@ impl Broker {
             outcome = req.outcome.as_deref().unwrap_or(""),
             "request resolved"
         );
-        let _ = self
-            .recorder
-            .send(RecorderMsg::UpdateRequest(Box::new(req.clone())))
-            .await;
+        let (tx, rx) = oneshot::channel();
+        let msg = RecorderMsg::UpdateRequest {
+            req: Box::new(req.clone()),
+            reply: tx,
+        };
+        if self.recorder.send(msg).await.is_ok() {
+            let _ = rx.await;
+        }
         let _ = self.updates.send(req.clone());
         Some(req)
     }
