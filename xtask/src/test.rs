@@ -60,10 +60,30 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
         eprintln!("SKIPPED root tier: not root (run `sudo -E cargo xtask test`)");
     }
 
-    eprintln!("\n== tier: LSM tests in a VM");
     eprintln!(
-        "none yet: this version records only; holds (and their VM tests) are the next milestone"
+        "\n== tier: VM tests (Debian kernels {} with BPF LSM, under QEMU)",
+        crate::vm::KERNELS.join(", ")
     );
+    if is_root() {
+        match crate::vm::tier() {
+            Ok(results) => {
+                for r in results {
+                    totals.passed += r.passed;
+                    totals.failed += r.failed;
+                    if !r.ok {
+                        failures.push(format!("vm: Linux {} failed", r.kernel));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("vm: {e:#}")),
+        }
+    } else if in_ci() {
+        failures.push(
+            "vm: the VM tier installs QEMU and needs root; CI=true forbids skipping it".into(),
+        );
+    } else {
+        eprintln!("SKIPPED VM tier: not root");
+    }
 
     eprintln!();
     for f in &failures {
