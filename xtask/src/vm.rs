@@ -212,7 +212,9 @@ export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root CI=true AIRLOCK_BIN=/bin/ai
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# No tmpfs on /tmp: the binaries under test sit at their host paths, which
+# may be under /tmp; the initramfs root is writable memory already.
+mkdir -p /tmp && chmod 1777 /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 echo "AIRLOCK-VM: kernel $(uname -r)"
