@@ -124,14 +124,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         flags = FORCE_WAKEUP;
     }
 
-    // Send only the bytes used: most argv are far below ARGS_MAX.
-    let mut size = offset_of!(ExecEvent, args) + args_len as usize;
-    if size > core::mem::size_of::<ExecEvent>() {
-        size = core::mem::size_of::<ExecEvent>();
-    }
-    // SAFETY: `size` is bounded by the scratch slot's size just above.
-    let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(bytes, flags).is_err() {
+    if !output_exec(ev, flags) {
         if ev.flags & EXEC_HELD != 0 {
             // Nobody will hear of this hold: fail closed rather than leave
             // the task stopped forever.
@@ -143,6 +136,19 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// Publishes an exec event cut to the argv bytes used (most argv are far
+/// below ARGS_MAX). False when the ring buffer is full.
+#[inline(always)]
+pub fn output_exec(ev: &ExecEvent, flags: u64) -> bool {
+    let mut size = offset_of!(ExecEvent, args) + ev.args_len as usize;
+    if size > core::mem::size_of::<ExecEvent>() {
+        size = core::mem::size_of::<ExecEvent>();
+    }
+    // SAFETY: `size` is bounded by the scratch slot's size just above.
+    let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
+    EVENTS.output::<[u8]>(bytes, flags).is_ok()
 }
 
 /// argv as the caller passed it to execve, kept from the syscall's entry

@@ -16,10 +16,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exec::ARGV_STASH,
+    exec::{ARGV_STASH, output_exec},
     maps::{
-        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, VERDICTS,
-        config, count_loss, session_of,
+        EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, config, count_loss,
+        session_of, take_verdict,
     },
     net::{ERESTARTNOINTR, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
     task::{header, read},
@@ -121,11 +121,8 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         digest: net_digest(family, protocol, port, &addr),
     };
     event.digest = key.digest;
-    // SAFETY: copied out at once.
-    match unsafe { VERDICTS.get(key) }.copied() {
+    match take_verdict(key) {
         Some(v) => {
-            let _ = VERDICTS.remove(key);
-            let _ = HOLD_PENDING.remove(key);
             if v == Verdict::Allow as u32 {
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_APPROVED, 0);
                 Ok(LsmVerdict::Allow)
@@ -222,11 +219,8 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    // SAFETY: copied out at once.
-    match unsafe { VERDICTS.get(key) }.copied() {
+    match take_verdict(key) {
         Some(v) => {
-            let _ = VERDICTS.remove(key);
-            let _ = HOLD_PENDING.remove(key);
             let _ = ARGV_STASH.remove(pid_tgid);
             if v == Verdict::Allow as u32 {
                 // sched_process_exec records the exec that now happens.
@@ -244,7 +238,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 // Stop before publishing, so a fast answer cannot overtake it.
                 // SAFETY: signals the current process.
                 unsafe { bpf_send_signal(SIGSTOP) };
-                if !emit_exec_now(ev) {
+                if !output_exec(ev, FORCE_WAKEUP) {
                     // Nobody would hear of this hold: refuse instead.
                     count_loss(session_id, EventKind::Exec, LossReason::HoldUnpublished);
                     // SAFETY: as above; the task is not left stopped.
@@ -285,21 +279,9 @@ fn exec_digest(ev: &ExecEvent) -> u64 {
     h
 }
 
-/// Publishes the exec event (cut to its argv) with an immediate wakeup.
-#[inline(always)]
-fn emit_exec_now(ev: &ExecEvent) -> bool {
-    let mut size = core::mem::offset_of!(ExecEvent, args) + ev.args_len as usize;
-    if size > core::mem::size_of::<ExecEvent>() {
-        size = core::mem::size_of::<ExecEvent>();
-    }
-    // SAFETY: `size` is bounded by the scratch slot's size just above.
-    let bytes = unsafe { core::slice::from_raw_parts((ev as *const ExecEvent).cast::<u8>(), size) };
-    EVENTS.output::<[u8]>(bytes, FORCE_WAKEUP).is_ok()
-}
-
 #[inline(always)]
 fn emit_exec(ev: &ExecEvent) {
-    if !emit_exec_now(ev) {
+    if !output_exec(ev, FORCE_WAKEUP) {
         count_loss(
             ev.header.session_id,
             EventKind::Exec,

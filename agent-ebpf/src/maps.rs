@@ -137,3 +137,14 @@ pub fn submit_flags() -> u64 {
 
 /// Publishes with an immediate wakeup: a held task waits on this event.
 pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
+
+/// Takes the daemon's verdict for a held action, if it stored one: one
+/// shot, and the action stops being pending.
+#[inline(always)]
+pub fn take_verdict(key: HoldKey) -> Option<u32> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let v = unsafe { VERDICTS.get(key) }.copied()?;
+    let _ = VERDICTS.remove(key);
+    let _ = HOLD_PENDING.remove(key);
+    Some(v)
+}

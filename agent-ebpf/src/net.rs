@@ -17,8 +17,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, VERDICTS, count_loss,
-        session_of, submit_flags,
+        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, count_loss, session_of,
+        submit_flags, take_verdict,
     },
     task::header,
 };
@@ -157,12 +157,9 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                 digest: net_digest(event.family, event.protocol, event.port, &event.addr),
             };
             event.digest = key.digest;
-            // SAFETY: copied out at once.
-            match unsafe { VERDICTS.get(key) }.copied() {
+            // One shot: a verdict covers this attempt only.
+            match take_verdict(key) {
                 Some(v) => {
-                    // One shot: this verdict covers this attempt only.
-                    let _ = VERDICTS.remove(key);
-                    let _ = HOLD_PENDING.remove(key);
                     if v == Verdict::Allow as u32 {
                         event.flags |= NET_APPROVED;
                     } else {

@@ -8,27 +8,19 @@ use aya::{
     programs::{Lsm, TracePoint},
 };
 
-use super::Attached;
+use super::{Attached, SensorError};
 
 /// Attaches `lsm_socket_connect` and tells the cgroup hook to leave hold
 /// rules to it. Returns why not when the kernel refuses (no BPF LSM, or LSM
 /// programs refused as on the development host): the caller falls back.
 pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
     let name = "lsm_socket_connect";
-    let prog: &mut Lsm = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("eBPF object has no program {name}"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    let prog = lsm_program(ebpf, name)?;
     prog.load("socket_connect", btf)
-        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+        .map_err(|e| SensorError::program(name, e).to_string())?;
     prog.attach()
-        .map_err(|e| super::SensorError::program(name, e).to_string())?;
-    let mut mode: Array<_, u32> =
-        Array::try_from(ebpf.map_mut("MODE").ok_or("eBPF object has no map MODE")?)
-            .map_err(|e| e.to_string())?;
-    mode.set(MODE_LSM_CONNECT, 1, 0)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SensorError::program(name, e).to_string())?;
+    set_mode(ebpf, MODE_LSM_CONNECT)?;
     attached.push(format!("{name} (lsm/socket_connect)"));
     Ok(())
 }
@@ -37,13 +29,9 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(),
 /// tells sched_process_exec to leave exec rules to it.
 pub fn attach_exec(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
     let name = "lsm_bprm_creds_for_exec";
-    let prog: &mut Lsm = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("eBPF object has no program {name}"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    prog.load("bprm_creds_for_exec", btf)
-        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+    lsm_program(ebpf, name)?
+        .load("bprm_creds_for_exec", btf)
+        .map_err(|e| SensorError::program(name, e).to_string())?;
     for (tp_name, tp) in [
         ("exec_sys_enter_execve", "sys_enter_execve"),
         ("exec_sys_enter_execveat", "sys_enter_execveat"),
@@ -54,22 +42,30 @@ pub fn attach_exec(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Resul
             .try_into()
             .map_err(|e: aya::programs::ProgramError| e.to_string())?;
         t.load()
-            .map_err(|e| super::SensorError::program(tp_name, e).to_string())?;
+            .map_err(|e| SensorError::program(tp_name, e).to_string())?;
         t.attach("syscalls", tp)
-            .map_err(|e| super::SensorError::program(tp_name, e).to_string())?;
+            .map_err(|e| SensorError::program(tp_name, e).to_string())?;
         attached.push(format!("{tp_name} (tracepoint/syscalls/{tp})"));
     }
-    let prog: &mut Lsm = ebpf
-        .program_mut(name)
+    lsm_program(ebpf, name)?
+        .attach()
+        .map_err(|e| SensorError::program(name, e).to_string())?;
+    set_mode(ebpf, MODE_LSM_EXEC)?;
+    attached.push(format!("{name} (lsm/bprm_creds_for_exec)"));
+    Ok(())
+}
+
+fn lsm_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Lsm, String> {
+    ebpf.program_mut(name)
         .ok_or_else(|| format!("eBPF object has no program {name}"))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    prog.attach()
-        .map_err(|e| super::SensorError::program(name, e).to_string())?;
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+/// Turns on a `MODE_*` switch the kernel programs read.
+fn set_mode(ebpf: &mut Ebpf, slot: u32) -> Result<(), String> {
     let mut mode: Array<_, u32> =
         Array::try_from(ebpf.map_mut("MODE").ok_or("eBPF object has no map MODE")?)
             .map_err(|e| e.to_string())?;
-    mode.set(MODE_LSM_EXEC, 1, 0).map_err(|e| e.to_string())?;
-    attached.push(format!("{name} (lsm/bprm_creds_for_exec)"));
-    Ok(())
+    mode.set(slot, 1, 0).map_err(|e| e.to_string())
 }
