@@ -38,9 +38,6 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// Events per SQLite transaction at most. Default 4096.
     pub batch_max: usize,
-    /// Longest time an event waits before its batch is written, in ms.
-    /// Default 50.
-    pub batch_interval_ms: u64,
     /// How often the loss counters are turned into loss records, in ms.
     /// Default 1000.
     pub loss_poll_ms: u64,
@@ -124,7 +121,6 @@ impl Default for Config {
             socket_path: PathBuf::from("/run/airlock/airlock.sock"),
             socket_group: None,
             batch_max: 4096,
-            batch_interval_ms: 50,
             loss_poll_ms: 1000,
             ring_buffer_kib: 32 * 1024,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
