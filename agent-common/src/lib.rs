@@ -31,6 +31,9 @@ pub const EXEC_DENIED: u32 = 1 << 4;
 pub const EXEC_HELD_IN_SYSCALL: u32 = 1 << 5;
 /// A verdict refused a held execve: it failed with EPERM.
 pub const EXEC_REFUSED: u32 = 1 << 6;
+/// A hold rule matched while no daemon was alive (stale heartbeat): the
+/// fail mode decided instead of a human (with [`EXEC_DENIED`] when closed).
+pub const EXEC_NO_DAEMON: u32 = 1 << 7;
 
 /// A deny rule refused this connect (the caller got EPERM).
 pub const NET_DENIED: u32 = 1 << 0;
@@ -41,6 +44,9 @@ pub const NET_REFUSED: u32 = 1 << 2;
 /// A hold rule matched on a kernel that cannot hold a connect from the
 /// cgroup hook (no bpf_send_signal there, before Linux 6.18): refused.
 pub const NET_HOLD_UNAVAILABLE: u32 = 1 << 3;
+/// A hold rule matched while no daemon was alive (stale heartbeat): the
+/// fail mode decided instead of a human (with [`NET_DENIED`] when closed).
+pub const NET_NO_DAEMON: u32 = 1 << 4;
 
 /// Slot of the mode array that is 1 while the LSM socket_connect program
 /// holds connects (the cgroup hook then leaves hold rules to it).
@@ -48,6 +54,28 @@ pub const MODE_LSM_CONNECT: u32 = 0;
 /// Slot of the mode array that is 1 while the LSM bprm_creds_for_exec
 /// program holds execs (sched_process_exec then only records).
 pub const MODE_LSM_EXEC: u32 = 1;
+
+/// Slots of the pinned control array (`u64` values), shared by every
+/// generation of the programs and written by the daemon.
+/// The generation whose programs act; programs of any other generation
+/// (an old daemon's links during a hand-over) do nothing.
+pub const CTL_GENERATION: u32 = 0;
+/// CLOCK_MONOTONIC ns of the daemon's last heartbeat; 0 means no daemon.
+pub const CTL_HEARTBEAT_NS: u32 = 1;
+/// A heartbeat older than this many ns means the daemon is gone.
+pub const CTL_STALE_NS: u32 = 2;
+/// 1: with no daemon, flagged actions go through (fail open); 0: they are
+/// refused (fail closed).
+pub const CTL_FAIL_OPEN: u32 = 3;
+/// [`PIN_LAYOUT`] of the programs that created the pinned maps.
+pub const CTL_LAYOUT: u32 = 4;
+/// Pid of the daemon that activated the current generation.
+pub const CTL_DAEMON_PID: u32 = 5;
+/// Slots in the control array.
+pub const CTL_SLOTS: u32 = 8;
+/// Version of the pinned maps' layout (types, keys, values). Bump it when
+/// any of them changes: a daemon finding other pins starts afresh.
+pub const PIN_LAYOUT: u64 = 1;
 
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;
@@ -421,8 +449,11 @@ pub struct AgentConfig {
     pub wakeup_bytes: u32,
     /// Field offsets in the running kernel.
     pub offsets: KernelOffsets,
+    /// This load's generation: the programs act only while the control
+    /// array's [`CTL_GENERATION`] equals it.
+    pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 64);
+const _: () = assert!(size_of::<AgentConfig>() == 72);
 
 #[cfg(feature = "user")]
 mod pod {

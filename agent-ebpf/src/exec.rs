@@ -5,8 +5,8 @@ use core::mem::offset_of;
 
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
-    EXEC_HELD, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason, MODE_LSM_EXEC,
-    RuleAction,
+    EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason,
+    MODE_LSM_EXEC, RuleAction,
 };
 use aya_ebpf::{
     helpers::{
@@ -20,8 +20,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss, session_of,
-        submit_flags,
+        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss, daemon_alive,
+        fail_open, session_of, submit_flags,
     },
     task::{header, read},
 };
@@ -101,6 +101,12 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     ev.args_len = args_len;
 
+    // A mark the LSM hook left for this exec (the fail mode let it through).
+    // SAFETY: copied out at once.
+    if let Some(mark) = unsafe { EXEC_MARKS.get(tgid) }.copied() {
+        ev.flags |= mark;
+        let _ = EXEC_MARKS.remove(tgid);
+    }
     let mut flags = submit_flags();
     // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed past
     // the path; the key is copied out by the lookup.
@@ -112,7 +118,15 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         ev.rule_id = rule.rule_id;
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
-        if rule.action == RuleAction::Deny as u32 {
+        if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
+            // Nobody would answer the hold: the fail mode decides.
+            ev.flags |= EXEC_NO_DAEMON;
+            if !fail_open() {
+                // SAFETY: signals the current process; no memory is touched.
+                unsafe { bpf_send_signal(SIGKILL) };
+                ev.flags |= EXEC_DENIED;
+            }
+        } else if rule.action == RuleAction::Deny as u32 {
             // SAFETY: signals the current process; no memory is touched.
             unsafe { bpf_send_signal(SIGKILL) };
             ev.flags |= EXEC_DENIED;
@@ -160,6 +174,11 @@ pub struct ArgvStash {
     pub truncated: u32,
     pub bytes: [u8; 2 * ARGS_MAX],
 }
+
+/// Flags the LSM exec hook leaves for sched_process_exec's record of the
+/// same exec, by tgid (the execing thread may not be the leader yet).
+#[map]
+pub static EXEC_MARKS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
 
 #[map]
 pub static ARGV_STASH: LruHashMap<u64, ArgvStash> = LruHashMap::with_max_entries(1024, 0);

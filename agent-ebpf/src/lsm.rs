@@ -5,9 +5,10 @@
 //! a syscall that took as long as the approval.
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_REFUSED,
-    EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, HoldKey, LossReason, NET_APPROVED,
-    NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict, net_digest,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON,
+    EXEC_REFUSED, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, HoldKey, LossReason,
+    NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction,
+    Verdict, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, bpf_send_signal},
@@ -16,12 +17,12 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exec::{ARGV_STASH, output_exec},
+    exec::{ARGV_STASH, EXEC_MARKS, output_exec},
     maps::{
         EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, config, count_loss,
-        session_of, take_verdict,
+        daemon_alive, fail_open, session_of, take_verdict,
     },
-    net::{ERESTARTNOINTR, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
+    net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
     task::{header, read},
 };
 
@@ -133,8 +134,19 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None if publish_hold(event, key) => Ok(LsmVerdict::Hold),
-        None => Ok(LsmVerdict::Deny),
+        None => match publish_hold(event, key) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::NoDaemon if fail_open() => {
+                let _ = LSM_APPROVED.insert(pid_tgid, NET_NO_DAEMON, 0);
+                Ok(LsmVerdict::Allow)
+            }
+            HoldOutcome::NoDaemon => {
+                event.flags |= NET_NO_DAEMON | NET_DENIED;
+                let _ = PENDING_CONNECT.insert(pid_tgid, event, 0);
+                Ok(LsmVerdict::Deny)
+            }
+        },
     }
 }
 
@@ -227,6 +239,20 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Allow)
             } else {
                 ev.flags |= EXEC_REFUSED;
+                emit_exec(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        }
+        None if !daemon_alive() => {
+            // Nobody would answer: the fail mode decides, and says so.
+            let _ = HOLD_PENDING.remove(key);
+            let _ = ARGV_STASH.remove(pid_tgid);
+            if fail_open() {
+                // sched_process_exec records the exec with this mark.
+                let _ = EXEC_MARKS.insert(tgid, EXEC_NO_DAEMON, 0);
+                Ok(LsmVerdict::Allow)
+            } else {
+                ev.flags |= EXEC_NO_DAEMON | EXEC_DENIED;
                 emit_exec(ev);
                 Ok(LsmVerdict::Deny)
             }

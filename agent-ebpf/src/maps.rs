@@ -1,10 +1,12 @@
 //! Maps and globals shared by every probe family, and the loss counters.
 
 use airlock_common::{
-    AgentConfig, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, HoldKey, LOSS_REASONS, LossKey,
-    LossReason, NetRule, SessionEntry,
+    AgentConfig, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_SLOTS, CTL_STALE_NS,
+    EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, HoldKey, LOSS_REASONS, LossKey, LossReason,
+    NetRule, SessionEntry,
 };
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -31,6 +33,7 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         socket_type: 0,
         _pad: 0,
     },
+    generation: 0,
 };
 
 /// Reads the configuration through a volatile load so the compiler cannot
@@ -40,6 +43,33 @@ pub fn config() -> AgentConfig {
     // SAFETY: AGENT_CONFIG is a plain static; the volatile read only stops
     // constant folding of a value the loader rewrites.
     unsafe { core::ptr::read_volatile(&AGENT_CONFIG) }
+}
+
+/// Pinned control array (`CTL_*` slots): the active generation, the
+/// daemon's heartbeat and the fail mode. Pinned, like every map that must
+/// outlive one daemon (sessions, verdicts, pending holds, the ring buffer,
+/// the loss counters); the rest belong to one generation of programs.
+#[map]
+pub static CONTROL: Array<u64> = Array::with_max_entries(CTL_SLOTS, 0);
+
+#[inline(always)]
+fn control(slot: u32) -> u64 {
+    CONTROL.get(slot).copied().unwrap_or(0)
+}
+
+/// True while a daemon heartbeat is fresh: someone will answer a hold.
+#[inline(always)]
+pub fn daemon_alive() -> bool {
+    let beat = control(CTL_HEARTBEAT_NS);
+    // SAFETY: reads the monotonic clock, the one the daemon beats with.
+    let now = unsafe { bpf_ktime_get_ns() };
+    beat != 0 && now.saturating_sub(beat) <= control(CTL_STALE_NS)
+}
+
+/// The fail mode for holds with no daemon alive: true lets them through.
+#[inline(always)]
+pub fn fail_open() -> bool {
+    control(CTL_FAIL_OPEN) == 1
 }
 
 /// Session membership, keyed by tgid: written by the daemon for a session's
@@ -116,7 +146,10 @@ pub fn count_loss(session_id: u64, kind: EventKind, reason: LossReason) {
 /// The session of a tgid, unless the tgid is unwatched or the daemon itself.
 #[inline(always)]
 pub fn session_of(tgid: u32) -> Option<u64> {
-    if tgid == config().daemon_tgid {
+    let cfg = config();
+    // Only the active generation acts: during a hand-over between daemons
+    // both sets of programs are attached, and one must stay silent.
+    if tgid == cfg.daemon_tgid || control(CTL_GENERATION) != cfg.generation {
         return None;
     }
     // SAFETY: the value is copied out at once.

@@ -5,8 +5,8 @@ use core::ptr::read_volatile;
 
 use airlock_common::{
     EventKind, HoldKey, LossReason, MODE_LSM_CONNECT, NET_APPROVED, NET_DENIED,
-    NET_HOLD_UNAVAILABLE, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule, RuleAction, Verdict,
-    net_digest,
+    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule,
+    RuleAction, Verdict, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
@@ -17,8 +17,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, count_loss, session_of,
-        submit_flags, take_verdict,
+        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, count_loss,
+        daemon_alive, fail_open, session_of, submit_flags, take_verdict,
     },
     task::header,
 };
@@ -167,7 +167,23 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                         verdict = 0;
                     }
                 }
-                None => return hold(event, key),
+                None => match publish_hold(event, key) {
+                    HoldOutcome::Held => {
+                        // SAFETY: sets this syscall's return value; no
+                        // memory is touched. 0 below then means "restart
+                        // after the stop", not EPERM.
+                        unsafe { bpf_set_retval(ERESTARTNOINTR) };
+                        return 0;
+                    }
+                    HoldOutcome::Unpublished => return 0,
+                    HoldOutcome::NoDaemon => {
+                        event.flags |= NET_NO_DAEMON;
+                        if !fail_open() {
+                            event.flags |= NET_DENIED;
+                            verdict = 0;
+                        }
+                    }
+                },
             }
         }
     }
@@ -214,24 +230,25 @@ pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
     (rule.port == 0 || rule.port == event.port).then_some(rule)
 }
 
-/// Stops the task and makes the kernel re-issue the connect once it runs
-/// again. The request is published once; a stray SIGCONT only re-holds.
-#[inline(always)]
-fn hold(event: NetEvent, key: HoldKey) -> i32 {
-    if publish_hold(event, key) {
-        // SAFETY: sets this syscall's return value; no memory is touched.
-        unsafe { bpf_set_retval(ERESTARTNOINTR) };
-    }
-    // 0 refuses the connect: restarted after the stop, or EPERM when the
-    // hold could not be published.
-    0
+/// How a hold attempt ended.
+pub enum HoldOutcome {
+    /// The task is stopped and the daemon told (or told already).
+    Held,
+    /// The ring buffer is full: nothing stopped; the caller refuses.
+    Unpublished,
+    /// No daemon is alive to answer: nothing stopped; the caller applies
+    /// the fail mode ([`fail_open`]).
+    NoDaemon,
 }
 
-/// Stops the current task and publishes the hold request (once per action).
-/// Returns false, without stopping anything, when the daemon cannot be told:
-/// the caller then refuses the connect (fail closed).
+/// Stops the current task and publishes the hold request (once per action;
+/// a stray SIGCONT only stops it again), unless nobody could answer.
 #[inline(always)]
-pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> bool {
+pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> HoldOutcome {
+    if !daemon_alive() {
+        let _ = HOLD_PENDING.remove(key);
+        return HoldOutcome::NoDaemon;
+    }
     // SAFETY: only the presence of the key is used.
     let published = unsafe { HOLD_PENDING.get(key) }.is_some();
     let mut slot = None;
@@ -246,7 +263,7 @@ pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> bool {
                     EventKind::ConnectHeld,
                     LossReason::HoldUnpublished,
                 );
-                return false;
+                return HoldOutcome::Unpublished;
             }
         }
     }
@@ -259,7 +276,7 @@ pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> bool {
         slot.write(event);
         slot.submit(FORCE_WAKEUP);
     }
-    true
+    HoldOutcome::Held
 }
 
 /// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect

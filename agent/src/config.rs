@@ -46,6 +46,18 @@ pub struct Config {
     pub ring_buffer_kib: u32,
     /// Where the approval API listens. Default 127.0.0.1:7070.
     pub api_listen: SocketAddr,
+    /// bpffs directory where the programs' links and shared maps are pinned,
+    /// so enforcement, sessions and pending holds outlive the daemon.
+    /// Default `/sys/fs/bpf/airlock`. `airlock unload` removes it.
+    pub pin_dir: PathBuf,
+    /// What a hold rule does when no daemon is alive to ask (its heartbeat
+    /// is older than `heartbeat_timeout_ms`): `closed` refuses the action
+    /// (EPERM, or SIGKILL for an exec held without BPF LSM), `open` lets it
+    /// through. Either way it is recorded. Default `closed`.
+    pub fail_mode: FailMode,
+    /// How old the daemon's heartbeat may be before the kernel side treats
+    /// the daemon as gone. Default 5000 (the daemon beats every fifth).
+    pub heartbeat_timeout_ms: u64,
     /// Actions to hold or deny in watched sessions (`[[rule]]`). Default:
     /// none, everything is only recorded.
     #[serde(rename = "rule")]
@@ -53,6 +65,26 @@ pub struct Config {
     /// Who may approve or deny over the API (`[[approver]]`). Default: none.
     #[serde(rename = "approver")]
     pub approvers: Vec<Approver>,
+}
+
+/// The kernel side's answer to a hold when no daemon is alive.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Refuse the action (the default).
+    #[default]
+    Closed,
+    /// Let it through.
+    Open,
+}
+
+impl FailMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+        }
+    }
 }
 
 /// What a rule does with a matching action.
@@ -124,6 +156,9 @@ impl Default for Config {
             loss_poll_ms: 1000,
             ring_buffer_kib: 32 * 1024,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            pin_dir: PathBuf::from("/sys/fs/bpf/airlock"),
+            fail_mode: FailMode::Closed,
+            heartbeat_timeout_ms: 5000,
             rules: Vec::new(),
             approvers: Vec::new(),
         }
@@ -163,6 +198,29 @@ impl Config {
                 message: format!(
                     "ring_buffer_kib must be a power of two of at least 4, got {}",
                     config.ring_buffer_kib
+                ),
+            });
+        }
+        if config.heartbeat_timeout_ms < 100 {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "heartbeat_timeout_ms must be at least 100, got {}",
+                    config.heartbeat_timeout_ms
+                ),
+            });
+        }
+        if !config.pin_dir.is_absolute()
+            || config
+                .pin_dir
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().contains('.'))
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "pin_dir must be an absolute path under a bpffs mount, without dots (bpffs refuses them), got {}",
+                    config.pin_dir.display()
                 ),
             });
         }
@@ -228,6 +286,11 @@ impl Config {
     /// The SQLite database file.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("airlock.db")
+    }
+
+    /// The file a running daemon keeps locked: one daemon per data_dir.
+    pub fn lock_path(&self) -> PathBuf {
+        self.data_dir.join("airlock.lock")
     }
 }
 

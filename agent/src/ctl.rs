@@ -61,6 +61,8 @@ pub struct StatusReport {
     pub can_record: Vec<String>,
     pub can_enforce: Vec<String>,
     pub programs: Vec<String>,
+    /// Where the programs are pinned, their generation, and the fail mode.
+    pub survival: String,
     pub store: String,
     /// The approval API's address, as bound.
     pub api: String,

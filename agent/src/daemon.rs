@@ -8,14 +8,117 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use airlock_common::{EventKind, LossKey, LossReason};
+
 use crate::{
     config::Config,
     ctl::{self, StatusReport},
     features, recorder,
-    sensors::Sensor,
+    sensors::{
+        Sensor,
+        pins::{PinDir, spawn_heartbeat},
+    },
     stats::Stats,
     store::Store,
 };
+
+/// Takes the data directory's lock: one daemon per store and pin set.
+fn lock(config: &Config) -> anyhow::Result<std::fs::File> {
+    let path = config.lock_path();
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.data_dir.display()))?;
+    let file =
+        std::fs::File::create(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another airlock daemon is running on {} (it holds {}); stop it first",
+            config.data_dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => anyhow::bail!("locking {}: {e}", path.display()),
+    }
+}
+
+/// Sessions the store has open: those whose root process is still a member
+/// in the kernel (the pinned session map outlived the last daemon) go on,
+/// with their roots returned; the others are ended now.
+fn take_over_sessions(
+    store: &mut Store,
+    sensor: &Sensor,
+) -> anyhow::Result<std::collections::HashMap<u64, u32>> {
+    let mut roots = std::collections::HashMap::new();
+    let mut ended = 0;
+    let now = crate::event::wall_now_ns();
+    for (id, root) in store.open_sessions()? {
+        if sensor.is_member(root, id) {
+            roots.insert(id, root);
+        } else {
+            store.end_session(id, now)?;
+            ended += 1;
+        }
+    }
+    if ended > 0 {
+        warn!(ended, "ended sessions whose processes are gone");
+    }
+    if !roots.is_empty() {
+        info!(
+            sessions = roots.len(),
+            "still watching sessions from an earlier daemon"
+        );
+    }
+    Ok(roots)
+}
+
+/// Pending requests whose process is still there but no longer held: the
+/// hold ended while no daemon ran.
+fn holds_ended(
+    pending: &[crate::broker::ApprovalRequest],
+    sensor: &Sensor,
+) -> std::collections::HashSet<u64> {
+    pending
+        .iter()
+        .filter(|r| {
+            let Some((state, _, start)) = crate::broker::process::stat(r.tgid) else {
+                return false;
+            };
+            let held = if r.in_syscall {
+                sensor.hold_pending(r.tgid, r.digest)
+            } else {
+                state == 'T' || state == 't'
+            };
+            start == r.start_time && !held
+        })
+        .map(|r| r.id)
+        .collect()
+}
+
+/// What an earlier daemon already recorded of the pinned loss counters.
+fn recorded_losses(store: &Store) -> anyhow::Result<std::collections::HashMap<LossKey, u64>> {
+    let kinds: Vec<EventKind> = [1, 2, 3, 100, 101, 102, 103, 900]
+        .into_iter()
+        .filter_map(EventKind::from_u32)
+        .collect();
+    let reasons: Vec<LossReason> = (1..airlock_common::LOSS_REASONS)
+        .filter_map(LossReason::from_u32)
+        .collect();
+    let mut seen = std::collections::HashMap::new();
+    for (session_id, kind, reason, count) in store.recorded_losses()? {
+        let (Some(k), Some(r)) = (
+            kinds.iter().find(|k| k.name() == kind),
+            reasons.iter().find(|r| r.name() == reason),
+        ) else {
+            continue;
+        };
+        let key = LossKey {
+            session_id,
+            kind: *k as u32,
+            reason: *r as u32,
+        };
+        seen.insert(key, count);
+    }
+    Ok(seen)
+}
 
 /// What can be recorded in every mode today.
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
@@ -55,14 +158,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     for m in &features.mounted {
         info!("mounted {m}");
     }
+    let _lock = lock(&config)?;
     let mut store = Store::open(&config.db_path())?;
-    let closed = recorder::close_stale_sessions(&mut store)?;
-    if closed > 0 {
-        warn!(closed, "ended sessions left open by an earlier daemon");
-    }
     let pid = std::process::id();
-    let sensor = Sensor::load(features, pid, config.ring_buffer_kib * 1024, &config.rules)?;
+    let pins = PinDir::new(&config.pin_dir);
+    let mut sensor = Sensor::load(features, pid, &config, &pins)?;
+    let roots = take_over_sessions(&mut store, &sensor)?;
+    if sensor.took_over {
+        sensor.set_recorded_losses(recorded_losses(&store)?);
+    }
+    spawn_heartbeat(
+        pins.control()?,
+        Duration::from_millis(config.heartbeat_timeout_ms / 5),
+    )?;
     let pending = store.requests(Some("pending"))?;
+    let ended = holds_ended(&pending, &sensor);
     let api_listener = std::net::TcpListener::bind(config.api_listen)
         .map_err(|e| anyhow::anyhow!("approval API on {}: {e}", config.api_listen))?;
     api_listener.set_nonblocking(true)?;
@@ -77,8 +187,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     } else {
         features.mode()
     };
+    let survival = format!(
+        "programs pinned at {} (generation {}{}); with no daemon for {} ms, held actions fail {}",
+        config.pin_dir.display(),
+        sensor.generation,
+        if sensor.took_over {
+            ", took over from an earlier daemon"
+        } else {
+            ""
+        },
+        config.heartbeat_timeout_ms,
+        config.fail_mode.name()
+    );
     info!(
-        "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
+        "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {survival}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
         env!("CARGO_PKG_VERSION"),
         mode,
         RECORDS.join(", "),
@@ -98,6 +220,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         can_record: RECORDS.iter().map(|s| s.to_string()).collect(),
         can_enforce: enforce,
         programs: sensor.attached.clone(),
+        survival,
         store: config.db_path().display().to_string(),
         api: format!("http://{api_addr}"),
         uptime_s: 0,
@@ -116,7 +239,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let batch_max = config.batch_max;
         std::thread::Builder::new()
             .name("airlock-recorder".into())
-            .spawn(move || recorder::run(store, rec_rx, batch_max, stats))?
+            .spawn(move || recorder::run(store, rec_rx, batch_max, stats, roots))?
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -136,6 +259,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             updates.clone(),
             config.db_path(),
             pending,
+            ended,
         );
         let broker_task = tokio::spawn(broker.run(broker_rx));
         let api_state = Arc::new(crate::api::ApiState::new(

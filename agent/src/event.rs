@@ -242,6 +242,12 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                     in_syscall: true,
                 });
                 Some("held")
+            } else if n.flags & airlock_common::NET_NO_DAEMON != 0 {
+                Some(if n.flags & airlock_common::NET_DENIED != 0 {
+                    NO_DAEMON_DENIED
+                } else {
+                    NO_DAEMON_ALLOWED
+                })
             } else if n.flags & airlock_common::NET_HOLD_UNAVAILABLE != 0 {
                 Some("denied: cannot hold here")
             } else if n.flags & airlock_common::NET_DENIED != 0 {
@@ -280,6 +286,11 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
     })
 }
 
+/// A hold rule matched while no daemon was alive, and the fail mode
+/// decided (closed / open).
+pub const NO_DAEMON_DENIED: &str = "denied: no daemon (fail closed)";
+pub const NO_DAEMON_ALLOWED: &str = "allowed: no daemon (fail open)";
+
 /// The exec event is sent cut to the argv bytes used.
 fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> {
     let fixed = std::mem::offset_of!(ExecEvent, args);
@@ -306,6 +317,12 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
     let in_syscall = flags & airlock_common::EXEC_HELD_IN_SYSCALL != 0;
     let enforcement = if held {
         Some("held")
+    } else if flags & airlock_common::EXEC_NO_DAEMON != 0 {
+        Some(if flags & airlock_common::EXEC_DENIED != 0 {
+            NO_DAEMON_DENIED
+        } else {
+            NO_DAEMON_ALLOWED
+        })
     } else if flags & airlock_common::EXEC_REFUSED != 0 {
         Some("refused")
     } else if flags & airlock_common::EXEC_DENIED != 0 {

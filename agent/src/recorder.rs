@@ -9,9 +9,9 @@ use tracing::{error, info};
 
 use crate::{
     broker::ApprovalRequest,
-    event::{Detail, Record, wall_now_ns},
+    event::{Detail, Record},
     stats::Stats,
-    store::{NewSession, Store, StoreError},
+    store::{NewSession, Store},
 };
 
 pub enum RecorderMsg {
@@ -40,9 +40,9 @@ pub fn run(
     mut rx: mpsc::Receiver<RecorderMsg>,
     batch_max: usize,
     stats: Arc<Stats>,
-) {
     // Root process of each open session: its exit ends the session.
-    let mut roots: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    mut roots: std::collections::HashMap<u64, u32>,
+) {
     let mut batch: Vec<Record> = Vec::new();
     while let Some(msg) = rx.blocking_recv() {
         handle(msg, &mut store, &mut batch, &mut roots, &stats);
@@ -126,15 +126,4 @@ fn flush(
         }
     }
     batch.clear();
-}
-
-/// Ends sessions left open by an earlier daemon: their processes' membership
-/// was in maps that died with it.
-pub fn close_stale_sessions(store: &mut Store) -> Result<usize, StoreError> {
-    let open = store.open_sessions()?;
-    let now = wall_now_ns();
-    for (id, _) in &open {
-        store.end_session(*id, now)?;
-    }
-    Ok(open.len())
 }

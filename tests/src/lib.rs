@@ -68,8 +68,9 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\n{extra}\n",
-                dir.path().display()
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"{1}\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\n{extra}\n",
+                dir.path().display(),
+                pin_dir(dir.path()).display()
             ),
         )
         .expect("write config");
@@ -201,6 +202,21 @@ impl Daemon {
     /// Restarts the daemon on the same store and socket.
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would: nothing is drained,
+    /// its pinned programs stay attached.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a daemon again on this store, socket and pins.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon still runs");
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.path().join("daemon.log"))
@@ -256,11 +272,19 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
+        // The programs outlive the daemon (pinned): detach them.
+        let _ = self.airlock(&["unload"]);
     }
+}
+
+/// Each test daemon pins under its own bpffs directory.
+fn pin_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().replace('.', "-"))
+        .unwrap_or_default();
+    PathBuf::from(format!("/sys/fs/bpf/airlock-test{name}"))
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -394,7 +394,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\napi_listen = \"127.0.0.1:0\"\n{extra}",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"/sys/fs/bpf/airlock-bench\"\napi_listen = \"127.0.0.1:0\"\n{extra}",
                 dir.display()
             ),
         )?;
@@ -455,6 +455,14 @@ impl Drop for Daemon {
         // SAFETY: kill on our own child's pid.
         unsafe { libc_kill(self.child.id() as i32, 15) };
         let _ = self.child.wait();
+        // The programs outlive the daemon (pinned): detach them, so the
+        // next setup starts from a clean kernel.
+        let _ = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("unload")
+            .stdout(Stdio::null())
+            .status();
     }
 }
 

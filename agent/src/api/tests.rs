@@ -45,7 +45,15 @@ async fn harness(timeout_s: u64) -> Harness {
         })
         .unwrap();
     let (rec_tx, rec_rx) = mpsc::channel(16);
-    std::thread::spawn(move || crate::recorder::run(store, rec_rx, 64, Arc::new(Stats::default())));
+    std::thread::spawn(move || {
+        crate::recorder::run(
+            store,
+            rec_rx,
+            64,
+            Arc::new(Stats::default()),
+            Default::default(),
+        )
+    });
     let (sensor_tx, _sensor_rx) = mpsc::channel(16);
     let (updates, _) = broadcast::channel(16);
     let rule = Rule {
@@ -64,6 +72,7 @@ async fn harness(timeout_s: u64) -> Harness {
         updates.clone(),
         db.clone(),
         vec![],
+        Default::default(),
     );
     let (broker_tx, broker_rx) = mpsc::channel(16);
     tokio::spawn(broker.run(broker_rx));

@@ -2,7 +2,7 @@
 //! the API), a timeout, or the process's own exit resolves it, and the
 //! broker resumes or refuses the held task.
 
-mod process;
+pub mod process;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -138,6 +138,9 @@ pub struct Broker {
     sensor: mpsc::Sender<SensorCommand>,
     updates: broadcast::Sender<ApprovalRequest>,
     db: std::path::PathBuf,
+    /// Pending requests (from before a restart) whose hold ended while no
+    /// daemon ran: the fail mode answered, or someone resumed the task.
+    ended: std::collections::HashSet<u64>,
 }
 
 impl Broker {
@@ -148,10 +151,12 @@ impl Broker {
         updates: broadcast::Sender<ApprovalRequest>,
         db: std::path::PathBuf,
         pending: Vec<ApprovalRequest>,
+        ended: std::collections::HashSet<u64>,
     ) -> Self {
         Self {
             rules,
             pending: pending.into_iter().map(|r| (r.id, r)).collect(),
+            ended,
             recorder,
             sensor,
             updates,
@@ -186,6 +191,17 @@ impl Broker {
             let Some(r) = self.pending.get(&id) else {
                 continue;
             };
+            if self.ended.remove(&id) {
+                self.finish(
+                    id,
+                    State::Failed,
+                    "no-daemon",
+                    None,
+                    "the hold ended while no daemon ran: the fail mode answered (see the action's record), or the task was resumed by hand".into(),
+                )
+                .await;
+                continue;
+            }
             match process::stat(r.tgid) {
                 Some((_, _, start)) if start == r.start_time => {
                     info!(id, "pending request still decidable after restart")

@@ -6,6 +6,7 @@ mod events;
 mod run;
 mod sessions;
 mod status;
+mod unload;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -40,6 +41,7 @@ pub enum Command {
     Approvals(approvals::ApprovalsArgs),
     Approve(approvals::DecideArgs),
     Deny(approvals::DecideArgs),
+    Unload(unload::UnloadArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -65,6 +67,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Approvals(a) => report(approvals::list(a, &config)),
         Command::Approve(a) => report(approvals::decide(a, &config, true)),
         Command::Deny(a) => report(approvals::decide(a, &config, false)),
+        Command::Unload(a) => report(unload::run(a, &config)),
     }
 }
 

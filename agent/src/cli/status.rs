@@ -35,6 +35,7 @@ pub fn run(args: StatusArgs, config: &Config) -> anyhow::Result<()> {
             s.can_enforce.join(", ")
         }
     );
+    println!("survival:    {}", s.survival);
     println!(
         "store:       {} ({} records written, {} failed)",
         s.store, s.records_written, s.store_errors

@@ -3,7 +3,7 @@
 
 use aya::{Btf, Ebpf, programs::BtfTracePoint};
 
-use super::{Attached, SensorError};
+use super::{Attached, SensorError, pins::LinkPins};
 
 /// (program, kernel tracepoint) pairs; names mirror the kernel side.
 const PROGRAMS: &[(&str, &str)] = &[
@@ -12,7 +12,12 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("session_sched_process_exit", "sched_process_exit"),
 ];
 
-pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), SensorError> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: &LinkPins,
+    attached: &mut Attached,
+) -> Result<(), SensorError> {
     for (name, tracepoint) in PROGRAMS {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
@@ -21,7 +26,11 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(),
             .map_err(|e| SensorError::program(name, e))?;
         prog.load(tracepoint, btf)
             .map_err(|e| SensorError::program(name, e))?;
-        prog.attach().map_err(|e| SensorError::program(name, e))?;
+        let id = prog.attach().map_err(|e| SensorError::program(name, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| SensorError::program(name, e))?;
+        pins.keep(name, link)?;
         attached.push(format!("{name} (tp_btf/{tracepoint})"));
     }
     Ok(())

@@ -8,18 +8,25 @@ use aya::{
     programs::{Lsm, TracePoint},
 };
 
-use super::{Attached, SensorError};
+use super::{Attached, SensorError, pins::LinkPins};
 
 /// Attaches `lsm_socket_connect` and tells the cgroup hook to leave hold
 /// rules to it. Returns why not when the kernel refuses (no BPF LSM, or LSM
 /// programs refused as on the development host): the caller falls back.
-pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: &LinkPins,
+    attached: &mut Attached,
+) -> Result<(), String> {
     let name = "lsm_socket_connect";
     let prog = lsm_program(ebpf, name)?;
     prog.load("socket_connect", btf)
         .map_err(|e| SensorError::program(name, e).to_string())?;
-    prog.attach()
+    let id = prog
+        .attach()
         .map_err(|e| SensorError::program(name, e).to_string())?;
+    keep(pins, name, prog.take_link(id))?;
     set_mode(ebpf, MODE_LSM_CONNECT)?;
     attached.push(format!("{name} (lsm/socket_connect)"));
     Ok(())
@@ -27,7 +34,12 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(),
 
 /// Attaches `lsm_bprm_creds_for_exec` with the argv stash tracepoints, then
 /// tells sched_process_exec to leave exec rules to it.
-pub fn attach_exec(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Result<(), String> {
+pub fn attach_exec(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: &LinkPins,
+    attached: &mut Attached,
+) -> Result<(), String> {
     let name = "lsm_bprm_creds_for_exec";
     lsm_program(ebpf, name)?
         .load("bprm_creds_for_exec", btf)
@@ -43,16 +55,34 @@ pub fn attach_exec(ebpf: &mut Ebpf, btf: &Btf, attached: &mut Attached) -> Resul
             .map_err(|e: aya::programs::ProgramError| e.to_string())?;
         t.load()
             .map_err(|e| SensorError::program(tp_name, e).to_string())?;
-        t.attach("syscalls", tp)
+        let id = t
+            .attach("syscalls", tp)
             .map_err(|e| SensorError::program(tp_name, e).to_string())?;
+        keep(pins, tp_name, t.take_link(id))?;
         attached.push(format!("{tp_name} (tracepoint/syscalls/{tp})"));
     }
-    lsm_program(ebpf, name)?
+    let prog = lsm_program(ebpf, name)?;
+    let id = prog
         .attach()
         .map_err(|e| SensorError::program(name, e).to_string())?;
+    keep(pins, name, prog.take_link(id))?;
     set_mode(ebpf, MODE_LSM_EXEC)?;
     attached.push(format!("{name} (lsm/bprm_creds_for_exec)"));
     Ok(())
+}
+
+/// Pins a link just taken from its program.
+fn keep<L>(
+    pins: &LinkPins,
+    name: &'static str,
+    link: Result<L, aya::programs::ProgramError>,
+) -> Result<(), String>
+where
+    L: TryInto<aya::programs::links::FdLink>,
+    L::Error: std::error::Error,
+{
+    let link = link.map_err(|e| SensorError::program(name, e).to_string())?;
+    pins.keep(name, link).map_err(|e| e.to_string())
 }
 
 fn lsm_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Lsm, String> {

@@ -4,6 +4,7 @@
 mod exec;
 mod lsm;
 mod net;
+pub mod pins;
 mod rules;
 
 use std::collections::HashMap as StdHashMap;
@@ -61,6 +62,10 @@ pub enum SensorError {
     },
     #[error("watching the ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("{0}")]
+    Pins(#[from] pins::PinError),
+    #[error("activating the programs: {0}")]
+    Activate(String),
 }
 
 impl SensorError {
@@ -115,6 +120,7 @@ pub struct Sensor {
     losses: PerCpuHashMap<MapData, LossKey, u64>,
     loss_totals: PerCpuArray<MapData, u64>,
     verdicts: HashMap<MapData, HoldKey, u32>,
+    hold_pending: HashMap<MapData, HoldKey, u8>,
     /// Programs attached, in words.
     pub attached: Attached,
     /// Whether connects can be held (LSM hook, or the cgroup hook on 6.18+).
@@ -123,18 +129,58 @@ pub struct Sensor {
     pub lsm_connect: bool,
     /// Whether the BPF LSM bprm_creds_for_exec program holds execs.
     pub lsm_exec: bool,
+    /// This load's generation, and whether it took over pinned maps (and
+    /// so sessions, holds and unread events) from an earlier daemon.
+    pub generation: u64,
+    pub took_over: bool,
     clock: Clock,
     seen_losses: StdHashMap<LossKey, u64>,
 }
 
 impl Sensor {
-    /// Loads and attaches every program. `daemon_tgid` is never recorded.
+    /// Loads every program as the next generation on the pinned maps,
+    /// attaches and pins them, then makes them the active generation (the
+    /// previous daemon's programs, if any, fall silent and are detached).
+    /// `daemon_tgid` is never recorded.
     pub fn load(
         features: &Features,
         daemon_tgid: u32,
-        ring_bytes: u32,
-        rule_list: &[crate::config::Rule],
+        settings: &crate::config::Config,
+        pins: &pins::PinDir,
     ) -> Result<Self, SensorError> {
+        let ring_bytes = settings.ring_buffer_kib * 1024;
+        let (previous, last) = pins.prepare(ring_bytes, daemon_tgid)?;
+        let generation = last + 1;
+        let loaded = Self::load_generation(features, daemon_tgid, settings, pins, generation);
+        let mut sensor = match loaded {
+            Ok(s) => s,
+            Err(e) => {
+                pins.drop_links(generation);
+                return Err(e);
+            }
+        };
+        let mut control = pins.control()?;
+        pins::activate(
+            &mut control,
+            generation,
+            settings.heartbeat_timeout_ms * 1_000_000,
+            settings.fail_mode == crate::config::FailMode::Open,
+            daemon_tgid,
+        )
+        .map_err(SensorError::Activate)?;
+        pins.retire_links(generation);
+        sensor.took_over = previous != pins::Previous::Nothing;
+        Ok(sensor)
+    }
+
+    fn load_generation(
+        features: &Features,
+        daemon_tgid: u32,
+        settings: &crate::config::Config,
+        pins: &pins::PinDir,
+        generation: u64,
+    ) -> Result<Self, SensorError> {
+        let ring_bytes = settings.ring_buffer_kib * 1024;
         let offsets = crate::btf::kernel_offsets()?;
         // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
         let wakeup_bytes = (ring_bytes / 4).min(256 * 1024);
@@ -142,22 +188,29 @@ impl Sensor {
             daemon_tgid,
             wakeup_bytes,
             offsets,
+            generation,
         };
         let btf = Btf::from_sys_fs().map_err(|e| SensorError::LoaderBtf(e.to_string()))?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(Some(&btf))
             .override_global("AGENT_CONFIG", &config, true)
-            .map_max_entries("EVENTS", ring_bytes)
+            .map_max_entries("EVENTS", ring_bytes);
+        for name in pins::PINNED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| SensorError::Load(chain(&e)))?;
+        let link_pins = pins.link_pins(generation)?;
         let mut attached = Vec::new();
-        exec::attach(&mut ebpf, &btf, &mut attached)?;
+        exec::attach(&mut ebpf, &btf, &link_pins, &mut attached)?;
         let cgroup2 = features
             .cgroup2
             .clone()
             .unwrap_or_else(|| "/sys/fs/cgroup".into());
-        let mut connect_hold = net::attach(&mut ebpf, &cgroup2, &mut attached)?;
-        let lsm_connect = match lsm::attach(&mut ebpf, &btf, &mut attached) {
+        let mut connect_hold = net::attach(&mut ebpf, &cgroup2, &link_pins, &mut attached)?;
+        let lsm_connect = match lsm::attach(&mut ebpf, &btf, &link_pins, &mut attached) {
             Ok(()) => true,
             Err(why) => {
                 tracing::info!("BPF LSM socket_connect not attached: {why}");
@@ -166,7 +219,7 @@ impl Sensor {
         };
         connect_hold |= lsm_connect;
         let lsm_exec = lsm_connect
-            && match lsm::attach_exec(&mut ebpf, &btf, &mut attached) {
+            && match lsm::attach_exec(&mut ebpf, &btf, &link_pins, &mut attached) {
                 Ok(()) => true,
                 Err(why) => {
                     tracing::warn!("BPF LSM bprm_creds_for_exec not attached: {why}");
@@ -179,7 +232,8 @@ impl Sensor {
         let losses = take(&mut ebpf, "LOSSES", PerCpuHashMap::try_from)?;
         let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
         let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
-        rules::load(&mut ebpf, rule_list)?;
+        let hold_pending = take(&mut ebpf, "HOLD_PENDING", HashMap::try_from)?;
+        rules::load(&mut ebpf, &settings.rules)?;
         Ok(Self {
             _ebpf: ebpf,
             ring: Some(ring),
@@ -187,13 +241,41 @@ impl Sensor {
             losses,
             loss_totals,
             verdicts,
+            hold_pending,
             attached,
             connect_hold,
             lsm_connect,
             lsm_exec,
+            generation,
+            took_over: false,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
         })
+    }
+
+    /// Whether `tgid` is still a member of `session_id` (sessions survive
+    /// a daemon restart in the pinned map).
+    pub fn is_member(&self, tgid: u32, session_id: u64) -> bool {
+        self.sessions
+            .get(&tgid, 0)
+            .is_ok_and(|e| e.session_id == session_id)
+    }
+
+    /// Whether the kernel still holds this action inside its syscall (a
+    /// hold ended by the fail mode while no daemon ran is gone from the map).
+    pub fn hold_pending(&self, tgid: u32, digest: u64) -> bool {
+        let key = HoldKey {
+            tgid,
+            _pad: 0,
+            digest,
+        };
+        self.hold_pending.get(&key, 0).is_ok()
+    }
+
+    /// Loss counts already recorded (by an earlier daemon, on the same
+    /// pinned counters), so they are not recorded twice.
+    pub fn set_recorded_losses(&mut self, seen: StdHashMap<LossKey, u64>) {
+        self.seen_losses = seen;
     }
 
     /// Runs until `shutdown` turns true, then drains what the kernel still

@@ -8,7 +8,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
 };
 
-use super::{Attached, SensorError};
+use super::{Attached, SensorError, pins::LinkPins};
 
 /// Connect hooks that can hold (need bpf_send_signal in cgroup programs,
 /// Linux 6.18+), and the ones used where the kernel refuses that.
@@ -28,6 +28,7 @@ const TRACEPOINTS: &[(&str, &str)] = &[
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup2: &str,
+    pins: &LinkPins,
     attached: &mut Attached,
 ) -> Result<bool, SensorError> {
     // Tracepoints first: a connect seen by the cgroup hook waits for its exit.
@@ -38,8 +39,13 @@ pub fn attach(
             .try_into()
             .map_err(|e| SensorError::program(name, e))?;
         prog.load().map_err(|e| SensorError::program(name, e))?;
-        prog.attach("syscalls", tp)
+        let id = prog
+            .attach("syscalls", tp)
             .map_err(|e| SensorError::program(name, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| SensorError::program(name, e))?;
+        pins.keep(name, link)?;
         attached.push(format!("{name} (tracepoint/syscalls/{tp})"));
     }
     let cgroup = File::open(cgroup2).map_err(|source| SensorError::Cgroup {
@@ -73,8 +79,13 @@ pub fn attach(
         // On 5.7+ aya attaches through bpf_link_create, whose links always
         // coexist with other programs (systemd's, Cilium's) and which refuses
         // any flag: `Single` is the mode that passes flags = 0.
-        prog.attach(&cgroup, CgroupAttachMode::Single)
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| SensorError::program(name, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| SensorError::program(name, e))?;
+        pins.keep(name, link)?;
         attached.push(format!("{name} (cgroup_sock_addr on {cgroup2})"));
     }
     Ok(can_hold)

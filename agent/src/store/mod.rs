@@ -218,6 +218,29 @@ impl Store {
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
+
+    /// Losses recorded so far, summed by (session, kind lost, reason).
+    pub fn recorded_losses(&self) -> Result<Vec<(u64, String, String, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT session_id, json_extract(detail, '$.lost_kind'),
+                        json_extract(detail, '$.reason'), SUM(json_extract(detail, '$.count'))
+                 FROM events WHERE kind = ?1 GROUP BY 1, 2, 3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([airlock_common::EventKind::Loss as u32], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                    r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,18 @@ fn main() -> ExitCode {
             };
             println!("{} {errno}", start.elapsed().as_millis());
         }
+        ["connect-then-linger", addr, ms] => {
+            // As connect-timed, then stays alive for `ms` (so the process
+            // outlives its held connect).
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let start = Instant::now();
+            let errno = match TcpStream::connect(addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{} {errno}", start.elapsed().as_millis());
+            std::thread::sleep(Duration::from_millis(ms.parse().expect("MS")));
+        }
         ["now"] => println!("{}", wall_ns()),
         ["seq", n, program, rest @ ..] => {
             for _ in 0..n.parse::<u32>().expect("N") {

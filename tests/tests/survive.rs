@@ -1,0 +1,327 @@
+//! What outlives the daemon: pinned programs keep enforcing, a dead
+//! daemon's holds meet the fail mode, sessions and their events survive a
+//! restart, and `airlock unload` ends it all. Host and VM.
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    path::Path,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use airlock_tests::{Daemon, can_run};
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
+const ALICE: &str = "alice-token-0123456789";
+
+/// Beyond the heartbeat timeout the tests configure (500 ms).
+const STALE: Duration = Duration::from_millis(1200);
+
+/// Hold rules on /usr/bin/id and on connects to 127.0.0.2, with a short
+/// heartbeat timeout and the given fail mode.
+fn daemon(fail_mode: &str) -> Daemon {
+    Daemon::start_with(&format!(
+        "heartbeat_timeout_ms = 500\nfail_mode = \"{fail_mode}\"\n\n\
+         [[rule]]\nname = \"hold id\"\naction = \"hold\"\nexec = [\"/usr/bin/id\"]\ntimeout_s = 120\n\n\
+         [[rule]]\nname = \"hold 127.0.0.2\"\naction = \"hold\"\nconnect = [\"127.0.0.2/32\"]\ntimeout_s = 120\n\n\
+         [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"
+    ))
+}
+
+/// Waits for an `airlock run` child at most `limit`; returns its stdout.
+fn finish_within(mut c: Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let st = loop {
+        if let Some(st) = c.try_wait().expect("wait airlock run") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("airlock run still running after {limit:?}: a hold nobody answers?");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = c.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = c.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(st.success(), "airlock run failed: {st}\n{out}\n{err}");
+    out
+}
+
+/// Waits until `path` exists (a script's way of saying it got there).
+fn wait_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The session ids in the store.
+fn sessions(d: &Daemon) -> Vec<u64> {
+    let out = d.airlock(&["sessions", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.iter().filter_map(|s| s["id"].as_u64()).collect()
+}
+
+/// Waits until the session's record holds an event `pred` accepts.
+fn wait_event(
+    d: &Daemon,
+    session: u64,
+    what: &str,
+    pred: impl Fn(&airlock::store::EventRow) -> bool,
+) -> airlock::store::EventRow {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = d.store().events(session).expect("events");
+        if let Some(e) = events.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in session {session}: {events:#?}\ndaemon log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A session blocked until `go` exists, then runs a held exec and a held
+/// connect. The daemon is killed (as by a crash) and stays dead past the
+/// heartbeat timeout; then the session goes on and meets the fail mode.
+fn daemon_killed(fail_mode: &str) -> (String, Vec<airlock::store::EventRow>) {
+    let mut d = daemon(fail_mode);
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let go = d.dir.path().join("go");
+    let started = d.dir.path().join("started");
+    let script = format!(
+        "touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; {ACTOR} run-timed /usr/bin/id -u; {ACTOR} connect-timed {target}",
+        started = started.display(),
+        go = go.display()
+    );
+    let run = d.spawn_run(&["user=bob"], &["/bin/sh", "-c", &script]);
+    wait_file(&started);
+    let session = sessions(&d)[0];
+    d.kill();
+    std::thread::sleep(STALE);
+    std::fs::write(&go, "").unwrap();
+    let out = finish_within(run, Duration::from_secs(20));
+    // What happened while no daemon ran is in the pinned ring buffer: the
+    // next daemon records it.
+    d.start_again();
+    let exec = wait_event(&d, session, "exec of /usr/bin/id", |e| {
+        e.kind == "exec" && e.detail["path"] == "/usr/bin/id"
+    });
+    let connect = wait_event(&d, session, "connect to the held address", |e| {
+        e.kind == "connect"
+            && e.detail["port"].as_u64() == Some(listener.local_addr().unwrap().port() as u64)
+    });
+    assert_eq!(
+        d.wait_pending(ALICE, 0).len(),
+        0,
+        "the fail mode decided: no request was made"
+    );
+    (out, vec![exec, connect])
+}
+
+#[test]
+fn a_dead_daemon_fails_closed() {
+    if !can_run("a_dead_daemon_fails_closed") {
+        return;
+    }
+    let (out, records) = daemon_killed("closed");
+    let lines: Vec<&str> = out.lines().collect();
+    let exec = lines
+        .iter()
+        .find(|l| l.contains("error:") || l.contains("exit:") || l.contains("signal:"));
+    let exec = exec.unwrap_or_else(|| panic!("no exec outcome in {out:?}"));
+    assert!(
+        exec.ends_with("error:1") || exec.ends_with("signal:9"),
+        "refused: EPERM from execve (BPF LSM) or killed before its first instruction: {out}"
+    );
+    let connect = lines.last().unwrap().split_whitespace().last().unwrap();
+    assert_eq!(connect, libc::EPERM.to_string(), "connect refused: {out}");
+    for r in &records {
+        assert_eq!(
+            r.detail["enforcement"], "denied: no daemon (fail closed)",
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_daemon_fails_open_when_configured() {
+    if !can_run("a_dead_daemon_fails_open_when_configured") {
+        return;
+    }
+    let (out, records) = daemon_killed("open");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.iter().any(|l| l.ends_with("exit:0")), "id ran: {out}");
+    let connect = lines.last().unwrap().split_whitespace().last().unwrap();
+    assert_eq!(connect, "0", "connected: {out}");
+    for r in &records {
+        assert_eq!(
+            r.detail["enforcement"], "allowed: no daemon (fail open)",
+            "{r:?}"
+        );
+    }
+}
+
+/// Whether this kernel holds a connect inside the syscall (BPF LSM, or the
+/// cgroup hook on 6.18+); else flagged connects are refused outright.
+fn holds_connects(d: &Daemon) -> bool {
+    let status: serde_json::Value =
+        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
+    status["can_enforce"].as_array().unwrap().iter().any(|s| {
+        s.as_str()
+            .unwrap()
+            .starts_with("connect hold: the syscall waits")
+    })
+}
+
+#[test]
+fn a_task_held_when_the_daemon_died_meets_the_fail_mode_once_resumed() {
+    if !can_run("a_task_held_when_the_daemon_died_meets_the_fail_mode_once_resumed") {
+        return;
+    }
+    let mut d = daemon("closed");
+    assert!(holds_connects(&d), "the host and the VMs can hold connects");
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    // The actor lives on for a while after its connect returns.
+    let mut run = d.spawn_run(
+        &["user=bob"],
+        &[ACTOR, "connect-then-linger", &target, "8000"],
+    );
+    let held = d.wait_pending(ALICE, 1);
+    let session = held[0]["session_id"].as_u64().unwrap();
+    let tgid = held[0]["tgid"].as_u64().unwrap() as i32;
+    d.kill();
+    std::thread::sleep(STALE);
+    // Still stopped: nobody answered. A SIGCONT (here by hand) re-issues
+    // the connect, which now meets the fail mode instead of a new hold.
+    // SAFETY: kill(2) on the held actor's pid.
+    assert_eq!(unsafe { libc::kill(tgid, libc::SIGCONT) }, 0);
+    let mut stdout = run.stdout.take().unwrap();
+    let mut line = [0u8; 64];
+    let n = stdout.read(&mut line).unwrap();
+    let line = String::from_utf8_lossy(&line[..n]).to_string();
+    let errno = line.split_whitespace().last().unwrap_or_default();
+    assert_eq!(errno, libc::EPERM.to_string(), "refused: {line}");
+    // The restarted daemon finds the process alive but no longer held: it
+    // closes the request, which can no longer be decided.
+    d.start_again();
+    let out = d.approvals(ALICE, &["approvals", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["state"], "failed", "{all:#?}");
+    assert!(
+        all[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("the hold ended while no daemon ran"),
+        "{all:#?}"
+    );
+    let connect = wait_event(&d, session, "the refused connect", |e| {
+        e.kind == "connect" && e.detail["enforcement"] == "denied: no daemon (fail closed)"
+    });
+    assert_eq!(connect.tgid as i32, tgid);
+    let _ = finish_within(run, Duration::from_secs(20));
+}
+
+#[test]
+fn unload_releases_held_tasks_and_detaches_everything() {
+    if !can_run("unload_releases_held_tasks_and_detaches_everything") {
+        return;
+    }
+    let mut d = daemon("closed");
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let run = d.spawn_run(&["user=bob"], &[ACTOR, "connect-timed", &target]);
+    d.wait_pending(ALICE, 1);
+    let refused = d.airlock(&["unload"]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("stop it before unloading"),
+        "refused while the daemon runs: {refused:?}"
+    );
+    d.kill();
+    let out = d.airlock(&["unload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("resumed 1 held task"), "{text}");
+    // Unloading does not wait out the heartbeat: the held connect fails now.
+    let out = finish_within(run, Duration::from_secs(5));
+    assert_eq!(
+        out.split_whitespace().last().unwrap_or_default(),
+        libc::EPERM.to_string(),
+        "{out}"
+    );
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    let pin_dir = config
+        .lines()
+        .find_map(|l| l.strip_prefix("pin_dir = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert!(!Path::new(&pin_dir).exists(), "{pin_dir} removed");
+    // Nothing is held any more: the same connect, unwatched, goes through.
+    let out = std::process::Command::new(ACTOR)
+        .args(["connect-timed", &target])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).trim().ends_with(" 0"));
+}
+
+#[test]
+fn sessions_and_their_events_survive_a_restart() {
+    if !can_run("sessions_and_their_events_survive_a_restart") {
+        return;
+    }
+    let mut d = daemon("closed");
+    let dir = d.dir.path().to_path_buf();
+    let f = |n: &str| dir.join(n).display().to_string();
+    let script = format!(
+        "touch {s}; while [ ! -e {a} ]; do sleep 0.05; done; /bin/echo while-down; touch {b}; \
+         while [ ! -e {c} ]; do sleep 0.05; done; /bin/echo after",
+        s = f("started"),
+        a = f("go-a"),
+        b = f("did-a"),
+        c = f("go-c")
+    );
+    let run = d.spawn_run(&["user=bob"], &["/bin/sh", "-c", &script]);
+    wait_file(&dir.join("started"));
+    let session = sessions(&d)[0];
+    d.stop();
+    // The daemon is down: the session's exec still reaches the pinned ring.
+    std::fs::write(dir.join("go-a"), "").unwrap();
+    wait_file(&dir.join("did-a"));
+    d.start_again();
+    std::fs::write(dir.join("go-c"), "").unwrap();
+    let out = finish_within(run, Duration::from_secs(20));
+    assert_eq!(out, "while-down\nafter\n");
+    let events = d.events(session);
+    let echoes: Vec<String> = airlock_tests::execs(&events)
+        .into_iter()
+        .filter(|e| e.2 == "/bin/echo")
+        .map(|e| e.3.join(" "))
+        .collect();
+    assert_eq!(echoes, ["/bin/echo while-down", "/bin/echo after"]);
+    assert!(
+        d.log()
+            .contains("still watching sessions from an earlier daemon"),
+        "{}",
+        d.log()
+    );
+}
