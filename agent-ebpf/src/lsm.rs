@@ -49,17 +49,21 @@ impl LsmVerdict {
     }
 }
 
+/// An earlier LSM's denial (the hook's last argument) passes through
+/// unchanged, clamped to the range the verifier accepts for LSM returns.
+#[inline(always)]
+fn earlier_denial(prev: i32) -> Option<i32> {
+    (prev != 0).then(|| prev.clamp(-4095, 0))
+}
+
 /// `int security_socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`,
 /// called from __sys_connect_file before the protocol's connect: holding
 /// here stops connect(2) itself, before any packet leaves. On an internal
 /// error it fails open (0): recording goes on in the cgroup hook.
 #[lsm(hook = "socket_connect")]
 pub fn lsm_socket_connect(ctx: LsmContext) -> i32 {
-    // An earlier LSM's denial passes through unchanged, clamped to the
-    // range the verifier accepts.
-    let prev: i32 = ctx.arg(3);
-    if prev != 0 {
-        return prev.clamp(-4095, 0);
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
+        return earlier;
     }
     match try_lsm_socket_connect(&ctx) {
         Ok(v) => v.ret(),
@@ -158,9 +162,8 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
 /// internal error it fails open (0): sched_process_exec still records.
 #[lsm(hook = "bprm_creds_for_exec")]
 pub fn lsm_bprm_creds_for_exec(ctx: LsmContext) -> i32 {
-    let prev: i32 = ctx.arg(1);
-    if prev != 0 {
-        return prev.clamp(-4095, 0);
+    if let Some(earlier) = earlier_denial(ctx.arg(1)) {
+        return earlier;
     }
     match try_lsm_bprm_creds_for_exec(&ctx) {
         Ok(v) => v.ret(),

@@ -390,9 +390,26 @@ pub fn boot(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Resul
     Ok(result)
 }
 
+/// One VM run at a time on this machine: they share the initramfs, the
+/// console logs and two CPUs. Held until the returned file is dropped.
+pub fn lock() -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(cache())?;
+    let path = cache().join("vm.lock");
+    let file = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
+    if file.try_lock().is_err() {
+        eprintln!(
+            "another VM run holds {}: waiting for it to finish",
+            path.display()
+        );
+        file.lock().with_context(|| path.display().to_string())?;
+    }
+    Ok(file)
+}
+
 /// The whole tier: tools, kernels, initramfs, one boot per kernel.
 pub fn tier() -> anyhow::Result<Vec<VmResult>> {
     tools()?;
+    let _lock = lock()?;
     crate::util::cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
     let tests = test_binaries()?;
     let target = workspace_root().join("target/debug");

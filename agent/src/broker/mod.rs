@@ -141,6 +141,8 @@ pub struct Broker {
     /// Pending requests (from before a restart) whose hold ended while no
     /// daemon ran: the fail mode answered, or someone resumed the task.
     ended: std::collections::HashSet<u64>,
+    /// Session labels already read from the store.
+    labels: HashMap<u64, BTreeMap<String, String>>,
 }
 
 impl Broker {
@@ -157,6 +159,7 @@ impl Broker {
             rules,
             pending: pending.into_iter().map(|r| (r.id, r)).collect(),
             ended,
+            labels: HashMap::new(),
             recorder,
             sensor,
             updates,
@@ -337,15 +340,25 @@ impl Broker {
         self.pending.insert(req.id, req);
     }
 
-    async fn labels(&self, session: u64) -> BTreeMap<String, String> {
+    /// A session's labels, read from the store once per session.
+    async fn labels(&mut self, session: u64) -> BTreeMap<String, String> {
+        if let Some(l) = self.labels.get(&session) {
+            return l.clone();
+        }
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
+        let labels = tokio::task::spawn_blocking(move || {
             crate::store::Store::open_read_only(&db)
                 .and_then(|s| s.session_labels(session))
                 .unwrap_or_default()
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_default();
+        // Bounded: labels of sessions long gone are read again if needed.
+        if self.labels.len() >= 1024 {
+            self.labels.clear();
+        }
+        self.labels.insert(session, labels.clone());
+        labels
     }
 
     async fn decide(
