@@ -142,6 +142,21 @@ pub struct HoldKey {
 }
 const _: () = assert!(size_of::<HoldKey>() == 16);
 
+/// Value of the verdict map, keyed by the held thread's id: the decision
+/// and the action it covers. A thread that re-issues any other action finds
+/// a stale verdict, which is dropped, and is held for the new action.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEntry {
+    /// Digest of the action decided (as in [`HoldKey`]).
+    pub digest: u64,
+    /// A [`Verdict`].
+    pub verdict: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<VerdictEntry>() == 16);
+
 /// FNV-1a over a connect's destination: family, protocol, port and address.
 /// Computed the same way by the kernel and the daemon.
 #[inline(always)]
@@ -472,4 +487,6 @@ mod pod {
     unsafe impl aya::Pod for super::NetRule {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HoldKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VerdictEntry {}
 }

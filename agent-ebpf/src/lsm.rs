@@ -126,7 +126,7 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         digest: net_digest(family, protocol, port, &addr),
     };
     event.digest = key.digest;
-    match take_verdict(key) {
+    match take_verdict(pid_tgid as u32, key) {
         Some(v) => {
             if v == Verdict::Allow as u32 {
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_APPROVED, 0);
@@ -234,7 +234,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    match take_verdict(key) {
+    match take_verdict(pid_tgid as u32, key) {
         Some(v) => {
             let _ = ARGV_STASH.remove(pid_tgid);
             if v == Verdict::Allow as u32 {

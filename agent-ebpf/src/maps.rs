@@ -3,7 +3,7 @@
 use airlock_common::{
     AgentConfig, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_SLOTS, CTL_STALE_NS,
     EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, HoldKey, LOSS_REASONS, LossKey, LossReason,
-    NetRule, SessionEntry,
+    NetRule, SessionEntry, VerdictEntry,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -86,10 +86,11 @@ pub static EXEC_RULES: HashMap<[u8; EXEC_RULE_KEY], ExecRule> = HashMap::with_ma
 #[map]
 pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(4096, 0);
 
-/// One-shot verdicts for held connects, written by the daemon before it
-/// resumes the task; the retried syscall consumes its verdict.
+/// One-shot verdicts by held thread, written by the daemon before it
+/// resumes the task; the thread's next hooked syscall consumes (or, for
+/// another action, drops) it.
 #[map]
-pub static VERDICTS: HashMap<HoldKey, u32> = HashMap::with_max_entries(8192, 0);
+pub static VERDICTS: HashMap<u32, VerdictEntry> = HashMap::with_max_entries(8192, 0);
 
 /// Held connects already published, so a stray SIGCONT re-holds without a
 /// second request.
@@ -171,13 +172,20 @@ pub fn submit_flags() -> u64 {
 /// Publishes with an immediate wakeup: a held task waits on this event.
 pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
 
-/// Takes the daemon's verdict for a held action, if it stored one: one
-/// shot, and the action stops being pending.
+/// Takes the daemon's verdict for the current thread, if it stored one:
+/// one shot, and the action decided stops being pending. A verdict for
+/// another action than `key`'s (the held syscall was rewritten, or the
+/// thread went elsewhere) is dropped with its pending mark: it covers
+/// nothing, and the new action is held on its own.
 #[inline(always)]
-pub fn take_verdict(key: HoldKey) -> Option<u32> {
+pub fn take_verdict(pid: u32, key: HoldKey) -> Option<u32> {
     // SAFETY: the value is copied out before the entry is removed.
-    let v = unsafe { VERDICTS.get(key) }.copied()?;
-    let _ = VERDICTS.remove(key);
-    let _ = HOLD_PENDING.remove(key);
-    Some(v)
+    let v = unsafe { VERDICTS.get(pid) }.copied()?;
+    let _ = VERDICTS.remove(pid);
+    let decided = HoldKey {
+        digest: v.digest,
+        ..key
+    };
+    let _ = HOLD_PENDING.remove(decided);
+    (v.digest == key.digest).then_some(v.verdict)
 }

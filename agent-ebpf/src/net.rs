@@ -158,7 +158,7 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
             };
             event.digest = key.digest;
             // One shot: a verdict covers this attempt only.
-            match take_verdict(key) {
+            match take_verdict(pid_tgid as u32, key) {
                 Some(v) => {
                     if v == Verdict::Allow as u32 {
                         event.flags |= NET_APPROVED;

@@ -490,7 +490,7 @@ impl Broker {
             (_, allow) => {
                 let (tx, rx) = oneshot::channel();
                 let cmd = SensorCommand::Verdict {
-                    tgid: req.tgid,
+                    pid: req.pid,
                     digest: req.digest,
                     allow,
                     reply: tx,

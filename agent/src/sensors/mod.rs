@@ -11,6 +11,7 @@ use std::collections::HashMap as StdHashMap;
 
 use airlock_common::{
     AgentConfig, EventKind, HoldKey, LOSS_REASONS, LossKey, LossReason, SessionEntry, Verdict,
+    VerdictEntry,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -104,7 +105,8 @@ pub enum Command {
     /// Store a one-shot verdict for a held connect (the caller then resumes
     /// the task, whose retried connect consumes it).
     Verdict {
-        tgid: u32,
+        /// The held thread.
+        pid: u32,
         digest: u64,
         allow: bool,
         reply: oneshot::Sender<Result<(), String>>,
@@ -119,7 +121,7 @@ pub struct Sensor {
     sessions: HashMap<MapData, u32, SessionEntry>,
     losses: PerCpuHashMap<MapData, LossKey, u64>,
     loss_totals: PerCpuArray<MapData, u64>,
-    verdicts: HashMap<MapData, HoldKey, u32>,
+    verdicts: HashMap<MapData, u32, VerdictEntry>,
     hold_pending: HashMap<MapData, HoldKey, u8>,
     /// Programs attached, in words.
     pub attached: Attached,
@@ -360,18 +362,17 @@ impl Sensor {
                 let _ = reply.send(r);
             }
             Command::Verdict {
-                tgid,
+                pid,
                 digest,
                 allow,
                 reply,
             } => {
-                let key = HoldKey {
-                    tgid,
-                    _pad: 0,
+                let v = VerdictEntry {
                     digest,
+                    verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u32,
+                    _pad: 0,
                 };
-                let v = if allow { Verdict::Allow } else { Verdict::Deny } as u32;
-                let _ = reply.send(self.verdicts.insert(key, v, 0).map_err(|e| e.to_string()));
+                let _ = reply.send(self.verdicts.insert(pid, v, 0).map_err(|e| e.to_string()));
             }
             Command::LossTotals { reply } => {
                 let mut totals = Vec::new();
