@@ -199,7 +199,7 @@ fn main() -> ExitCode {
             println!("exit:{exited} signal:{signalled} refused:{refused}");
         }
         _ => {
-            eprintln!("usage: see the top of tests/src/bin/actor.rs");
+            eprintln!("usage: see the top of tests/src/bin/actor/main.rs");
             return ExitCode::from(2);
         }
     }
