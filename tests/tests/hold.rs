@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_tests::{Daemon, can_run};
+use airlock_tests::{Daemon, can_run, in_ci};
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
 const ALICE: &str = "alice-token-0123456789";
@@ -427,4 +427,153 @@ fn pending_holds_survive_a_daemon_restart() {
         finish(run).trim().ends_with("exit:0"),
         "decided by the restarted daemon"
     );
+}
+
+/// True when this daemon holds connects inside the syscall (BPF LSM, or the
+/// cgroup hook from Linux 6.18). Otherwise says so loudly; fails in CI.
+fn connects_held(d: &Daemon, test: &str) -> bool {
+    let status: serde_json::Value =
+        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
+    let can_hold = status["can_enforce"].as_array().unwrap().iter().any(|s| {
+        s.as_str()
+            .unwrap()
+            .starts_with("connect hold: the syscall waits")
+    });
+    if !can_hold {
+        let why = "this kernel cannot hold a connect (no BPF LSM, cgroup hook before 6.18)";
+        assert!(
+            !in_ci(),
+            "{test}: cannot run and CI=true forbids skipping: {why}"
+        );
+        eprintln!("SKIPPED {test}: {why}");
+    }
+    can_hold
+}
+
+/// The state letter of every thread of `tgid`, by tid.
+fn thread_states(tgid: u64) -> Vec<(u64, char)> {
+    let mut out: Vec<(u64, char)> = std::fs::read_dir(format!("/proc/{tgid}/task"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .map(|tid: u64| {
+                    let stat = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat"))
+                        .unwrap_or_default();
+                    let state = stat
+                        .rsplit(')')
+                        .next()
+                        .and_then(|r| r.trim().chars().next())
+                        .unwrap_or('?');
+                    (tid, state)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// Waits until `tgid` has `n` threads and every one is stopped ('T').
+fn wait_all_stopped(tgid: u64, n: usize) -> Vec<(u64, char)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states = thread_states(tgid);
+        if states.len() == n && states.iter().all(|&(_, s)| s == 'T') {
+            return states;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 10 s, threads of held process {tgid} (want {n}, all 'T'): {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The workers' counters the actor writes into its progress file.
+fn progress(path: &std::path::Path, workers: usize) -> Vec<u64> {
+    let bytes = std::fs::read(path).expect("progress file");
+    assert_eq!(bytes.len(), 8 * workers, "progress file size");
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// True when nobody has connected to `l` (it is left non-blocking).
+fn never_connected(l: &TcpListener) -> bool {
+    l.set_nonblocking(true).unwrap();
+    matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn multi_threaded_process_is_held_and_resumed_whole() {
+    const TEST: &str = "multi_threaded_process_is_held_and_resumed_whole";
+    const WORKERS: usize = 4;
+    if !can_run(TEST) {
+        return;
+    }
+    let d = daemon(120, "deny");
+    if !connects_held(&d, TEST) {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    let file = d.dir.path().join("progress");
+    let run = d.spawn_run(
+        &[],
+        &[
+            ACTOR,
+            "threads-connect",
+            &WORKERS.to_string(),
+            file.to_str().unwrap(),
+            &target.to_string(),
+        ],
+    );
+    let req = d.wait_pending(ALICE, 1).remove(0);
+    assert_eq!(
+        (req["kind"].as_str(), req["action"]["port"].as_u64()),
+        (Some("connect"), Some(u64::from(target.port()))),
+        "{req:#}"
+    );
+    let tgid = req["tgid"].as_u64().unwrap();
+
+    // One thread's hold stops the whole thread group: the main thread (in
+    // join), the workers (counting) and the connecting thread.
+    let states = wait_all_stopped(tgid, WORKERS + 2);
+    let stopped = progress(&file, WORKERS);
+    assert!(
+        stopped.iter().all(|&n| n > 0),
+        "every worker counted before the hold: {stopped:?}"
+    );
+    // The counters are the workers' own view: none advances while held.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        progress(&file, WORKERS),
+        stopped,
+        "no worker runs while one thread is held"
+    );
+    assert_eq!(thread_states(tgid), states, "still stopped, every thread");
+
+    let out = decide(&d, "approve", req["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    // The actor prints only once every worker counted again after the connect.
+    let out = finish(run);
+    assert_eq!(last(&out), "0", "the held connect completed: {out}");
+    let resumed = progress(&file, WORKERS);
+    assert!(
+        resumed.iter().zip(&stopped).all(|(r, s)| r > s),
+        "every worker ran again: held at {stopped:?}, finished at {resumed:?}"
+    );
+    assert!(
+        !never_connected(&listener),
+        "the approved connection reached the listener"
+    );
+    let all: Vec<serde_json::Value> =
+        serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+    assert_eq!(
+        all.len(),
+        1,
+        "resuming every thread re-ran the check once, with no new request: {all:#?}"
+    );
+    assert_eq!(all[0]["state"], "approved");
 }

@@ -16,6 +16,10 @@
 //! actor seq N PROGRAM [ARGS]       run PROGRAM N times, one after the other
 //! actor connect-stamps N ADDR:PORT connect N times, printing the wall-clock ns as each returns
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
+//! actor threads-connect N FILE ADDR:PORT  N worker threads count into FILE (u64 LE each) while
+//!                                  another thread connects; print the errno once every worker moved on after it
+
+mod held;
 
 use std::{
     io::Write,
@@ -197,6 +201,10 @@ fn main() -> ExitCode {
                 }
             }
             println!("exit:{exited} signal:{signalled} refused:{refused}");
+        }
+        ["threads-connect", n, file, addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            held::threads_connect(n.parse().expect("N"), file, addr);
         }
         _ => {
             eprintln!("usage: see the top of tests/src/bin/actor/main.rs");
