@@ -499,6 +499,24 @@ fn progress(path: &std::path::Path, workers: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Waits for a pending request other than `not`.
+fn wait_next_pending(d: &Daemon, not: &serde_json::Value) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = d.wait_pending(ALICE, 0);
+        if let Some(r) = pending.into_iter().find(|r| r["id"] != not["id"]) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request after {} within 30 s; daemon log:\n{}",
+            not["id"],
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// True when nobody has connected to `l` (it is left non-blocking).
 fn never_connected(l: &TcpListener) -> bool {
     l.set_nonblocking(true).unwrap();
@@ -576,4 +594,107 @@ fn multi_threaded_process_is_held_and_resumed_whole() {
         "resuming every thread re-ran the check once, with no new request: {all:#?}"
     );
     assert_eq!(all[0]["state"], "approved");
+}
+
+#[test]
+fn connect_rewritten_while_held_is_held_again() {
+    const TEST: &str = "connect_rewritten_while_held_is_held_again";
+    if !can_run(TEST) {
+        return;
+    }
+    let d = daemon(120, "deny");
+    if !connects_held(&d, TEST) {
+        return;
+    }
+    let (la, lb) = (
+        TcpListener::bind("127.0.0.2:0").unwrap(),
+        TcpListener::bind("127.0.0.2:0").unwrap(),
+    );
+    let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let run = d.spawn_run(
+        &[],
+        &[ACTOR, "connect-rewritten", &a.to_string(), &b.to_string()],
+    );
+    let first = d.wait_pending(ALICE, 1).remove(0);
+    assert_eq!(first["action"]["port"], a.port(), "{first:#}");
+    let tgid = first["tgid"].as_u64().unwrap();
+    wait_all_stopped(tgid, 1);
+
+    // A stopped process runs no handler: SIGUSR1 stays pending (shared
+    // pending set, bit 9) and the process stays stopped and held.
+    // SAFETY: signalling a test process.
+    assert_eq!(unsafe { libc::kill(tgid as i32, libc::SIGUSR1) }, 0);
+    let status = std::fs::read_to_string(format!("/proc/{tgid}/status")).unwrap();
+    let shd_pnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no ShdPnd in {status}"));
+    assert_ne!(shd_pnd & (1 << (libc::SIGUSR1 - 1)), 0, "{status}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(wait_all_stopped(tgid, 1).len(), 1);
+    assert_eq!(d.wait_pending(ALICE, 1).len(), 1, "still the one request");
+
+    // Approving A resumes the process: the kernel delivers SIGUSR1 before
+    // it re-issues the connect (-ERESTARTNOINTR restarts even after a
+    // handler, SA_RESTART or not), the handler points the sockaddr at B,
+    // and the restarted connect is for B. A's verdict does not match B's
+    // digest: B is held as a request of its own.
+    let out = decide(&d, "approve", first["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    let second = wait_next_pending(&d, &first);
+    assert_eq!(
+        (
+            second["kind"].as_str(),
+            second["tgid"].as_u64(),
+            second["action"]["port"].as_u64()
+        ),
+        (Some("connect"), Some(tgid), Some(u64::from(b.port()))),
+        "the rewritten connect is held anew: {second:#}"
+    );
+    wait_all_stopped(tgid, 1);
+    let out = decide(&d, "deny", second["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    let out = finish(run);
+    assert_eq!(
+        last(&out),
+        format!("handled:1 errno:{}", libc::EPERM),
+        "the handler ran once, then the connect to B was refused"
+    );
+    assert!(
+        never_connected(&la),
+        "A was approved but never connected to"
+    );
+    assert!(never_connected(&lb), "B was denied");
+
+    let session = first["session_id"].as_u64().unwrap();
+    let connects: Vec<(String, u64, Option<String>, Option<i64>)> = d
+        .events(session)
+        .iter()
+        .filter(|e| e.kind.starts_with("connect"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.detail["port"].as_u64().unwrap_or(0),
+                e.detail["enforcement"].as_str().map(String::from),
+                e.detail["ret"].as_i64(),
+            )
+        })
+        .collect();
+    let s = |x: &str| x.to_string();
+    let (pa, pb) = (u64::from(a.port()), u64::from(b.port()));
+    assert_eq!(
+        connects,
+        vec![
+            (s("connect_held"), pa, Some(s("held")), None),
+            (s("connect_held"), pb, Some(s("held")), None),
+            (
+                s("connect"),
+                pb,
+                Some(s("refused")),
+                Some(-i64::from(libc::EPERM))
+            ),
+        ],
+        "held at A, held again at B, refused at B; never made to A"
+    );
 }

@@ -1,11 +1,12 @@
 //! Actor subcommands for the hold tests that need more than one syscall:
-//! a multi-threaded process held in one thread.
+//! a multi-threaded process held in one thread, and a held connect whose
+//! destination a signal handler rewrites while the process is stopped.
 
 use std::{
     fs::OpenOptions,
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
     os::unix::fs::FileExt,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -74,4 +75,86 @@ fn wait_all_past(counts: &[AtomicU64], marks: &[u64], when: &str, stop: &AtomicB
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A `struct sockaddr_in` whose port and address a signal handler may
+/// rewrite: atomics have the layout of the plain integers.
+#[repr(C)]
+struct SharedSockaddrIn {
+    family: u16,
+    /// Network byte order.
+    port: AtomicU16,
+    /// Network byte order.
+    addr: AtomicU32,
+    zero: [u8; 8],
+}
+
+const _: () = assert!(size_of::<SharedSockaddrIn>() == size_of::<libc::sockaddr_in>());
+
+/// The buffer connect(2) reads, on its first attempt and on every restart.
+static DEST: SharedSockaddrIn = SharedSockaddrIn {
+    family: libc::AF_INET as u16,
+    port: AtomicU16::new(0),
+    addr: AtomicU32::new(0),
+    zero: [0; 8],
+};
+/// What the SIGUSR1 handler writes into `DEST`.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+static NEXT_ADDR: AtomicU32 = AtomicU32::new(0);
+/// How many times the handler ran.
+static HANDLED: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn rewrite_dest(_sig: libc::c_int) {
+    // Atomic stores only: async-signal-safe.
+    DEST.port
+        .store(NEXT_PORT.load(Ordering::SeqCst), Ordering::SeqCst);
+    DEST.addr
+        .store(NEXT_ADDR.load(Ordering::SeqCst), Ordering::SeqCst);
+    HANDLED.fetch_add(1, Ordering::SeqCst);
+}
+
+/// One blocking IPv4 connect(2) to `a`, from the `DEST` buffer; SIGUSR1
+/// rewrites that buffer to `b`. Prints how often the handler ran and the
+/// connect's errno (0 = connected).
+pub fn connect_rewritten(a: SocketAddrV4, b: SocketAddrV4) {
+    DEST.port.store(a.port().to_be(), Ordering::SeqCst);
+    DEST.addr
+        .store(u32::from(*a.ip()).to_be(), Ordering::SeqCst);
+    NEXT_PORT.store(b.port().to_be(), Ordering::SeqCst);
+    NEXT_ADDR.store(u32::from(*b.ip()).to_be(), Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction is valid; the fields that matter are set
+    // below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = rewrite_dest as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // No SA_RESTART: a held connect restarts anyway (-ERESTARTNOINTR).
+    sa.sa_flags = 0;
+    // SAFETY: sigemptyset and sigaction on valid, owned structs; the
+    // handler only does atomic stores.
+    unsafe {
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()),
+            0,
+            "sigaction"
+        );
+    }
+    // SAFETY: plain syscall; the fd is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: DEST has the layout of a sockaddr_in and lives forever.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            (&DEST as *const SharedSockaddrIn).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let errno = if ret == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    println!("handled:{} errno:{errno}", HANDLED.load(Ordering::SeqCst));
 }

@@ -18,6 +18,8 @@
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
 //! actor threads-connect N FILE ADDR:PORT  N worker threads count into FILE (u64 LE each) while
 //!                                  another thread connects; print the errno once every worker moved on after it
+//! actor connect-rewritten A:PORT B:PORT  IPv4 connect to A; a SIGUSR1 handler rewrites the
+//!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"
 
 mod held;
 
@@ -205,6 +207,11 @@ fn main() -> ExitCode {
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             held::threads_connect(n.parse().expect("N"), file, addr);
+        }
+        ["connect-rewritten", a, b] => {
+            let a: std::net::SocketAddrV4 = a.parse().expect("A:PORT (IPv4)");
+            let b: std::net::SocketAddrV4 = b.parse().expect("B:PORT (IPv4)");
+            held::connect_rewritten(a, b);
         }
         _ => {
             eprintln!("usage: see the top of tests/src/bin/actor/main.rs");
