@@ -596,25 +596,28 @@ fn multi_threaded_process_is_held_and_resumed_whole() {
     assert_eq!(all[0]["state"], "approved");
 }
 
-#[test]
-fn connect_rewritten_while_held_is_held_again() {
-    const TEST: &str = "connect_rewritten_while_held_is_held_again";
-    if !can_run(TEST) {
-        return;
-    }
-    let d = daemon(120, "deny");
-    if !connects_held(&d, TEST) {
-        return;
-    }
+/// A connect held at A, rewritten to B by a SIGUSR1 handler while held,
+/// A approved: the restarted connect, now to B, is held as a second request.
+struct Rewritten {
+    run: Child,
+    la: TcpListener,
+    lb: TcpListener,
+    first: serde_json::Value,
+    second: serde_json::Value,
+}
+
+/// Runs `actor connect-rewritten A B EXTRA...` up to B's pending request.
+fn held_then_rewritten(d: &Daemon, extra: &[&str]) -> Rewritten {
     let (la, lb) = (
         TcpListener::bind("127.0.0.2:0").unwrap(),
         TcpListener::bind("127.0.0.2:0").unwrap(),
     );
     let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-    let run = d.spawn_run(
-        &[],
-        &[ACTOR, "connect-rewritten", &a.to_string(), &b.to_string()],
-    );
+    let mut cmd = vec![ACTOR, "connect-rewritten"];
+    let (a_arg, b_arg) = (a.to_string(), b.to_string());
+    cmd.extend([a_arg.as_str(), b_arg.as_str()]);
+    cmd.extend_from_slice(extra);
+    let run = d.spawn_run(&[], &cmd);
     let first = d.wait_pending(ALICE, 1).remove(0);
     assert_eq!(first["action"]["port"], a.port(), "{first:#}");
     let tgid = first["tgid"].as_u64().unwrap();
@@ -640,9 +643,9 @@ fn connect_rewritten_while_held_is_held_again() {
     // handler, SA_RESTART or not), the handler points the sockaddr at B,
     // and the restarted connect is for B. A's verdict does not match B's
     // digest: B is held as a request of its own.
-    let out = decide(&d, "approve", first["id"].as_u64().unwrap(), ALICE);
+    let out = decide(d, "approve", first["id"].as_u64().unwrap(), ALICE);
     assert!(out.status.success(), "{out:?}");
-    let second = wait_next_pending(&d, &first);
+    let second = wait_next_pending(d, &first);
     assert_eq!(
         (
             second["kind"].as_str(),
@@ -653,6 +656,33 @@ fn connect_rewritten_while_held_is_held_again() {
         "the rewritten connect is held anew: {second:#}"
     );
     wait_all_stopped(tgid, 1);
+    Rewritten {
+        run,
+        la,
+        lb,
+        first,
+        second,
+    }
+}
+
+#[test]
+fn connect_rewritten_while_held_is_held_again() {
+    const TEST: &str = "connect_rewritten_while_held_is_held_again";
+    if !can_run(TEST) {
+        return;
+    }
+    let d = daemon(120, "deny");
+    if !connects_held(&d, TEST) {
+        return;
+    }
+    let Rewritten {
+        run,
+        la,
+        lb,
+        first,
+        second,
+    } = held_then_rewritten(&d, &[]);
+    let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
     let out = decide(&d, "deny", second["id"].as_u64().unwrap(), ALICE);
     assert!(out.status.success(), "{out:?}");
     let out = finish(run);
