@@ -728,3 +728,60 @@ fn connect_rewritten_while_held_is_held_again() {
         "held at A, held again at B, refused at B; never made to A"
     );
 }
+
+/// PRODUCT BUG, this test fails: the approval of A above is never consumed
+/// (the restarted connect went to B), and the verdict stays in the
+/// tgid-keyed VERDICTS map for good. A later, separate connect to A by the
+/// same process then passes at once on that stale verdict, with no request
+/// and nobody asked; a later process that reuses the pid would too.
+#[test]
+fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
+    const TEST: &str = "approval_of_an_attempt_never_made_does_not_cover_a_later_one";
+    if !can_run(TEST) {
+        return;
+    }
+    let d = daemon(120, "deny");
+    if !connects_held(&d, TEST) {
+        return;
+    }
+    let Rewritten {
+        mut run,
+        la,
+        lb: _lb,
+        first,
+        second,
+    } = held_then_rewritten(&d, &["then-a"]);
+    let out = decide(&d, "deny", second["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    // The actor now connects to A once more: a new attempt, to be held as a
+    // new request. Either that request appears or the actor finishes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let third = loop {
+        let pending = d.wait_pending(ALICE, 0);
+        if let Some(r) = pending
+            .into_iter()
+            .find(|r| r["id"] != first["id"] && r["id"] != second["id"])
+        {
+            break r;
+        }
+        if let Ok(Some(_)) = run.try_wait() {
+            let out = finish(run);
+            panic!(
+                "a new connect to A went through with no request, on the verdict left \
+                 over from request {} (approved for an attempt that was rewritten to B): {out}",
+                first["id"]
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither a request for the second connect to A nor the actor's end within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(third["action"]["port"], la.local_addr().unwrap().port());
+    let out = decide(&d, "deny", third["id"].as_u64().unwrap(), ALICE);
+    assert!(out.status.success(), "{out:?}");
+    let out = finish(run);
+    assert_eq!(last(&out), format!("again:{}", libc::EPERM), "{out}");
+    assert!(never_connected(&la), "A was never connected to");
+}
