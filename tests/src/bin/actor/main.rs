@@ -16,6 +16,13 @@
 //! actor seq N PROGRAM [ARGS]       run PROGRAM N times, one after the other
 //! actor connect-stamps N ADDR:PORT connect N times, printing the wall-clock ns as each returns
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
+//! actor threads-connect N FILE ADDR:PORT  N worker threads count into FILE (u64 LE each) while
+//!                                  another thread connects; print the errno once every worker moved on after it
+//! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
+//!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
+//!                                  connect to A once more and print "again:<errno>"
+
+mod held;
 
 use std::{
     io::Write,
@@ -210,8 +217,24 @@ fn main() -> ExitCode {
             }
             println!("exit:{exited} signal:{signalled} refused:{refused}");
         }
+        ["threads-connect", n, file, addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            held::threads_connect(n.parse().expect("N"), file, addr);
+        }
+        ["connect-rewritten", a, b, rest @ ..] if matches!(rest, [] | ["then-a"]) => {
+            let a: std::net::SocketAddrV4 = a.parse().expect("A:PORT (IPv4)");
+            let b: std::net::SocketAddrV4 = b.parse().expect("B:PORT (IPv4)");
+            held::connect_rewritten(a, b);
+            if rest == ["then-a"] {
+                let errno = match TcpStream::connect(a) {
+                    Ok(_) => 0,
+                    Err(e) => e.raw_os_error().unwrap_or(-1),
+                };
+                println!("again:{errno}");
+            }
+        }
         _ => {
-            eprintln!("usage: see the top of tests/src/bin/actor.rs");
+            eprintln!("usage: see the top of tests/src/bin/actor/main.rs");
             return ExitCode::from(2);
         }
     }

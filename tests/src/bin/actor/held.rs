@@ -1,0 +1,160 @@
+//! Actor subcommands for the hold tests that need more than one syscall:
+//! a multi-threaded process held in one thread, and a held connect whose
+//! destination a signal handler rewrites while the process is stopped.
+
+use std::{
+    fs::OpenOptions,
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    os::unix::fs::FileExt,
+    sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+/// How long the actor waits for its own threads before it gives up.
+const THREAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Starts `workers` threads that count, each into its own u64 (little
+/// endian) at offset 8 * i of `progress`, so the test can watch them from
+/// outside while the process is stopped. Once every worker has counted, a
+/// further thread connects to `addr`; when that returns, the actor waits
+/// until every worker has counted again and prints the connect's errno.
+pub fn threads_connect(workers: usize, progress: &str, addr: SocketAddr) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(progress)
+        .expect("progress file");
+    file.set_len(8 * workers as u64).expect("progress size");
+    let counts: Vec<AtomicU64> = (0..workers).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for (i, count) in counts.iter().enumerate() {
+            let (file, stop) = (&file, &stop);
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    file.write_at(&n.to_le_bytes(), 8 * i as u64)
+                        .expect("write progress");
+                    count.store(n, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        // Every worker runs before the held action starts.
+        wait_all_past(&counts, &vec![0; workers], "before the connect", &stop);
+        let errno = s
+            .spawn(|| match TcpStream::connect(addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            })
+            .join()
+            .expect("connecting thread");
+        // Every worker runs again after it.
+        let after: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        wait_all_past(&counts, &after, "after the connect", &stop);
+        stop.store(true, Ordering::Relaxed);
+        println!("{errno}");
+    });
+}
+
+/// Waits until every counter is past its mark; on timeout, stops the
+/// workers and panics naming the ones that did not move.
+fn wait_all_past(counts: &[AtomicU64], marks: &[u64], when: &str, stop: &AtomicBool) {
+    let deadline = Instant::now() + THREAD_WAIT;
+    loop {
+        let now: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        if now.iter().zip(marks).all(|(n, m)| n > m) {
+            return;
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            panic!("workers did not run {when}: counts {now:?}, marks {marks:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `struct sockaddr_in` whose port and address a signal handler may
+/// rewrite: atomics have the layout of the plain integers.
+#[repr(C)]
+struct SharedSockaddrIn {
+    family: u16,
+    /// Network byte order.
+    port: AtomicU16,
+    /// Network byte order.
+    addr: AtomicU32,
+    zero: [u8; 8],
+}
+
+const _: () = assert!(size_of::<SharedSockaddrIn>() == size_of::<libc::sockaddr_in>());
+
+/// The buffer connect(2) reads, on its first attempt and on every restart.
+static DEST: SharedSockaddrIn = SharedSockaddrIn {
+    family: libc::AF_INET as u16,
+    port: AtomicU16::new(0),
+    addr: AtomicU32::new(0),
+    zero: [0; 8],
+};
+/// What the SIGUSR1 handler writes into `DEST`.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+static NEXT_ADDR: AtomicU32 = AtomicU32::new(0);
+/// How many times the handler ran.
+static HANDLED: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn rewrite_dest(_sig: libc::c_int) {
+    // Atomic stores only: async-signal-safe.
+    DEST.port
+        .store(NEXT_PORT.load(Ordering::SeqCst), Ordering::SeqCst);
+    DEST.addr
+        .store(NEXT_ADDR.load(Ordering::SeqCst), Ordering::SeqCst);
+    HANDLED.fetch_add(1, Ordering::SeqCst);
+}
+
+/// One blocking IPv4 connect(2) to `a`, from the `DEST` buffer; SIGUSR1
+/// rewrites that buffer to `b`. Prints how often the handler ran and the
+/// connect's errno (0 = connected).
+pub fn connect_rewritten(a: SocketAddrV4, b: SocketAddrV4) {
+    DEST.port.store(a.port().to_be(), Ordering::SeqCst);
+    DEST.addr
+        .store(u32::from(*a.ip()).to_be(), Ordering::SeqCst);
+    NEXT_PORT.store(b.port().to_be(), Ordering::SeqCst);
+    NEXT_ADDR.store(u32::from(*b.ip()).to_be(), Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction is valid; the fields that matter are set
+    // below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = rewrite_dest as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // No SA_RESTART: a held connect restarts anyway (-ERESTARTNOINTR).
+    sa.sa_flags = 0;
+    // SAFETY: sigemptyset and sigaction on valid, owned structs; the
+    // handler only does atomic stores.
+    unsafe {
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()),
+            0,
+            "sigaction"
+        );
+    }
+    // SAFETY: plain syscall; the fd is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: DEST has the layout of a sockaddr_in and lives forever.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            (&DEST as *const SharedSockaddrIn).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let errno = if ret == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    };
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    println!("handled:{} errno:{errno}", HANDLED.load(Ordering::SeqCst));
+}
