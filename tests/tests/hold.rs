@@ -731,11 +731,11 @@ fn connect_rewritten_while_held_is_held_again() {
     );
 }
 
-/// PRODUCT BUG, this test fails: the approval of A above is never consumed
-/// (the restarted connect went to B), and the verdict stays in the
-/// tgid-keyed VERDICTS map for good. A later, separate connect to A by the
-/// same process then passes at once on that stale verdict, with no request
-/// and nobody asked; a later process that reuses the pid would too.
+/// The approval of A above is never consumed (the restarted connect went to
+/// B). It must not outlive that: a later, separate connect to A by the same
+/// process is a new attempt, held as a new request, not let through on the
+/// leftover verdict (the thread's next hooked syscall drops a verdict for
+/// another action).
 #[test]
 fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
     const TEST: &str = "approval_of_an_attempt_never_made_does_not_cover_a_later_one";
