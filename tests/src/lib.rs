@@ -10,6 +10,8 @@ use std::{
 
 use airlock::store::{EventRow, SessionRow, Store};
 
+pub mod held;
+
 /// True when a skipped kernel test must fail instead.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -164,11 +166,19 @@ impl Daemon {
             .expect("spawn airlock run")
     }
 
+    /// `airlock status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.airlock(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status json: {e}: {out:?}\n{}", self.log()))
+    }
+
     /// The approval API's base URL, as the daemon bound it.
     pub fn api(&self) -> String {
-        let out = self.airlock(&["status", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-        v["api"].as_str().expect("api in status").to_string()
+        self.status()["api"]
+            .as_str()
+            .expect("api in status")
+            .to_string()
     }
 
     /// `airlock approvals|approve|deny ...` with a token, against this daemon's API.

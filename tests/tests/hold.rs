@@ -1,14 +1,16 @@
-//! Root tests on this host (no BPF LSM): held execs and connects, decided
-//! over the API, by timeout, or by the process's end.
+//! Held execs and connects, decided over the API, by timeout, or by the
+//! process's end: on the host (no BPF LSM) and in the VMs (BPF LSM).
 
 use std::{
-    io::Read,
     net::TcpListener,
     process::Child,
     time::{Duration, Instant},
 };
 
-use airlock_tests::{Daemon, can_run, in_ci};
+use airlock_tests::{
+    Daemon, can_run,
+    held::{connects_held, exec_held_in_syscall, expect_lsm, finish, last, state_of},
+};
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
 const ALICE: &str = "alice-token-0123456789";
@@ -25,66 +27,6 @@ fn daemon(t: u64, default: &str) -> Daemon {
     ));
     expect_lsm(&d);
     d
-}
-
-/// Waits for an `airlock run` child; returns its stdout.
-fn finish(mut c: Child) -> String {
-    let st = c.wait().expect("wait airlock run");
-    let mut out = String::new();
-    c.stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    let mut err = String::new();
-    c.stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("read");
-    assert!(st.success(), "airlock run failed: {st}\n{out}\n{err}");
-    out
-}
-
-/// The actor's own line comes last, after what the held program printed.
-fn last(out: &str) -> &str {
-    out.lines().last().unwrap_or("").trim()
-}
-
-fn state_of(pid: u64) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')')
-        .next()
-        .and_then(|r| r.trim().chars().next())
-        .unwrap_or('?')
-}
-
-/// In the VM tier (AIRLOCK_EXPECT_LSM=1) the kernel runs BPF LSM: the
-/// daemon must hold inside the syscalls there, not fall back.
-fn expect_lsm(d: &Daemon) {
-    if std::env::var("AIRLOCK_EXPECT_LSM").as_deref() != Ok("1") {
-        return;
-    }
-    let status: serde_json::Value =
-        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
-    let mode = status["mode"].as_str().unwrap_or_default();
-    assert!(
-        mode.starts_with("record and hold with BPF LSM"),
-        "BPF LSM expected, daemon says: {status:#}\n{}",
-        d.log()
-    );
-}
-
-/// True when execve itself waits (BPF LSM): a refused exec then fails with
-/// EPERM; otherwise the exec is stopped after the fact and refused by SIGKILL.
-fn exec_held_in_syscall(d: &Daemon) -> bool {
-    let status: serde_json::Value =
-        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
-    status["can_enforce"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s.as_str().unwrap().starts_with("exec hold: execve waits"))
 }
 
 /// What the actor prints for a refused exec in this mode.
@@ -429,27 +371,6 @@ fn pending_holds_survive_a_daemon_restart() {
         finish(run).trim().ends_with("exit:0"),
         "decided by the restarted daemon"
     );
-}
-
-/// True when this daemon holds connects inside the syscall (BPF LSM, or the
-/// cgroup hook from Linux 6.18). Otherwise says so loudly; fails in CI.
-fn connects_held(d: &Daemon, test: &str) -> bool {
-    let status: serde_json::Value =
-        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
-    let can_hold = status["can_enforce"].as_array().unwrap().iter().any(|s| {
-        s.as_str()
-            .unwrap()
-            .starts_with("connect hold: the syscall waits")
-    });
-    if !can_hold {
-        let why = "this kernel cannot hold a connect (no BPF LSM, cgroup hook before 6.18)";
-        assert!(
-            !in_ci(),
-            "{test}: cannot run and CI=true forbids skipping: {why}"
-        );
-        eprintln!("SKIPPED {test}: {why}");
-    }
-    can_hold
 }
 
 /// The state letter of every thread of `tgid`, by tid.
