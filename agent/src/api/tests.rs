@@ -350,6 +350,62 @@ async fn deny_kills_and_timeout_applies_default() {
     drop(h.broker);
 }
 
+#[tokio::test]
+async fn stream_announces_decisions_to_approvers_only() {
+    let mut h = harness(300).await;
+    assert_eq!(pending(&h).await.len(), 1);
+    let c = reqwest::Client::new();
+    let url = format!("{}/v1/stream", h.base);
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let mut stream = c.get(&url).bearer_auth(ALICE).send().await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let r = c
+        .post(format!("{}/v1/requests/1/deny", h.base))
+        .bearer_auth(ALICE)
+        .json(&serde_json::json!({"reason": "not now"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Read the stream until the resolution arrives (keep-alives aside).
+    let mut text = String::new();
+    let read = async {
+        // Until the resolved event is complete (ends with a blank line).
+        while !text
+            .split("event: resolved")
+            .nth(1)
+            .is_some_and(|rest| rest.contains("\n\n"))
+        {
+            match stream.chunk().await.unwrap() {
+                Some(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
+                None => break,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a resolved event within 10 s");
+    let data = text
+        .lines()
+        .skip_while(|l| *l != "event: resolved")
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no data line: {text:?}"));
+    let r: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (r["id"].as_u64(), r["state"].as_str(), r["reason"].as_str()),
+        (Some(1), Some("denied"), Some("not now"))
+    );
+    let _ = h.child.kill();
+    let _ = h.child.wait();
+}
+
 #[test]
 fn openapi_is_valid_json_naming_every_route() {
     let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
