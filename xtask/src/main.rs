@@ -3,6 +3,7 @@
 
 mod bench;
 mod bootstrap;
+mod demo;
 mod lint;
 mod test;
 mod util;
@@ -52,6 +53,10 @@ enum Cmd {
     },
     /// Only the VM tier: Debian kernels with BPF LSM under QEMU.
     Vm,
+    /// Show the whole loop in a Linux 6.12 VM with BPF LSM: an agent session
+    /// is held, an approver approves over the API, the action completes, the
+    /// record is printed. About two minutes (QEMU without KVM).
+    Demo,
     /// cargo fmt --check and clippy (userspace and the eBPF crate).
     Lint,
     /// Only install the tools (nightly rust-src, bpf-linker).
@@ -90,6 +95,10 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("the VM tier failed");
             }
             Ok(())
+        }
+        Cmd::Demo => {
+            bootstrap::toolchain()?;
+            demo::run()
         }
         Cmd::Lint => {
             bootstrap::toolchain()?;
