@@ -175,7 +175,15 @@ pub fn run() -> anyhow::Result<()> {
             println!("{line}");
         }
     };
-    let console = vm::boot("demo", KERNEL, &vmlinuz, &initrd, LIMIT, &mut show)?;
+    let console = vm::boot(
+        "demo",
+        KERNEL,
+        &vmlinuz,
+        &initrd,
+        vm::Machine::default(),
+        LIMIT,
+        &mut show,
+    )?;
     let problems = check(&console);
     if !problems.is_empty() {
         eprintln!("\n== demo: the whole console:");

@@ -302,6 +302,26 @@ impl Console {
     }
 }
 
+/// How QEMU runs the guest.
+#[derive(Clone, Copy)]
+pub struct Machine {
+    pub cpus: u32,
+    /// Guest time from the instruction count while a vCPU runs, 2^N ns per
+    /// instruction (`-icount shift=N,sleep=on`: idle time still follows the
+    /// host's clock; one host thread for all vCPUs): CPU-bound guest timings
+    /// then do not depend on host load.
+    pub icount_shift: Option<u32>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            icount_shift: None,
+        }
+    }
+}
+
 /// Boots one kernel with an initramfs under QEMU (TCG) with BPF LSM in the
 /// LSM list, handing each console line to `on_line` as it arrives. Kills the
 /// VM after `limit`.
@@ -310,23 +330,26 @@ pub fn boot(
     kernel_series: &str,
     vmlinuz: &Path,
     initrd: &Path,
+    machine: Machine,
     limit: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Console> {
     let log = work_dir().join(format!("{image}-console-{kernel_series}.log"));
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
+    let mut qemu = Command::new("qemu-system-x86_64");
+    match machine.icount_shift {
+        // icount needs single-threaded TCG.
+        Some(n) => qemu.args([
+            "-accel".to_string(),
+            "tcg,thread=single".into(),
+            "-icount".into(),
+            format!("shift={n},sleep=on"),
+        ]),
+        None => qemu.args(["-accel", "tcg"]),
+    };
+    let mut child = qemu
+        .args(["-cpu", "max", "-m", "2048", "-nographic", "-no-reboot"])
+        .arg("-smp")
+        .arg(machine.cpus.to_string())
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -443,6 +466,7 @@ fn run_tests(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Resu
         kernel_series,
         vmlinuz,
         initrd,
+        Machine::default(),
         VM_LIMIT,
         &mut print,
     )?;
