@@ -198,8 +198,11 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
             }
         }
     };
-    // Each round boots nothing new: allow a generous minute per round.
-    let limit = Duration::from_secs(120 + 90 * u64::from(p.rounds));
+    // Measured, on a loaded host: an exec takes up to 60 ms, a connect up to
+    // 7 ms, a daemon start and stop about 30 s (one round with --icount
+    // defaults: 85 s). Leave room for twice that, and for the boot.
+    let round_s = 30 + u64::from(p.execs) * 2 * 60 / 1000 + u64::from(p.connects) * 2 * 7 / 1000;
+    let limit = Duration::from_secs(300 + 2 * round_s * u64::from(p.rounds));
     // With the instruction-count clock, one vCPU: with two, QEMU runs them
     // round-robin on one thread and each one's time counts the other's work.
     let machine = vm::Machine {
