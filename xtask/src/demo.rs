@@ -63,11 +63,11 @@ die() {
     tail -40 /var/log/airlock.log
     exit 1
 }
-# waits up to $1 tenths of a second for the command after it to succeed
+# waits up to $1 seconds for the command after it to succeed
 until_ok() {
-    n=$1; shift
+    end=$(($(date +%s) + $1)); shift
     while ! "$@" >/dev/null 2>&1; do
-        n=$((n - 1)); [ "$n" -gt 0 ] || return 1
+        [ "$(date +%s)" -lt "$end" ] || return 1
         sleep 0.1
     done
 }
@@ -79,7 +79,7 @@ echo
 echo "# airlock daemon &"
 airlock daemon >/var/log/airlock.log 2>&1 &
 DAEMON=$!
-until_ok 600 airlock status || die "the daemon did not answer within 60 s"
+until_ok 60 airlock status || die "the daemon did not answer within 60 s"
 echo "# airlock status | grep -E '^(mode|enforces|api):'"
 airlock status | grep -E '^(mode|enforces|api):'
 
@@ -95,9 +95,11 @@ echo "# airlock run --label agent=demo-agent --label model=opus-4 --label user=a
 done &
 RUNNING=$!
 
-pending() { airlock approvals --pending | grep -q '^ *[0-9]'; }
+# Something waits; or the agent ended without being held (nothing will).
+pending() { airlock approvals --pending | grep -q '^ *[0-9]' || ! kill -0 "$RUNNING" 2>/dev/null; }
 export AIRLOCK_TOKEN=@TOKEN@
-until_ok 600 pending || die "no request was held within 60 s"
+until_ok 60 pending || die "no request was held within 60 s"
+kill -0 "$RUNNING" 2>/dev/null || die "the agent ran to its end and nothing was held"
 
 step "3/5  The deploy is held inside execve(2); bob, the approver, looks at what waits"
 echo "# export AIRLOCK_TOKEN=...     (bob's token from the config)"
@@ -120,7 +122,7 @@ step "5/5  The record: the session, its events, and the decision"
 SESSION=$(sed -n 's/^airlock: session //p' /tmp/agent.out | head -1)
 [ -n "$SESSION" ] || die "airlock run printed no session id"
 ended() { airlock sessions | awk -v s="$SESSION" '$1 == s' | grep -vq running; }
-until_ok 100 ended || die "session $SESSION did not end in the store within 10 s"
+until_ok 10 ended || die "session $SESSION did not end in the store within 10 s"
 show airlock sessions
 echo
 show airlock events "$SESSION"
@@ -223,6 +225,10 @@ fn check(console: &vm::Console) -> Vec<String> {
             .collect::<Vec<_>>()
             .join("\n")
     };
+    if !problems.is_empty() && !console.lines.iter().any(|l| l.starts_with("AIRLOCK-DATA ")) {
+        // The script stopped before its record: nothing more to judge.
+        return problems;
+    }
     let agent = data("agent");
     let ran = format!("deploy: shipping {VERSION} to production");
     if !agent.lines().any(|l| l.starts_with(&ran)) {
