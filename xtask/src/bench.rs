@@ -2,6 +2,8 @@
 //! run. Configurations are interleaved round by round (the machines are
 //! noisy) and medians and ratios are reported, never a single time.
 
+pub mod in_vm;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bootstrap;
+mod demo;
 mod lint;
 mod test;
 mod util;
@@ -36,22 +37,41 @@ enum Cmd {
         no_lint: bool,
     },
     /// Measure overhead and ingest rate (root; installs auditd to compare).
+    /// With --vm: the LSM hooks' cost for unwatched processes, in a Linux
+    /// 6.12 VM with BPF LSM.
     Bench {
-        /// fork+exec iterations per measured round.
-        #[arg(long, default_value_t = 2000)]
-        execs: u32,
-        /// connect/close iterations per measured round.
-        #[arg(long, default_value_t = 5000)]
-        connects: u32,
-        /// Interleaved rounds per configuration (medians are reported).
-        #[arg(long, default_value_t = 5)]
-        rounds: u32,
-        /// Only the approval resume latency.
+        /// fork+exec iterations per measured round [default: 2000; 300 with --vm,
+        /// 100 with --icount].
         #[arg(long)]
+        execs: Option<u32>,
+        /// connect/close iterations per measured round [default: 5000; 3000 with
+        /// --vm, 1000 with --icount].
+        #[arg(long)]
+        connects: Option<u32>,
+        /// Interleaved rounds per configuration (medians are reported)
+        /// [default: 5; 8 with --vm].
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Only the approval resume latency.
+        #[arg(long, conflicts_with = "vm")]
         resume_only: bool,
+        /// Instead of this host: exec and connect loops in one Linux 6.12 VM
+        /// with BPF LSM, with and without the daemon's programs attached
+        /// (the loops unwatched), rounds alternating.
+        #[arg(long)]
+        vm: bool,
+        /// With --vm: the guest's clock counts instructions (QEMU -icount)
+        /// instead of following the host's, so load from other processes
+        /// on the host does not move the figures.
+        #[arg(long, requires = "vm")]
+        icount: bool,
     },
     /// Only the VM tier: Debian kernels with BPF LSM under QEMU.
     Vm,
+    /// Show the whole loop in a Linux 6.12 VM with BPF LSM: an agent session
+    /// is held, an approver approves over the API, the action completes, the
+    /// record is printed. About two minutes (QEMU without KVM).
+    Demo,
     /// cargo fmt --check and clippy (userspace and the eBPF crate).
     Lint,
     /// Only install the tools (nightly rust-src, bpf-linker).
@@ -74,12 +94,23 @@ fn main() -> anyhow::Result<()> {
             connects,
             rounds,
             resume_only,
+            vm,
+            icount,
         } => {
             bootstrap::toolchain()?;
+            if vm {
+                let (e, c, r) = bench::in_vm::defaults(icount);
+                return bench::in_vm::run(&bench::in_vm::Params {
+                    execs: execs.unwrap_or(e),
+                    connects: connects.unwrap_or(c),
+                    rounds: rounds.unwrap_or(r),
+                    icount,
+                });
+            }
             bench::run(bench::Params {
-                execs,
-                connects,
-                rounds,
+                execs: execs.unwrap_or(2000),
+                connects: connects.unwrap_or(5000),
+                rounds: rounds.unwrap_or(5),
                 resume_only,
             })
         }
@@ -90,6 +121,10 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("the VM tier failed");
             }
             Ok(())
+        }
+        Cmd::Demo => {
+            bootstrap::toolchain()?;
+            demo::run()
         }
         Cmd::Lint => {
             bootstrap::toolchain()?;

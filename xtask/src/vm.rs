@@ -145,13 +145,39 @@ pub fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
-/// Builds the initramfs: busybox, bash, the binaries under test at their
-/// host paths (the tests name them so), their shared libraries, and /init.
-pub fn initramfs(airlock: &Path, actor: &Path, tests: &[PathBuf]) -> anyhow::Result<PathBuf> {
-    let root = cache().join("initramfs");
-    let _ = std::fs::remove_dir_all(&root);
+/// What goes into one initramfs: the files to copy in and the shell script
+/// that /init runs after the common set-up (mounts, loopback, PATH). /init
+/// prints `AIRLOCK-VM: kernel ...` before the script and `AIRLOCK-VM: done`
+/// after it, then powers the VM off.
+pub struct Image {
+    /// Names the image's directory and console logs under target/vm.
+    pub name: &'static str,
+    /// (file on the host, path in the VM); ELF files are stripped of debug
+    /// info and bring the shared libraries `ldd` lists.
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// Text files to write into the VM: (path in the VM, contents, mode).
+    pub texts: Vec<(PathBuf, String, u32)>,
+    /// Busybox sh, run by /init.
+    pub script: String,
+}
+
+/// Where images and console logs of this checkout go: under its own target
+/// directory, so checkouts sharing the kernel cache do not overwrite each
+/// other's images.
+pub fn work_dir() -> PathBuf {
+    workspace_root().join("target/vm")
+}
+
+/// Builds the initramfs of `image`: busybox, bash, the image's files and
+/// their shared libraries, and /init. Returns the gzipped cpio archive.
+pub fn initramfs(image: &Image) -> anyhow::Result<PathBuf> {
+    let root = work_dir().join(image.name);
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
     for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "root", "tests", "etc",
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "root", "etc", "run",
+        "var/lib", "var/log",
     ] {
         std::fs::create_dir_all(root.join(d))?;
     }
@@ -162,41 +188,31 @@ pub fn initramfs(airlock: &Path, actor: &Path, tests: &[PathBuf]) -> anyhow::Res
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     )?;
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    let in_root = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     let mut libs = BTreeSet::new();
-    let mut put = |src: &Path, dst: &Path| -> anyhow::Result<()> {
-        let target = root.join(dst.strip_prefix("/").unwrap_or(dst));
+    let bash = (PathBuf::from("/usr/bin/bash"), PathBuf::from("/bin/bash"));
+    for (src, dst) in image.files.iter().chain([&bash]) {
+        let target = in_root(dst);
         if let Some(p) = target.parent() {
             std::fs::create_dir_all(p)?;
         }
         // Debug info makes the test binaries ten times larger: strip it.
-        run(Command::new("strip")
+        let stripped = Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&target)
-            .arg(src))
-        .or_else(|_| {
+            .arg(src)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
             std::fs::copy(src, &target)
-                .map(|_| ())
-                .map_err(anyhow::Error::from)
-        })?;
+                .with_context(|| format!("copying {} into the VM image", src.display()))?;
+        }
         libs.extend(shared_libs(src)?);
-        Ok(())
-    };
-    put(airlock, Path::new("/bin/airlock"))?;
-    put(actor, actor)?;
-    put(Path::new("/usr/bin/bash"), Path::new("/bin/bash"))?;
-    let mut names = Vec::new();
-    for t in tests {
-        let name = t
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("test")
-            .to_string();
-        put(t, &Path::new("/tests").join(&name))?;
-        names.push(name);
     }
     for lib in &libs {
-        let target = root.join(lib.strip_prefix("/").unwrap_or(lib));
+        let target = in_root(lib);
         if let Some(p) = target.parent() {
             std::fs::create_dir_all(p)?;
         }
@@ -204,45 +220,47 @@ pub fn initramfs(airlock: &Path, actor: &Path, tests: &[PathBuf]) -> anyhow::Res
     }
     // The dynamic loader is looked up at /lib64 on x86-64.
     std::fs::create_dir_all(root.join("lib64"))?;
-    let skip: Vec<String> = SKIP.iter().map(|s| format!("--skip {s}")).collect();
     let init = format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s
-export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0 AIRLOCK_EXPECT_LSM=1
+export PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-# No tmpfs on /tmp: the binaries under test sit at their host paths, which
-# may be under /tmp; the initramfs root is writable memory already.
+# No tmpfs on /tmp: the binaries under test may sit at their host paths,
+# which may be under /tmp; the initramfs root is writable memory already.
 mkdir -p /tmp && chmod 1777 /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 echo "AIRLOCK-VM: kernel $(uname -r)"
-/bin/airlock status >/dev/null 2>&1
-for t in {tests}; do
-    /tests/$t --test-threads 1 {skip}
-    echo "AIRLOCK-VM: $t rc=$?"
-done
-echo "AIRLOCK-VM: lsm $(cat /sys/kernel/security/lsm 2>/dev/null)"
-echo "AIRLOCK-VM: dmesg follows"
-dmesg | tail -40
+{script}
 echo "AIRLOCK-VM: done"
 echo o > /proc/sysrq-trigger
 sleep 10
 "#,
-        tests = names.join(" "),
-        skip = skip.join(" ")
+        script = image.script
     );
-    let init_path = root.join("init");
-    std::fs::write(&init_path, init)?;
-    run(Command::new("chmod").arg("755").arg(&init_path))?;
-    let initrd = cache().join("initrd.gz");
+    let texts = image
+        .texts
+        .iter()
+        .map(|(p, t, m)| (p.clone(), t.clone(), *m))
+        .chain([(PathBuf::from("/init"), init, 0o755)]);
+    for (path, text, mode) in texts {
+        use std::os::unix::fs::PermissionsExt;
+        let target = in_root(&path);
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::write(&target, text)?;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+    }
+    let initrd = work_dir().join(format!("{}.initrd.gz", image.name));
     let sh = format!(
-        "cd {} && find . | cpio -o -H newc --quiet | gzip -1 > {}",
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
         root.display(),
         initrd.display()
     );
-    run(Command::new("sh").arg("-c").arg(sh))?;
+    run(Command::new("sh").arg("-c").arg(sh)).context("packing the initramfs")?;
     Ok(initrd)
 }
 
@@ -263,26 +281,75 @@ fn shared_libs(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Boots one kernel with the initramfs and collects the results.
-pub fn boot(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Result<VmResult> {
-    eprintln!(
-        "\n== VM: Linux {kernel_series} ({}) with BPF LSM",
-        vmlinuz.display()
-    );
-    let log_path = cache().join(format!("console-{kernel_series}.log"));
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
+/// What one boot printed.
+pub struct Console {
+    /// Every console line, in order.
+    pub lines: Vec<String>,
+    /// /init reached its end (`AIRLOCK-VM: done`) before the time limit.
+    pub finished: bool,
+    pub elapsed: Duration,
+    /// The whole console, written to a file.
+    pub log: PathBuf,
+}
+
+impl Console {
+    /// Prints the last `n` lines, indented, on stderr.
+    pub fn print_tail(&self, n: usize) {
+        let skip = self.lines.len().saturating_sub(n);
+        for l in &self.lines[skip..] {
+            eprintln!("  | {l}");
+        }
+    }
+}
+
+/// How QEMU runs the guest.
+#[derive(Clone, Copy)]
+pub struct Machine {
+    pub cpus: u32,
+    /// Guest time from the instruction count while a vCPU runs, 2^N ns per
+    /// instruction (`-icount shift=N,sleep=on`: idle time still follows the
+    /// host's clock; one host thread for all vCPUs): CPU-bound guest timings
+    /// then do not depend on host load.
+    pub icount_shift: Option<u32>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            icount_shift: None,
+        }
+    }
+}
+
+/// Boots one kernel with an initramfs under QEMU (TCG) with BPF LSM in the
+/// LSM list, handing each console line to `on_line` as it arrives. Kills the
+/// VM after `limit`.
+pub fn boot(
+    image: &str,
+    kernel_series: &str,
+    vmlinuz: &Path,
+    initrd: &Path,
+    machine: Machine,
+    limit: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> anyhow::Result<Console> {
+    let log = work_dir().join(format!("{image}-console-{kernel_series}.log"));
+    let mut qemu = Command::new("qemu-system-x86_64");
+    match machine.icount_shift {
+        // icount needs single-threaded TCG.
+        Some(n) => qemu.args([
+            "-accel".to_string(),
+            "tcg,thread=single".into(),
+            "-icount".into(),
+            format!("shift={n},sleep=on"),
+        ]),
+        None => qemu.args(["-accel", "tcg"]),
+    };
+    let mut child = qemu
+        .args(["-cpu", "max", "-m", "2048", "-nographic", "-no-reboot"])
+        .arg("-smp")
+        .arg(machine.cpus.to_string())
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -307,91 +374,157 @@ pub fn boot(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Resul
             }
         }
     });
-    let mut console = Vec::new();
-    let mut result = VmResult {
-        kernel: kernel_series.to_string(),
-        passed: 0,
-        failed: 0,
-        ok: true,
-    };
-    let mut saw_done = false;
-    let mut runs = 0;
+    let mut lines = Vec::new();
+    let mut finished = false;
     loop {
-        let left = VM_LIMIT.saturating_sub(started.elapsed());
+        let left = limit.saturating_sub(started.elapsed());
         match rx.recv_timeout(left.max(Duration::from_millis(1))) {
             Ok(line) => {
-                let line = line.trim_end_matches('\r').to_string();
-                if let Some(rest) = line.strip_prefix("AIRLOCK-VM: ") {
-                    eprintln!("vm {kernel_series}: {rest}");
-                    if let Some(k) = rest.strip_prefix("kernel ") {
-                        result.kernel = k.to_string();
-                    }
-                    if let Some((_, rc)) = rest.split_once(" rc=") {
-                        runs += 1;
-                        if rc != "0" {
-                            result.ok = false;
-                        }
-                    }
-                    if rest == "done" {
-                        saw_done = true;
-                    }
-                } else if let Some(r) = line.strip_prefix("test result: ") {
-                    let num = |w: &str| {
-                        r.split(';')
-                            .find_map(|p| p.trim().strip_suffix(w))
-                            .and_then(|n| n.rsplit(' ').next()?.parse::<u64>().ok())
-                            .unwrap_or(0)
-                    };
-                    result.passed += num(" passed");
-                    result.failed += num(" failed");
+                let line = plain(&line);
+                if line == "AIRLOCK-VM: done" {
+                    finished = true;
                 }
-                console.push(line);
+                on_line(&line);
+                lines.push(line);
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                console.push(format!("xtask: VM killed after {VM_LIMIT:?}"));
-                result.ok = false;
+                lines.push(format!("xtask: VM killed after {limit:?}"));
+                finished = false;
                 break;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     let _ = child.wait();
-    std::fs::write(&log_path, console.join("\n"))?;
-    if !saw_done || runs == 0 {
+    std::fs::write(&log, lines.join("\n")).with_context(|| format!("writing {}", log.display()))?;
+    Ok(Console {
+        lines,
+        finished,
+        elapsed: started.elapsed(),
+        log,
+    })
+}
+
+/// A console line without the terminal control sequences the firmware and
+/// the console driver print (reset, clear screen, colours) and carriage returns.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters final-byte; otherwise ESC and one char.
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// The test tier's /init script: every end-to-end test binary, one test at
+/// a time, then the LSM list and the kernel log.
+fn test_script(tests: &[String]) -> String {
+    let skip: Vec<String> = SKIP.iter().map(|s| format!("--skip {s}")).collect();
+    format!(
+        r#"export CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0 AIRLOCK_EXPECT_LSM=1
+/bin/airlock status >/dev/null 2>&1
+for t in {tests}; do
+    /tests/$t --test-threads 1 {skip}
+    echo "AIRLOCK-VM: $t rc=$?"
+done
+echo "AIRLOCK-VM: lsm $(cat /sys/kernel/security/lsm 2>/dev/null)"
+echo "AIRLOCK-VM: dmesg follows"
+dmesg | tail -40"#,
+        tests = tests.join(" "),
+        skip = skip.join(" ")
+    )
+}
+
+/// Boots one kernel with the test image and adds up the results.
+fn run_tests(kernel_series: &str, vmlinuz: &Path, initrd: &Path) -> anyhow::Result<VmResult> {
+    eprintln!(
+        "\n== VM: Linux {kernel_series} ({}) with BPF LSM",
+        vmlinuz.display()
+    );
+    let mut print = |line: &str| {
+        if let Some(rest) = line.strip_prefix("AIRLOCK-VM: ") {
+            eprintln!("vm {kernel_series}: {rest}");
+        }
+    };
+    let console = boot(
+        "tests",
+        kernel_series,
+        vmlinuz,
+        initrd,
+        Machine::default(),
+        VM_LIMIT,
+        &mut print,
+    )?;
+    let mut result = VmResult {
+        kernel: kernel_series.to_string(),
+        passed: 0,
+        failed: 0,
+        ok: console.finished,
+    };
+    let mut runs = 0;
+    for line in &console.lines {
+        if let Some(rest) = line.strip_prefix("AIRLOCK-VM: ") {
+            if let Some(k) = rest.strip_prefix("kernel ") {
+                result.kernel = k.to_string();
+            }
+            if let Some((_, rc)) = rest.split_once(" rc=") {
+                runs += 1;
+                if rc != "0" {
+                    result.ok = false;
+                }
+            }
+        } else if let Some(r) = line.strip_prefix("test result: ") {
+            let num = |w: &str| {
+                r.split(';')
+                    .find_map(|p| p.trim().strip_suffix(w))
+                    .and_then(|n| n.rsplit(' ').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            result.passed += num(" passed");
+            result.failed += num(" failed");
+        }
+    }
+    if runs == 0 {
         result.ok = false;
     }
     eprintln!(
         "vm {kernel_series}: {} passed, {} failed in {:.0} s{}",
         result.passed,
         result.failed,
-        started.elapsed().as_secs_f64(),
+        console.elapsed.as_secs_f64(),
         if result.ok {
             String::new()
         } else {
             format!(
                 " -- FAILED; console log (tests and kernel) at {}",
-                log_path.display()
+                console.log.display()
             )
         }
     );
     if !result.ok {
-        for l in console
-            .iter()
-            .rev()
-            .take(200)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
-            eprintln!("  | {l}");
-        }
+        console.print_tail(200);
     }
     Ok(result)
 }
 
-/// One VM run at a time on this machine: they share the initramfs, the
-/// console logs and two CPUs. Held until the returned file is dropped.
+/// One VM at a time on this machine: two CPUs under emulation leave no
+/// room for a second, and a benchmark's timings need them alone. Held until
+/// the returned file is dropped.
 pub fn lock() -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(cache())?;
     let path = cache().join("vm.lock");
@@ -406,18 +539,58 @@ pub fn lock() -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// The debug `airlock` and `actor` binaries, built if needed.
+pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    crate::util::cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
+    let target = workspace_root().join("target/debug");
+    Ok((target.join("airlock"), target.join("actor")))
+}
+
 /// The whole tier: tools, kernels, initramfs, one boot per kernel.
 pub fn tier() -> anyhow::Result<Vec<VmResult>> {
     tools()?;
     let _lock = lock()?;
-    crate::util::cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
+    let (airlock, actor) = build_binaries()?;
     let tests = test_binaries()?;
-    let target = workspace_root().join("target/debug");
-    let initrd = initramfs(&target.join("airlock"), &target.join("actor"), &tests)?;
+    // The tests name the actor by its host path.
+    let mut files = vec![
+        (airlock, PathBuf::from("/bin/airlock")),
+        (actor.clone(), actor),
+    ];
+    let mut names = Vec::new();
+    for t in tests {
+        let name = t
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("test")
+            .to_string();
+        files.push((t, Path::new("/tests").join(&name)));
+        names.push(name);
+    }
+    let initrd = initramfs(&Image {
+        name: "tests",
+        files,
+        texts: Vec::new(),
+        script: test_script(&names),
+    })?;
     let mut results = Vec::new();
     for series in KERNELS {
         let vmlinuz = kernel(series)?;
-        results.push(boot(series, &vmlinuz, &initrd)?);
+        results.push(run_tests(series, &vmlinuz, &initrd)?);
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_lose_terminal_control() {
+        assert_eq!(
+            plain("\x1bc\x1b[?7l\x1b[2JAIRLOCK-VM: kernel 6.12\r"),
+            "AIRLOCK-VM: kernel 6.12"
+        );
+        assert_eq!(plain("State:\tT (stopped)"), "State:\tT (stopped)");
+    }
 }

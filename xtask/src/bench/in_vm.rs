@@ -1,0 +1,516 @@
+//! `cargo xtask bench --vm`: what the LSM hooks cost processes that are not
+//! watched, on a kernel where BPF LSM is active. One Linux 6.12 VM boots;
+//! its /init alternates rounds of an exec loop and a TCP connect loop with
+//! no daemon ("off") and with the daemon running with hold rules loaded, so
+//! every program (LSM hooks included) is attached, while the loop process is
+//! in no session ("on"). Medians and ratios of the same boot are reported.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+
+use crate::vm::{self, Image};
+
+const KERNEL: &str = "6.12";
+
+/// Loop sizes (execs, connects) and rounds by default: under TCG an exec
+/// costs milliseconds; with the instruction-count clock one thread emulates
+/// everything and the figures vary less, so smaller loops do.
+pub fn defaults(icount: bool) -> (u32, u32, u32) {
+    if icount {
+        (100, 1000, 8)
+    } else {
+        (300, 3000, 8)
+    }
+}
+
+/// The unwatched overhead the project aims for.
+const TARGET: f64 = 1.02;
+
+/// Hold rules the loops never trigger: they only make sure the daemon
+/// attaches its enforcement programs.
+const CONFIG: &str = r#"api_listen = "127.0.0.1:0"
+
+[[rule]]
+name = "bench exec hold"
+action = "hold"
+exec = ["/usr/bin/curl", "/usr/bin/scp"]
+
+[[rule]]
+name = "bench connect hold"
+action = "hold"
+connect = ["203.0.113.0/24"]
+port = 443
+
+[[approver]]
+name = "bench"
+token = "bench-token-0123456789"
+"#;
+
+/// Runs in the VM; prints `AIRLOCK-BENCH ...` lines.
+const SCRIPT: &str = r#"N=@EXECS@; M=@CONNECTS@; R=@ROUNDS@
+say() { echo "AIRLOCK-BENCH $*"; }
+loops() {
+    e=$(/bin/actor time-spawn "$N" /bin/true) || return 1
+    c=$(/bin/actor time-connect "$M") || return 1
+    say "sample round=$1 setup=$2 exec_ns=$e connect_ns=$c"
+}
+off() { loops "$1" off; }
+on() {
+    airlock daemon >>/var/log/airlock.log 2>&1 &
+    d=$!
+    n=600
+    until airlock status >/dev/null 2>&1; do
+        n=$((n - 1))
+        if [ "$n" -le 0 ] || ! kill -0 "$d" 2>/dev/null; then
+            say "error the daemon did not start:"
+            tail -20 /var/log/airlock.log
+            return 1
+        fi
+        sleep 0.1
+    done
+    if [ "$1" = 1 ]; then
+        airlock status | sed 's/^/AIRLOCK-BENCH status /'
+    fi
+    # Steady state, not start-up, is what unwatched processes live with.
+    sleep 2
+    t0=$(cputicks "$d")
+    if [ "$1" = diag ]; then
+        diag "$d" || return 1
+    else
+        loops "$1" on || return 1
+    fi
+    say "daemon round=$1 cpu_ticks=$(($(cputicks "$d") - t0)) $(airlock status | grep '^events:' | tr -s ' ')"
+    kill -TERM "$d"
+    wait "$d"
+    # The programs are pinned and outlive the daemon: detach them for "off".
+    airlock unload >/dev/null || return 1
+    # Let the teardown (detaching, freeing) finish before the next sample.
+    sleep 2
+}
+# utime + stime of a process, in clock ticks
+cputicks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# one line per BPF program the daemon holds: type, id, runs, ns in them
+progs() {
+    for f in /proc/"$1"/fdinfo/*; do
+        awk -v snap="$2" '
+            /^prog_type:/ { t = $2 } /^prog_id:/ { id = $2 }
+            /^run_time_ns:/ { ns = $2 } /^run_cnt:/ { n = $2 }
+            END { if (t != "") print "AIRLOCK-BENCH prog snap=" snap " type=" t " id=" id " runs=" n " ns=" ns }
+        ' "$f" 2>/dev/null
+    done
+}
+# With BPF run-time statistics on (they add two clock reads per run, so
+# none of the rounds above has them): where the time in programs goes.
+diag() {
+    echo 1 >/proc/sys/kernel/bpf_stats_enabled || return 1
+    progs "$1" 0
+    e=$(/bin/actor time-spawn "$N" /bin/true) || return 1
+    progs "$1" 1
+    c=$(/bin/actor time-connect "$M") || return 1
+    progs "$1" 2
+    echo 0 >/proc/sys/kernel/bpf_stats_enabled
+    t=$(cputicks "$1")
+    sleep 5
+    say "diag exec_ns=$e connect_ns=$c idle_5s_ticks=$(($(cputicks "$1") - t))"
+}
+# A discarded round first: right after boot the first loops run slower
+# (measured: up to 2x), whatever the setup.
+/bin/actor time-spawn "$N" /bin/true >/dev/null
+/bin/actor time-connect "$M" >/dev/null
+r=1
+while [ "$r" -le "$R" ]; do
+    if [ $((r % 2)) -eq 1 ]; then
+        off "$r" && on "$r"
+    else
+        on "$r" && off "$r"
+    fi || { say "error round $r failed"; break; }
+    r=$((r + 1))
+done
+on diag || say "error the diagnostic pass failed"
+say "end""#;
+
+pub struct Params {
+    pub execs: u32,
+    pub connects: u32,
+    pub rounds: u32,
+    /// Guest clock from the instruction count (see `vm::Machine`).
+    pub icount: bool,
+}
+
+/// With `--icount`, one guest instruction is 2^0 ns of guest time.
+const ICOUNT_SHIFT: u32 = 0;
+
+/// One round's measurement of one setup, in ns per operation.
+struct Sample {
+    round: u32,
+    on: bool,
+    exec: f64,
+    connect: f64,
+}
+
+pub fn run(p: &Params) -> anyhow::Result<()> {
+    if p.rounds < 2 || p.execs == 0 || p.connects == 0 {
+        bail!("the VM bench needs at least 2 rounds and non-zero loop sizes");
+    }
+    vm::tools()?;
+    let _lock = vm::lock()?;
+    crate::util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "airlock",
+        "-p",
+        "airlock-tests",
+        "--bins",
+    ])?;
+    let target = crate::util::workspace_root().join("target/release");
+    let vmlinuz = vm::kernel(KERNEL)?;
+    let script = SCRIPT
+        .replace("@EXECS@", &p.execs.to_string())
+        .replace("@CONNECTS@", &p.connects.to_string())
+        .replace("@ROUNDS@", &p.rounds.to_string());
+    let initrd = vm::initramfs(&Image {
+        name: "bench",
+        files: vec![
+            (target.join("airlock"), PathBuf::from("/bin/airlock")),
+            (target.join("actor"), PathBuf::from("/bin/actor")),
+        ],
+        texts: vec![(
+            PathBuf::from("/etc/airlock/airlock.toml"),
+            CONFIG.into(),
+            0o600,
+        )],
+        script: SCRIPT_WRAPPER.replace("@SCRIPT@", &script),
+    })?;
+    eprintln!(
+        "\n== bench --vm: Linux {KERNEL} with BPF LSM under QEMU (TCG{}), {} rounds",
+        if p.icount {
+            ", instruction-count clock"
+        } else {
+            ""
+        },
+        p.rounds
+    );
+    let mut show = |line: &str| {
+        if let Some(rest) = line.strip_prefix("AIRLOCK-BENCH ") {
+            if let Some(s) = rest.strip_prefix("sample ") {
+                eprintln!("bench --vm: {s}");
+            } else if rest.starts_with("error") {
+                eprintln!("bench --vm: {rest}");
+            }
+        }
+    };
+    // Measured, on a loaded host: an exec takes up to 60 ms, a connect up to
+    // 7 ms, a daemon start and stop about 30 s (one round with --icount
+    // defaults: 85 s). Leave room for twice that, and for the boot.
+    let round_s = 30 + u64::from(p.execs) * 2 * 60 / 1000 + u64::from(p.connects) * 2 * 7 / 1000;
+    let limit = Duration::from_secs(300 + 2 * round_s * u64::from(p.rounds));
+    // With the instruction-count clock, one vCPU: with two, QEMU runs them
+    // round-robin on one thread and each one's time counts the other's work.
+    let machine = vm::Machine {
+        cpus: if p.icount { 1 } else { 2 },
+        icount_shift: p.icount.then_some(ICOUNT_SHIFT),
+    };
+    let console = vm::boot(
+        "bench", KERNEL, &vmlinuz, &initrd, machine, limit, &mut show,
+    )?;
+    match report(&console, p) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            console.print_tail(80);
+            Err(e.context(format!("console log: {}", console.log.display())))
+        }
+    }
+}
+
+/// /init's part: the bench script, then the kernel's LSM list.
+const SCRIPT_WRAPPER: &str = r#"export RUST_BACKTRACE=0
+@SCRIPT@
+echo "AIRLOCK-BENCH lsm $(cat /sys/kernel/security/lsm 2>/dev/null)""#;
+
+fn report(console: &vm::Console, p: &Params) -> anyhow::Result<()> {
+    let mut samples = Vec::new();
+    let mut status = Vec::new();
+    let mut daemon = Vec::new();
+    let mut progs = Vec::new();
+    let mut diag = None;
+    let mut kernel = String::from(KERNEL);
+    let mut lsm = String::new();
+    let mut ended = false;
+    for line in &console.lines {
+        if let Some(k) = line.strip_prefix("AIRLOCK-VM: kernel ") {
+            kernel = k.to_string();
+        }
+        let Some(rest) = line.strip_prefix("AIRLOCK-BENCH ") else {
+            continue;
+        };
+        if let Some(s) = rest.strip_prefix("sample ") {
+            samples.push(parse_sample(s, p).with_context(|| format!("bad sample line {s:?}"))?);
+        } else if let Some(s) = rest.strip_prefix("status ") {
+            status.push(s.to_string());
+        } else if let Some(s) = rest.strip_prefix("daemon ") {
+            daemon.push(s.to_string());
+        } else if let Some(s) = rest.strip_prefix("prog ") {
+            progs.push(parse_prog(s).with_context(|| format!("bad prog line {s:?}"))?);
+        } else if let Some(s) = rest.strip_prefix("diag ") {
+            diag = Some(s.to_string());
+        } else if let Some(s) = rest.strip_prefix("lsm ") {
+            lsm = s.to_string();
+        } else if rest == "end" {
+            ended = true;
+        } else if rest.starts_with("error") {
+            bail!("the bench in the VM failed: {rest}");
+        }
+    }
+    if !console.finished || !ended {
+        bail!("the VM did not finish the bench");
+    }
+    let expect = 2 * p.rounds as usize;
+    if samples.len() != expect {
+        bail!("{} samples, expected {expect}", samples.len());
+    }
+    let mode = status
+        .iter()
+        .find_map(|l| l.strip_prefix("mode:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    let programs: Vec<&str> = status
+        .iter()
+        .skip_while(|l| !l.starts_with("programs:"))
+        .skip(1)
+        .map(|l| l.trim())
+        .collect();
+    if !lsm.split(',').any(|m| m == "bpf") {
+        bail!("BPF LSM is not active in the VM (lsm={lsm})");
+    }
+    if !programs.iter().any(|p| p.contains("lsm")) {
+        bail!(
+            "the daemon attached no LSM program (mode: {mode}; programs: {})",
+            programs.join(", ")
+        );
+    }
+
+    println!(
+        "\nairlock bench --vm: Linux {kernel} under QEMU TCG ({} vCPUs), active LSMs {lsm}",
+        if p.icount { 1 } else { 2 }
+    );
+    if p.icount {
+        println!(
+            "guest clock: instruction count (-icount shift={ICOUNT_SHIFT},sleep=on: 1 guest instruction = {} ns while the vCPU runs, the host's clock while it idles): host load moves only idle time",
+            1u64 << ICOUNT_SHIFT
+        );
+    } else {
+        println!("guest clock: the host's (wall time; other load on the host is noise here)");
+    }
+    println!("daemon mode: {mode}");
+    println!("attached with the daemon on: {}", programs.join(", "));
+    println!(
+        "{} rounds, alternating off/on and on/off; per round {} fork+exec of /bin/true (busybox) and {} TCP connect+close on loopback",
+        p.rounds, p.execs, p.connects
+    );
+    println!("off = no daemon; on = daemon with hold rules loaded, loop process in no session\n");
+    println!(
+        "{:>5}  {:>12} {:>12} {:>7}  {:>14} {:>14} {:>7}",
+        "round", "exec us off", "exec us on", "ratio", "connect us off", "connect us on", "ratio"
+    );
+    let get = |round: u32, on: bool| samples.iter().find(|s| s.round == round && s.on == on);
+    let (mut exec_ratios, mut conn_ratios) = (Vec::new(), Vec::new());
+    for round in 1..=p.rounds {
+        let (Some(off), Some(on)) = (get(round, false), get(round, true)) else {
+            bail!("round {round} lacks a sample");
+        };
+        exec_ratios.push(on.exec / off.exec);
+        conn_ratios.push(on.connect / off.connect);
+        println!(
+            "{:>5}  {:>12.1} {:>12.1} {:>6.3}x  {:>14.2} {:>14.2} {:>6.3}x",
+            round,
+            off.exec / 1e3,
+            on.exec / 1e3,
+            on.exec / off.exec,
+            off.connect / 1e3,
+            on.connect / 1e3,
+            on.connect / off.connect
+        );
+    }
+    let med = |on: bool, f: fn(&Sample) -> f64| {
+        median(
+            &samples
+                .iter()
+                .filter(|s| s.on == on)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (e_off, e_on) = (med(false, |s| s.exec), med(true, |s| s.exec));
+    let (c_off, c_on) = (med(false, |s| s.connect), med(true, |s| s.connect));
+    println!(
+        "{:>5}  {:>12.1} {:>12.1} {:>6.3}x  {:>14.2} {:>14.2} {:>6.3}x",
+        "med",
+        e_off / 1e3,
+        e_on / 1e3,
+        e_on / e_off,
+        c_off / 1e3,
+        c_on / 1e3,
+        c_on / c_off
+    );
+    let (e_pair, c_pair) = (median(&exec_ratios), median(&conn_ratios));
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}x to {hi:.3}x")
+    };
+    println!(
+        "\nmedian of the per-round ratios: exec {e_pair:.3}x (rounds {}), connect {c_pair:.3}x (rounds {})",
+        spread(&exec_ratios),
+        spread(&conn_ratios)
+    );
+    let verdict = |r: f64| if r <= TARGET { "within" } else { "above" };
+    println!(
+        "target <= {TARGET:.2}x for unwatched processes: exec {} ({e_pair:.3}x), connect {} ({c_pair:.3}x)",
+        verdict(e_pair),
+        verdict(c_pair)
+    );
+    println!(
+        "\nthe daemon while on (CPU in clock ticks of 10 ms; the unwatched loops must record nothing):"
+    );
+    for d in &daemon {
+        println!("  {d}");
+    }
+    match diag {
+        Some(d) => breakdown(&progs, &d, p)?,
+        None => println!("\nno per-program breakdown: the diagnostic pass did not run"),
+    }
+    Ok(())
+}
+
+/// One BPF program's counters at one snapshot.
+struct Prog {
+    snap: u32,
+    kind: String,
+    id: u64,
+    runs: u64,
+    ns: u64,
+}
+
+fn parse_prog(s: &str) -> anyhow::Result<Prog> {
+    let field = |k: &str| {
+        s.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .with_context(|| format!("no {k}"))
+    };
+    Ok(Prog {
+        snap: field("snap")?.parse()?,
+        kind: field("type")?.to_string(),
+        id: field("id")?.parse()?,
+        // Without statistics enabled the kernel omits the counters.
+        runs: field("runs")?.parse().unwrap_or(0),
+        ns: field("ns")?.parse().unwrap_or(0),
+    })
+}
+
+/// Runs and time inside the programs per loop operation, by program type,
+/// from the pass with BPF statistics on.
+fn breakdown(progs: &[Prog], diag: &str, p: &Params) -> anyhow::Result<()> {
+    let field = |k: &str| -> anyhow::Result<f64> {
+        diag.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .with_context(|| format!("no {k} in {diag:?}"))?
+            .parse()
+            .map_err(anyhow::Error::from)
+    };
+    println!(
+        "\ntime inside the BPF programs, by type (one more pass, daemon on, kernel.bpf_stats_enabled=1; not in the ratios above):"
+    );
+    println!(
+        "  the daemon alone, nothing running, over 5 s: {} clock ticks of 10 ms",
+        field("idle_5s_ticks")?
+    );
+    for (name, from, ops, loop_ns) in [
+        ("exec", 0, p.execs, field("exec_ns")?),
+        ("connect", 1, p.connects, field("connect_ns")?),
+    ] {
+        let ops = f64::from(ops);
+        let mut kinds: Vec<&str> = progs.iter().map(|x| x.kind.as_str()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let per_op = loop_ns / ops;
+        println!(
+            "  {name} loop: {:.1} us per {name} with statistics on",
+            per_op / 1e3
+        );
+        let mut total = 0.0;
+        for kind in kinds {
+            let (mut runs, mut ns) = (0u64, 0u64);
+            for a in progs.iter().filter(|x| x.kind == kind && x.snap == from) {
+                if let Some(b) = progs.iter().find(|x| x.snap == from + 1 && x.id == a.id) {
+                    runs += b.runs.saturating_sub(a.runs);
+                    ns += b.ns.saturating_sub(a.ns);
+                }
+            }
+            if runs == 0 {
+                continue;
+            }
+            total += ns as f64 / ops;
+            let kind = prog_type(kind);
+            println!(
+                "    {kind:<18} {:>6.2} runs per {name}, {:>7.0} ns per run, {:>8.2} us per {name}",
+                runs as f64 / ops,
+                ns as f64 / runs as f64,
+                ns as f64 / ops / 1e3
+            );
+        }
+        println!(
+            "    {:<18} {:>8.2} us per {name} = {:.2}% of it",
+            "all programs",
+            total / 1e3,
+            100.0 * total / per_op
+        );
+    }
+    Ok(())
+}
+
+fn parse_sample(s: &str, p: &Params) -> anyhow::Result<Sample> {
+    let field = |k: &str| {
+        s.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .with_context(|| format!("no {k}"))
+    };
+    let exec: f64 = field("exec_ns")?.parse()?;
+    let connect: f64 = field("connect_ns")?.parse()?;
+    Ok(Sample {
+        round: field("round")?.parse()?,
+        on: match field("setup")? {
+            "on" => true,
+            "off" => false,
+            other => bail!("unknown setup {other}"),
+        },
+        exec: exec / f64::from(p.execs),
+        connect: connect / f64::from(p.connects),
+    })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The name of a `bpf_prog_type` number, as fdinfo prints it.
+fn prog_type(n: &str) -> String {
+    let name = match n {
+        "5" => "tracepoint",
+        "17" => "raw_tracepoint",
+        "18" => "cgroup_sock_addr",
+        "26" => "tracing (tp_btf)",
+        "29" => "lsm",
+        "8" => "cgroup_skb",
+        "13" => "sock_ops",
+        other => return format!("type {other}"),
+    };
+    name.to_string()
+}
