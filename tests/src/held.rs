@@ -9,10 +9,11 @@ use std::{
 
 use crate::{Daemon, in_ci};
 
-/// Waits for an `airlock run` child (at most 15 minutes, far beyond any
-/// test under emulation); returns its stdout.
+/// Waits for an `airlock run` child (at most 5 minutes, far beyond any
+/// test under emulation, and within the VM's time limit); returns its
+/// stdout.
 pub fn finish(c: Child) -> String {
-    finish_within(c, Duration::from_secs(900))
+    finish_within(c, Duration::from_secs(300))
 }
 
 /// Waits for an `airlock run` child at most `limit` (killing it after);

@@ -56,6 +56,9 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
+    /// The API's address, asked once per daemon start (every CLI call
+    /// costs milliseconds, tens of them in an emulated VM).
+    api: std::sync::Mutex<Option<String>>,
 }
 
 impl Daemon {
@@ -88,6 +91,7 @@ impl Daemon {
             dir,
             config,
             child: Some(child),
+            api: std::sync::Mutex::new(None),
         };
         d.wait_ready();
         d
@@ -175,10 +179,15 @@ impl Daemon {
 
     /// The approval API's base URL, as the daemon bound it.
     pub fn api(&self) -> String {
-        self.status()["api"]
-            .as_str()
-            .expect("api in status")
-            .to_string()
+        let mut cached = self.api.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .get_or_insert_with(|| {
+                self.status()["api"]
+                    .as_str()
+                    .expect("api in status")
+                    .to_string()
+            })
+            .clone()
     }
 
     /// `airlock approvals|approve|deny ...` with a token, against this daemon's API.
@@ -218,10 +227,15 @@ impl Daemon {
     /// Kills the daemon with SIGKILL, as a crash would: nothing is drained,
     /// its pinned programs stay attached.
     pub fn kill(&mut self) {
+        self.forget_api();
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    fn forget_api(&self) {
+        *self.api.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Starts a daemon again on this store, socket and pins.
@@ -271,6 +285,7 @@ impl Daemon {
 
     /// SIGTERM and wait: the daemon drains and flushes before it exits.
     pub fn stop(&mut self) {
+        self.forget_api();
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill on our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
