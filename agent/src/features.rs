@@ -93,7 +93,14 @@ fn probe() -> Features {
             mounted.push(format!("{fstype} on {target}"));
             true
         } else {
-            false
+            // Another process (a second airlock command starting at the
+            // same moment) may have mounted it meanwhile.
+            let now = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            now.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                let (_, t, ty) = (f.next(), f.next(), f.next());
+                t == Some(target) && ty == Some(fstype)
+            })
         }
     };
     let securityfs = ensure("securityfs", "/sys/kernel/security");

@@ -224,6 +224,8 @@ fn unload_releases_held_tasks_and_detaches_everything() {
     let target = listener.local_addr().unwrap().to_string();
     let run = d.spawn_run(&["user=bob"], &[ACTOR, "connect-timed", &target]);
     d.wait_pending(ALICE, 1);
+    let exec = d.spawn_run(&["user=bob"], &[ACTOR, "run-timed", "/usr/bin/id", "-u"]);
+    d.wait_pending(ALICE, 2);
     let refused = d.airlock(&["unload"]);
     assert!(
         !refused.status.success()
@@ -234,14 +236,30 @@ fn unload_releases_held_tasks_and_detaches_everything() {
     let out = d.airlock(&["unload"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(text.contains("resumed 1 held task"), "{text}");
-    // Unloading does not wait out the heartbeat: the held connect fails now.
-    let out = finish_within(run, Duration::from_secs(5));
+    assert!(text.contains("closed 2 pending request(s)"), "{text}");
+    // Unloading does not wait out the heartbeat: the held connect fails now,
+    // and so does the held exec (EPERM inside execve with BPF LSM, SIGKILL
+    // before its first instruction without).
+    let out = finish_within(run, Duration::from_secs(10));
     assert_eq!(
         out.split_whitespace().last().unwrap_or_default(),
         libc::EPERM.to_string(),
         "{out}"
     );
+    let out = finish_within(exec, Duration::from_secs(10));
+    assert!(
+        out.trim().ends_with("error:1") || out.trim().ends_with("signal:9"),
+        "{out}"
+    );
+    let requests = d.store().requests(None).unwrap();
+    assert_eq!(requests.len(), 2);
+    for r in &requests {
+        assert_eq!(
+            (r.state.name(), r.decided_by.as_deref()),
+            ("failed", Some("unload")),
+            "{r:?}"
+        );
+    }
     let config = std::fs::read_to_string(&d.config).unwrap();
     let pin_dir = config
         .lines()

@@ -2,7 +2,12 @@
 
 use clap::Args;
 
-use crate::{config::Config, sensors::pins::PinDir};
+use crate::{
+    broker::{State, process},
+    config::{Config, FailMode},
+    sensors::pins::PinDir,
+    store::Store,
+};
 
 /// End enforcement left behind by a stopped daemon: the kernel programs
 /// stay attached (pinned) when the daemon exits, so watched sessions keep
@@ -26,16 +31,81 @@ pub fn run(_args: UnloadArgs, config: &Config) -> anyhow::Result<()> {
             lock_path.display()
         );
     }
+    // Which held processes are still there, before resuming any of them.
+    let mut store = if config.db_path().exists() {
+        Some(Store::open(&config.db_path())?)
+    } else {
+        None
+    };
+    let pending = match &store {
+        Some(s) => s.requests(Some("pending"))?,
+        None => Vec::new(),
+    };
+    let alive: Vec<bool> = pending
+        .iter()
+        .map(|r| process::start_time(r.tgid) == Some(r.start_time))
+        .collect();
     let pins = PinDir::new(&config.pin_dir);
-    if !pins.root().exists() {
+    if pins.root().exists() {
+        let resumed = pins.unload()?;
+        println!(
+            "removed {} (programs detached); resumed {resumed} held task(s) with fail mode {}",
+            config.pin_dir.display(),
+            config.fail_mode.name()
+        );
+    } else {
         println!("nothing pinned at {}", config.pin_dir.display());
-        return Ok(());
     }
-    let resumed = pins.unload()?;
-    println!(
-        "removed {} (programs detached); resumed {resumed} held task(s) with fail mode {}",
-        config.pin_dir.display(),
-        config.fail_mode.name()
-    );
+    if let Some(store) = store.as_mut() {
+        close_pending(config, store, pending, &alive)?;
+    }
+    Ok(())
+}
+
+/// Ends the requests still pending: nobody can decide them any more. An
+/// exec held at sched_process_exec (no BPF LSM) is only stopped, so the
+/// fail mode is applied here (closed: SIGKILL, open: SIGCONT); holds inside
+/// a syscall were resumed above and met the fail mode in the kernel.
+fn close_pending(
+    config: &Config,
+    store: &mut Store,
+    pending: Vec<crate::broker::ApprovalRequest>,
+    alive: &[bool],
+) -> anyhow::Result<()> {
+    let open = config.fail_mode == FailMode::Open;
+    let closed = pending.len();
+    for (mut req, alive) in pending.into_iter().zip(alive.iter().copied()) {
+        let outcome = if !alive {
+            req.state = State::Abandoned;
+            "the process ended while no daemon ran".to_string()
+        } else if req.kind == "exec" && !req.in_syscall {
+            req.state = State::Failed;
+            let (sig, what) = if open {
+                (libc::SIGCONT, "resumed: the program runs")
+            } else {
+                (
+                    libc::SIGKILL,
+                    "killed (SIGKILL) before its first instruction",
+                )
+            };
+            match process::signal_if_same(req.tgid, req.start_time, sig) {
+                Ok(()) => format!("airlock unload, fail {}: {what}", config.fail_mode.name()),
+                Err(e) => format!("airlock unload: {e}"),
+            }
+        } else {
+            req.state = State::Failed;
+            format!(
+                "airlock unload, fail {}: resumed; the fail mode answered in the kernel (see the action's record)",
+                config.fail_mode.name()
+            )
+        };
+        req.outcome = Some(outcome);
+        req.decided_at = Some(crate::event::wall_now_ns());
+        req.decided_by = Some("unload".into());
+        store.update_request(&req)?;
+    }
+    if closed > 0 {
+        println!("closed {closed} pending request(s): nobody is left to decide them");
+    }
     Ok(())
 }
