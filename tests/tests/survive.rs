@@ -172,10 +172,7 @@ fn a_task_held_when_the_daemon_died_meets_the_fail_mode_once_resumed() {
     let listener = TcpListener::bind("127.0.0.2:0").unwrap();
     let target = listener.local_addr().unwrap().to_string();
     // The actor lives on for a while after its connect returns.
-    let mut run = d.spawn_run(
-        &["user=bob"],
-        &[ACTOR, "connect-then-linger", &target, "600000"],
-    );
+    let mut run = d.spawn_run(&["user=bob"], &[ACTOR, "connect-timed", &target, "600000"]);
     let held = d.wait_pending(ALICE, 1);
     let session = held[0]["session_id"].as_u64().unwrap();
     let tgid = held[0]["tgid"].as_u64().unwrap() as i32;

@@ -4,7 +4,7 @@
 
 use std::{
     fs::OpenOptions,
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV4},
     os::unix::fs::FileExt,
     sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -46,10 +46,7 @@ pub fn threads_connect(workers: usize, progress: &str, addr: SocketAddr) {
         // Every worker runs before the held action starts.
         wait_all_past(&counts, &vec![0; workers], "before the connect", &stop);
         let errno = s
-            .spawn(|| match TcpStream::connect(addr) {
-                Ok(_) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(-1),
-            })
+            .spawn(|| super::connect_errno(addr))
             .join()
             .expect("connecting thread");
         // Every worker runs again after it.

@@ -11,7 +11,7 @@
 //! actor time-connect N             connect+close to its own loopback listener N times, print the elapsed ns
 //! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
 //! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>", "<ms> signal:<n>" or "<ms> error:<errno>"
-//! actor connect-timed ADDR:PORT    blocking TCP connect, print "<ms> <errno>"
+//! actor connect-timed ADDR:PORT [MS]  blocking TCP connect, print "<ms> <errno>", then stay MS ms
 //! actor now                        print the wall-clock time in ns (a resumed program's first act)
 //! actor seq N PROGRAM [ARGS]       run PROGRAM N times, one after the other
 //! actor connect-stamps N ADDR:PORT connect N times, printing the wall-clock ns as each returns
@@ -38,10 +38,7 @@ fn main() -> ExitCode {
     match a.as_slice() {
         ["connect", addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
-            let errno = match TcpStream::connect(addr) {
-                Ok(_) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(-1),
-            };
+            let errno = connect_errno(addr);
             println!("{errno}");
         }
         ["connect-nonblocking", addr] => {
@@ -147,26 +144,15 @@ fn main() -> ExitCode {
                 _ => println!("{ms} unknown"),
             }
         }
-        ["connect-timed", addr] => {
+        ["connect-timed", addr, linger @ ..] if linger.len() <= 1 => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             let start = Instant::now();
-            let errno = match TcpStream::connect(addr) {
-                Ok(_) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(-1),
-            };
+            let errno = connect_errno(addr);
             println!("{} {errno}", start.elapsed().as_millis());
-        }
-        ["connect-then-linger", addr, ms] => {
-            // As connect-timed, then stays alive for `ms` (so the process
-            // outlives its held connect).
-            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
-            let start = Instant::now();
-            let errno = match TcpStream::connect(addr) {
-                Ok(_) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(-1),
-            };
-            println!("{} {errno}", start.elapsed().as_millis());
-            std::thread::sleep(Duration::from_millis(ms.parse().expect("MS")));
+            if let [ms] = linger {
+                // Outlive the (held) connect by `ms`.
+                std::thread::sleep(Duration::from_millis(ms.parse().expect("MS")));
+            }
         }
         ["now"] => println!("{}", wall_ns()),
         ["seq", n, program, rest @ ..] => {
@@ -177,13 +163,8 @@ fn main() -> ExitCode {
         ["connect-stamps", n, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             for _ in 0..n.parse::<u32>().expect("N") {
-                let r = TcpStream::connect(addr);
-                println!(
-                    "{} {}",
-                    wall_ns(),
-                    r.map(|_| 0)
-                        .unwrap_or_else(|e| e.raw_os_error().unwrap_or(-1))
-                );
+                let errno = connect_errno(addr);
+                println!("{} {errno}", wall_ns());
             }
         }
         ["parallel", n, program] => {
@@ -226,11 +207,7 @@ fn main() -> ExitCode {
             let b: std::net::SocketAddrV4 = b.parse().expect("B:PORT (IPv4)");
             held::connect_rewritten(a, b);
             if rest == ["then-a"] {
-                let errno = match TcpStream::connect(a) {
-                    Ok(_) => 0,
-                    Err(e) => e.raw_os_error().unwrap_or(-1),
-                };
-                println!("again:{errno}");
+                println!("again:{}", connect_errno(a.into()));
             }
         }
         _ => {
@@ -266,4 +243,12 @@ fn wall_ns() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
+}
+
+/// A blocking TCP connect's outcome as an errno (0 = connected).
+pub fn connect_errno(addr: SocketAddr) -> i32 {
+    match TcpStream::connect(addr) {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
 }
