@@ -49,11 +49,7 @@ pub fn last(out: &str) -> &str {
 
 /// The state letter of a process (`T` when stopped), `?` when gone.
 pub fn state_of(pid: u64) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')')
-        .next()
-        .and_then(|r| r.trim().chars().next())
-        .unwrap_or('?')
+    airlock::broker::process::stat(pid as u32).map_or('?', |s| s.0)
 }
 
 /// In the VM tier (AIRLOCK_EXPECT_LSM=1) the kernel runs BPF LSM: the

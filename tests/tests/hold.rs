@@ -379,16 +379,8 @@ fn thread_states(tgid: u64) -> Vec<(u64, char)> {
         .map(|dir| {
             dir.filter_map(Result::ok)
                 .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .map(|tid: u64| {
-                    let stat = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/stat"))
-                        .unwrap_or_default();
-                    let state = stat
-                        .rsplit(')')
-                        .next()
-                        .and_then(|r| r.trim().chars().next())
-                        .unwrap_or('?');
-                    (tid, state)
-                })
+                // /proc/TID/stat is the thread's own stat.
+                .map(|tid: u64| (tid, state_of(tid)))
                 .collect()
         })
         .unwrap_or_default();
@@ -529,8 +521,16 @@ struct Rewritten {
     second: serde_json::Value,
 }
 
-/// Runs `actor connect-rewritten A B EXTRA...` up to B's pending request.
-fn held_then_rewritten(d: &Daemon, extra: &[&str]) -> Rewritten {
+/// Starts a daemon and runs `actor connect-rewritten A B EXTRA...` up to
+/// B's pending request; None when `test` cannot run here.
+fn held_then_rewritten(test: &str, extra: &[&str]) -> Option<(Daemon, Rewritten)> {
+    if !can_run(test) {
+        return None;
+    }
+    let d = daemon(120, "deny");
+    if !connects_held(&d, test) {
+        return None;
+    }
     let (la, lb) = (
         TcpListener::bind("127.0.0.2:0").unwrap(),
         TcpListener::bind("127.0.0.2:0").unwrap(),
@@ -566,9 +566,9 @@ fn held_then_rewritten(d: &Daemon, extra: &[&str]) -> Rewritten {
     // handler, SA_RESTART or not), the handler points the sockaddr at B,
     // and the restarted connect is for B. A's verdict does not match B's
     // digest: B is held as a request of its own.
-    let out = decide(d, "approve", first["id"].as_u64().unwrap(), ALICE);
+    let out = decide(&d, "approve", first["id"].as_u64().unwrap(), ALICE);
     assert!(out.status.success(), "{out:?}");
-    let second = wait_next_pending(d, &first);
+    let second = wait_next_pending(&d, &first);
     assert_eq!(
         (
             second["kind"].as_str(),
@@ -579,32 +579,34 @@ fn held_then_rewritten(d: &Daemon, extra: &[&str]) -> Rewritten {
         "the rewritten connect is held anew: {second:#}"
     );
     wait_all_stopped(tgid, 1);
-    Rewritten {
-        run,
-        la,
-        lb,
-        first,
-        second,
-    }
+    Some((
+        d,
+        Rewritten {
+            run,
+            la,
+            lb,
+            first,
+            second,
+        },
+    ))
 }
 
 #[test]
 fn connect_rewritten_while_held_is_held_again() {
     const TEST: &str = "connect_rewritten_while_held_is_held_again";
-    if !can_run(TEST) {
+    let Some((
+        d,
+        Rewritten {
+            run,
+            la,
+            lb,
+            first,
+            second,
+        },
+    )) = held_then_rewritten(TEST, &[])
+    else {
         return;
-    }
-    let d = daemon(120, "deny");
-    if !connects_held(&d, TEST) {
-        return;
-    }
-    let Rewritten {
-        run,
-        la,
-        lb,
-        first,
-        second,
-    } = held_then_rewritten(&d, &[]);
+    };
     let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
     let out = decide(&d, "deny", second["id"].as_u64().unwrap(), ALICE);
     assert!(out.status.success(), "{out:?}");
@@ -660,20 +662,19 @@ fn connect_rewritten_while_held_is_held_again() {
 #[test]
 fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
     const TEST: &str = "approval_of_an_attempt_never_made_does_not_cover_a_later_one";
-    if !can_run(TEST) {
+    let Some((
+        d,
+        Rewritten {
+            mut run,
+            la,
+            lb: _lb,
+            first,
+            second,
+        },
+    )) = held_then_rewritten(TEST, &["then-a"])
+    else {
         return;
-    }
-    let d = daemon(120, "deny");
-    if !connects_held(&d, TEST) {
-        return;
-    }
-    let Rewritten {
-        mut run,
-        la,
-        lb: _lb,
-        first,
-        second,
-    } = held_then_rewritten(&d, &["then-a"]);
+    };
     let out = decide(&d, "deny", second["id"].as_u64().unwrap(), ALICE);
     assert!(out.status.success(), "{out:?}");
     // The actor now connects to A once more: a new attempt, to be held as a

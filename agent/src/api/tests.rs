@@ -144,11 +144,7 @@ async fn harness(timeout_s: u64) -> Harness {
 }
 
 fn state_of(pid: u32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')')
-        .next()
-        .and_then(|r| r.trim().chars().next())
-        .unwrap_or('?')
+    crate::broker::process::stat(pid).map_or('?', |s| s.0)
 }
 
 async fn pending(h: &Harness) -> Vec<serde_json::Value> {
