@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::util::{cargo, is_root, output, workspace_root};
+use crate::util::{is_root, output};
 
 pub struct Params {
     pub execs: u32,
@@ -52,18 +52,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         bail!("the benchmark loads kernel programs and starts auditd: run it as root");
     }
     crate::bootstrap::apt(&["auditd"])?;
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "airlock",
-        "-p",
-        "airlock-tests",
-        "--bins",
-    ])?;
-    let root = workspace_root();
-    let bin = root.join("target/release/airlock");
-    let actor = root.join("target/release/actor");
+    let (bin, actor) = crate::util::build_binaries(true)?;
     let dir = tempfile_dir()?;
     if p.resume_only {
         resume(&bin, &actor, &dir)?;

@@ -145,7 +145,7 @@ pub fn run() -> anyhow::Result<()> {
     let t0 = Instant::now();
     vm::tools()?;
     let _lock = vm::lock()?;
-    let (airlock, _actor) = vm::build_binaries()?;
+    let (airlock, _actor) = crate::util::build_binaries(false)?;
     let vmlinuz = vm::kernel(KERNEL)?;
     let fill = |s: &str| s.replace("@TOKEN@", TOKEN).replace("@VERSION@", VERSION);
     let initrd = vm::initramfs(&Image {

@@ -78,3 +78,18 @@ pub fn nightly_cargo(args: &[&str]) -> Command {
     }
     c
 }
+
+/// Builds the `airlock` and `actor` binaries (release or debug) and returns
+/// their paths.
+pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend(["-p", "airlock", "-p", "airlock-tests", "--bins"]);
+    cargo(&args)?;
+    let target = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    Ok((target.join("airlock"), target.join("actor")))
+}

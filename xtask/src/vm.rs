@@ -541,18 +541,11 @@ pub fn lock() -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// The debug `airlock` and `actor` binaries, built if needed.
-pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
-    crate::util::cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
-    let target = workspace_root().join("target/debug");
-    Ok((target.join("airlock"), target.join("actor")))
-}
-
 /// The whole tier: tools, kernels, initramfs, one boot per kernel.
 pub fn tier() -> anyhow::Result<Vec<VmResult>> {
     tools()?;
     let _lock = lock()?;
-    let (airlock, actor) = build_binaries()?;
+    let (airlock, actor) = crate::util::build_binaries(false)?;
     let tests = test_binaries()?;
     // The tests name the actor by its host path.
     let mut files = vec![

@@ -155,16 +155,7 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
     }
     vm::tools()?;
     let _lock = vm::lock()?;
-    crate::util::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "airlock",
-        "-p",
-        "airlock-tests",
-        "--bins",
-    ])?;
-    let target = crate::util::workspace_root().join("target/release");
+    let (airlock, actor) = crate::util::build_binaries(true)?;
     let vmlinuz = vm::kernel(KERNEL)?;
     let script = SCRIPT
         .replace("@EXECS@", &p.execs.to_string())
@@ -173,8 +164,8 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
     let initrd = vm::initramfs(&Image {
         name: "bench",
         files: vec![
-            (target.join("airlock"), PathBuf::from("/bin/airlock")),
-            (target.join("actor"), PathBuf::from("/bin/actor")),
+            (airlock, PathBuf::from("/bin/airlock")),
+            (actor, PathBuf::from("/bin/actor")),
         ],
         texts: vec![(
             PathBuf::from("/etc/airlock/airlock.toml"),
