@@ -75,15 +75,8 @@ fn probe() -> Features {
     let root = unsafe_geteuid() == 0;
     let mut mounted = Vec::new();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let has = |fstype: &str, target: &str| {
-        mounts.lines().any(|l| {
-            let mut f = l.split_whitespace();
-            let (_, t, ty) = (f.next(), f.next(), f.next());
-            t == Some(target) && ty == Some(fstype)
-        })
-    };
     let mut ensure = |fstype: &str, target: &str| -> bool {
-        if has(fstype, target) {
+        if is_mounted(&mounts, fstype, target) {
             return true;
         }
         if !root {
@@ -96,11 +89,7 @@ fn probe() -> Features {
             // Another process (a second airlock command starting at the
             // same moment) may have mounted it meanwhile.
             let now = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-            now.lines().any(|l| {
-                let mut f = l.split_whitespace();
-                let (_, t, ty) = (f.next(), f.next(), f.next());
-                t == Some(target) && ty == Some(fstype)
-            })
+            is_mounted(&now, fstype, target)
         }
     };
     let securityfs = ensure("securityfs", "/sys/kernel/security");
@@ -140,6 +129,15 @@ fn probe() -> Features {
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// Whether `/proc/self/mounts` text lists `fstype` mounted on `target`.
+fn is_mounted(mounts: &str, fstype: &str, target: &str) -> bool {
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, t, ty) = (f.next(), f.next(), f.next());
+        t == Some(target) && ty == Some(fstype)
+    })
 }
 
 fn mount(fstype: &str, target: &str) -> bool {
