@@ -157,6 +157,26 @@ pub struct VerdictEntry {
 }
 const _: () = assert!(size_of::<VerdictEntry>() == 16);
 
+/// FNV-1a offset basis, the start of every digest and name hash here.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a prime.
+pub const FNV_PRIME: u64 = 0x100_0000_01b3;
+
+/// FNV-1a over a file name (one path component, no `/`): the key of the
+/// name candidate maps (exec candidates hash an executable's file
+/// name, the file maps a file's or its directory's name). The kernel hashes
+/// the bytes after the last `/` the same way, byte by byte.
+#[inline(always)]
+pub fn name_hash(name: &[u8]) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < name.len() {
+        h = (h ^ name[i] as u64).wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    h
+}
+
 /// FNV-1a over a connect's destination: family, protocol, port and address.
 /// Computed the same way by the kernel and the daemon.
 #[inline(always)]
