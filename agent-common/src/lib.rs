@@ -157,6 +157,11 @@ pub struct VerdictEntry {
 }
 const _: () = assert!(size_of::<VerdictEntry>() == 16);
 
+/// File candidate bit: a file with this name is a candidate.
+pub const FILE_CAND_NAME: u32 = 1 << 0;
+/// File candidate bit: a file in a directory with this name is a candidate.
+pub const FILE_CAND_DIR: u32 = 1 << 1;
+
 /// FNV-1a offset basis, the start of every digest and name hash here.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// FNV-1a prime.

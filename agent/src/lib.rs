@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod event;
 pub mod features;
+pub mod policy;
 pub mod recorder;
 pub mod sensors;
 pub mod stats;

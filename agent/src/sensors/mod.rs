@@ -7,6 +7,8 @@ mod net;
 pub mod pins;
 mod rules;
 
+pub use rules::trie_key;
+
 use std::collections::HashMap as StdHashMap;
 
 use airlock_common::{

@@ -1,0 +1,333 @@
+//! What the kernel must hold and ask about: the policy compiled into the
+//! candidate maps. Always an over-approximation: a candidate that no rule
+//! decides is resumed at once by the daemon; an action that is not a
+//! candidate is never seen by the rules.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use airlock_common::{FILE_CAND_DIR, FILE_CAND_NAME};
+
+use super::{
+    Policy,
+    matchers::is_literal,
+    model::{Cond, Decision, Kind, Leaf},
+};
+
+/// Most network prefixes written into the kernel's trie; past it every
+/// address is a candidate.
+pub const MAX_NET_PREFIXES: usize = 4000;
+
+/// The kernel's share of a policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidates {
+    /// Every exec of a watched session is a candidate.
+    pub exec_all: bool,
+    /// Exact executable paths.
+    pub exec_paths: BTreeSet<String>,
+    /// Executable file names.
+    pub exec_names: BTreeSet<String>,
+    /// Set-user-ID / set-group-ID executables.
+    pub exec_setuid: bool,
+    /// Destination prefixes, IPv6 with IPv4 mapped into ::ffff:0:0/96:
+    /// (prefix length, address).
+    pub net: Vec<(u32, [u8; 16])>,
+    /// File and directory names (FILE_CAND_* bits).
+    pub files: BTreeMap<String, u32>,
+    /// Why every exec (or connect) is a candidate, for `policy check`.
+    pub notes: Vec<String>,
+}
+
+/// Executables a condition could match, or None for any.
+#[derive(Debug, Clone, Default)]
+struct ExecSet {
+    paths: BTreeSet<String>,
+    names: BTreeSet<String>,
+    setuid: bool,
+}
+
+impl ExecSet {
+    fn len(&self) -> usize {
+        self.paths.len() + self.names.len() + usize::from(self.setuid)
+    }
+}
+
+fn exec_set(c: &Cond) -> Option<ExecSet> {
+    match c {
+        Cond::Leaf(Leaf::Exe(pats)) => {
+            let mut s = ExecSet::default();
+            for p in pats {
+                let pat = &p.glob.pattern;
+                let last = pat.rsplit('/').next().unwrap_or(pat);
+                if p.whole_path && p.glob.is_literal() {
+                    s.paths.insert(pat.clone());
+                } else if is_literal(last) && !last.is_empty() {
+                    s.names.insert(last.to_string());
+                } else {
+                    return None;
+                }
+            }
+            Some(s)
+        }
+        Cond::Leaf(Leaf::Setuid(true)) => Some(ExecSet {
+            setuid: true,
+            ..Default::default()
+        }),
+        Cond::Leaf(_) | Cond::Not(_) => None,
+        Cond::All(parts) => parts.iter().filter_map(exec_set).min_by_key(ExecSet::len),
+        Cond::Any(parts) => {
+            let mut s = ExecSet::default();
+            for p in parts {
+                let e = exec_set(p)?;
+                s.paths.extend(e.paths);
+                s.names.extend(e.names);
+                s.setuid |= e.setuid;
+            }
+            Some(s)
+        }
+    }
+}
+
+/// File candidates of a condition: (name, FILE_CAND_* bit), or None when
+/// some path names nothing literally.
+pub fn file_names(c: &Cond) -> Option<Vec<(String, u32)>> {
+    match c {
+        Cond::Leaf(Leaf::Path(pats)) => {
+            let mut out = Vec::new();
+            for p in pats {
+                for g in &p.globs {
+                    let mut parts = g.pattern.rsplit('/');
+                    let last = parts.next().unwrap_or("");
+                    let dir = parts.next().unwrap_or("");
+                    if is_literal(last) && !last.is_empty() {
+                        out.push((last.to_string(), FILE_CAND_NAME));
+                    } else if is_literal(dir) && !dir.is_empty() {
+                        out.push((dir.to_string(), FILE_CAND_DIR));
+                    } else {
+                        return None;
+                    }
+                }
+            }
+            Some(out)
+        }
+        Cond::Leaf(_) | Cond::Not(_) => None,
+        Cond::All(parts) => parts.iter().filter_map(file_names).min_by_key(Vec::len),
+        Cond::Any(parts) => {
+            let mut out = Vec::new();
+            for p in parts {
+                out.extend(file_names(p)?);
+            }
+            Some(out)
+        }
+    }
+}
+
+/// Inclusive ranges over the IPv6 space (IPv4 mapped), sorted, disjoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddrSet(Vec<(u128, u128)>);
+
+impl AddrSet {
+    pub fn all() -> Self {
+        Self(vec![(0, u128::MAX)])
+    }
+
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn of_nets(nets: &[super::matchers::Net]) -> Self {
+        let mut v: Vec<(u128, u128)> = nets
+            .iter()
+            .map(|n| {
+                let (len, addr) = crate::sensors::trie_key(&n.0);
+                let start = u128::from_be_bytes(addr);
+                let host = if len >= 128 { 0 } else { u128::MAX >> len };
+                (start, start | host)
+            })
+            .collect();
+        v.sort();
+        Self(merge(v))
+    }
+
+    fn union(&self, o: &Self) -> Self {
+        let mut v: Vec<_> = self.0.iter().chain(o.0.iter()).copied().collect();
+        v.sort();
+        Self(merge(v))
+    }
+
+    fn complement(&self) -> Self {
+        let mut out = Vec::new();
+        let mut next: Option<u128> = Some(0);
+        for &(a, b) in &self.0 {
+            if let Some(n) = next
+                && a > n
+            {
+                out.push((n, a - 1));
+            }
+            next = b.checked_add(1);
+        }
+        if let Some(n) = next {
+            out.push((n, u128::MAX));
+        }
+        Self(out)
+    }
+
+    fn intersect(&self, o: &Self) -> Self {
+        self.complement().union(&o.complement()).complement()
+    }
+
+    /// The smallest set of prefixes covering exactly these ranges.
+    pub fn prefixes(&self) -> Vec<(u32, [u8; 16])> {
+        let mut out = Vec::new();
+        for &(a, b) in &self.0 {
+            let mut start = a;
+            loop {
+                // Largest aligned block at `start` that stays within b.
+                let mut len = 128 - start.trailing_zeros().min(128);
+                loop {
+                    let host = if len >= 128 { 0 } else { u128::MAX >> len };
+                    if start.checked_add(host).is_some_and(|end| end <= b) {
+                        break;
+                    }
+                    len += 1;
+                }
+                out.push((len, start.to_be_bytes()));
+                let host = if len >= 128 { 0 } else { u128::MAX >> len };
+                match (start | host).checked_add(1) {
+                    Some(n) if n <= b => start = n,
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let v = match addr {
+            IpAddr::V4(a) => u128::from_be_bytes(a.to_ipv6_mapped().octets()),
+            IpAddr::V6(a) => u128::from_be_bytes(a.octets()),
+        };
+        self.0.iter().any(|&(a, b)| a <= v && v <= b)
+    }
+}
+
+fn merge(sorted: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    let mut out: Vec<(u128, u128)> = Vec::new();
+    for (a, b) in sorted {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Addresses where `c` may hold (whatever the other attributes).
+pub fn may(c: &Cond) -> AddrSet {
+    match c {
+        Cond::Leaf(Leaf::Dest(nets)) => AddrSet::of_nets(nets),
+        Cond::Leaf(_) => AddrSet::all(),
+        Cond::All(p) => p
+            .iter()
+            .fold(AddrSet::all(), |acc, c| acc.intersect(&may(c))),
+        Cond::Any(p) => p.iter().fold(AddrSet::empty(), |acc, c| acc.union(&may(c))),
+        Cond::Not(inner) => must(inner).complement(),
+    }
+}
+
+/// Addresses where `c` holds whatever the other attributes are.
+fn must(c: &Cond) -> AddrSet {
+    match c {
+        Cond::Leaf(Leaf::Dest(nets)) => AddrSet::of_nets(nets),
+        Cond::Leaf(_) => AddrSet::empty(),
+        Cond::All(p) => p
+            .iter()
+            .fold(AddrSet::all(), |acc, c| acc.intersect(&must(c))),
+        Cond::Any(p) => p
+            .iter()
+            .fold(AddrSet::empty(), |acc, c| acc.union(&must(c))),
+        Cond::Not(inner) => may(inner).complement(),
+    }
+}
+
+impl Policy {
+    /// The kernel's candidate maps for this policy. Rules that only record
+    /// add nothing; monitor rules do (their would-be decision is recorded).
+    pub fn candidates(&self) -> Candidates {
+        let mut c = Candidates::default();
+        let mut net = AddrSet::empty();
+        for r in self.rules.iter().filter(|r| r.decision != Decision::Record) {
+            match r.kind {
+                Kind::Exec => match exec_set(&r.when) {
+                    Some(s) => {
+                        c.exec_paths.extend(s.paths);
+                        c.exec_names.extend(s.names);
+                        c.exec_setuid |= s.setuid;
+                    }
+                    None => {
+                        c.exec_all = true;
+                        c.notes.push(format!(
+                            "rule {} names no executable by exact path or file name: every exec of a watched session is a candidate (held for a moment while the daemon decides)",
+                            r.id
+                        ));
+                    }
+                },
+                Kind::Connect => net = net.union(&may(&r.when)),
+                Kind::File => {
+                    for (name, bit) in file_names(&r.when).unwrap_or_default() {
+                        *c.files.entry(name).or_default() |= bit;
+                    }
+                }
+            }
+        }
+        let mut prefixes = net.prefixes();
+        if prefixes.len() > MAX_NET_PREFIXES {
+            c.notes.push(format!(
+                "the connect rules need {} address prefixes, more than the kernel map's {MAX_NET_PREFIXES}: every connect is a candidate",
+                prefixes.len()
+            ));
+            prefixes = AddrSet::all().prefixes();
+        }
+        c.net = prefixes;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(nets: &[&str]) -> AddrSet {
+        let nets: Vec<_> = nets
+            .iter()
+            .map(|n| super::super::matchers::Net(n.parse().unwrap()))
+            .collect();
+        AddrSet::of_nets(&nets)
+    }
+
+    #[test]
+    fn complement_and_prefixes_round_trip() {
+        let s = set(&["10.0.0.0/8"]);
+        assert_eq!(s.prefixes().len(), 1);
+        assert_eq!(s.prefixes()[0].0, 104);
+        let c = s.complement();
+        assert!(!c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::1".parse().unwrap()));
+        // The complement of one prefix is one prefix per bit of it.
+        assert_eq!(c.prefixes().len(), 104);
+        assert_eq!(c.complement(), s);
+        assert_eq!(AddrSet::all().prefixes(), vec![(0, [0; 16])]);
+        assert!(
+            set(&["10.0.0.0/8"])
+                .intersect(&set(&["192.168.0.0/16"]))
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! Evaluating a condition against one action.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Component, Path, PathBuf},
+};
+
+use super::{
+    Rule,
+    model::{Access, Cond, Decision, Kind, Leaf, Protocol},
+};
+
+/// Who acts: the session's labels and the process's ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub labels: &'a BTreeMap<String, String>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// An exec, with what matching needs prepared once.
+#[derive(Debug, Clone)]
+pub struct ExecAction {
+    pub path: String,
+    pub argv: Vec<String>,
+    pub parent_exe: Option<String>,
+    /// The executable has the set-user-ID or set-group-ID bit.
+    pub setuid: bool,
+    /// The process's working directory, when known.
+    pub cwd: Option<String>,
+    cmdline: String,
+}
+
+impl ExecAction {
+    pub fn new(path: String, argv: Vec<String>) -> Self {
+        let cmdline = if argv.is_empty() {
+            path.clone()
+        } else {
+            argv.join(" ")
+        };
+        Self {
+            path,
+            argv,
+            parent_exe: None,
+            setuid: false,
+            cwd: None,
+            cmdline,
+        }
+    }
+
+    /// The executable's file name.
+    pub fn name(&self) -> &str {
+        file_name(&self.path)
+    }
+
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    fn args(&self) -> &[String] {
+        self.argv.get(1..).unwrap_or(&[])
+    }
+}
+
+fn file_name(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// An action to decide.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Exec(ExecAction),
+    Connect {
+        addr: IpAddr,
+        port: u16,
+        protocol: Option<Protocol>,
+    },
+    File {
+        path: String,
+        write: bool,
+    },
+}
+
+impl Action {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Exec(_) => Kind::Exec,
+            Self::Connect { .. } => Kind::Connect,
+            Self::File { .. } => Kind::File,
+        }
+    }
+
+    /// One line for logs, messages and `explain`.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Exec(e) => e.cmdline.clone(),
+            Self::Connect { addr, port, .. } => match addr {
+                IpAddr::V6(a) => format!("[{a}]:{port}"),
+                IpAddr::V4(a) => format!("{a}:{port}"),
+            },
+            Self::File { path, write } => {
+                format!("{path} ({})", if *write { "write" } else { "read" })
+            }
+        }
+    }
+}
+
+/// What the policy decided for one action.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome<'p> {
+    pub decision: Decision,
+    /// The deciding rule; None when nothing matched (record).
+    pub rule: Option<&'p Rule>,
+    /// The first monitor rule that matched before the deciding one.
+    pub monitor: Option<&'p Rule>,
+}
+
+/// Whether `c` holds for `action`; `why` collects the conditions that held.
+pub fn matches(c: &Cond, action: &Action, s: &Subject, mut why: Option<&mut Vec<String>>) -> bool {
+    match c {
+        Cond::All(parts) => parts
+            .iter()
+            .all(|p| matches(p, action, s, why.as_deref_mut())),
+        Cond::Any(parts) => parts
+            .iter()
+            .any(|p| matches(p, action, s, why.as_deref_mut())),
+        Cond::Not(inner) => {
+            let held = !matches(inner, action, s, None);
+            if held && let Some(w) = why {
+                w.push("the `not` condition holds".into());
+            }
+            held
+        }
+        Cond::Leaf(l) => {
+            let r = leaf(l, action, s);
+            if let (Some(w), Some(reason)) = (why, r.as_ref()) {
+                w.push(reason.clone());
+            }
+            r.is_some()
+        }
+    }
+}
+
+/// Some(reason) when the leaf holds.
+fn leaf(l: &Leaf, action: &Action, s: &Subject) -> Option<String> {
+    match (l, action) {
+        (Leaf::Labels(wanted), _) => {
+            for (k, globs) in wanted {
+                let v = s.labels.get(k)?;
+                globs.iter().find(|g| g.is_match(v))?;
+            }
+            Some(format!(
+                "labels {}",
+                wanted
+                    .iter()
+                    .map(|(k, _)| format!("{k}={}", s.labels.get(k).map_or("", String::as_str)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+        (Leaf::User(ids), _) => ids
+            .contains(&s.uid)
+            .then(|| format!("uid {} is listed", s.uid)),
+        (Leaf::Group(ids), _) => ids
+            .contains(&s.gid)
+            .then(|| format!("gid {} is listed", s.gid)),
+        (Leaf::Exe(pats), Action::Exec(e)) => {
+            exe_match(pats, &e.path).map(|p| format!("executable {} matches {p:?}", e.path))
+        }
+        (Leaf::ParentExe(pats), Action::Exec(e)) => {
+            let parent = e.parent_exe.as_deref()?;
+            exe_match(pats, parent).map(|p| format!("parent {parent} matches {p:?}"))
+        }
+        (Leaf::Setuid(want), Action::Exec(e)) => (e.setuid == *want).then(|| {
+            if e.setuid {
+                "the executable is set-user-ID or set-group-ID".into()
+            } else {
+                "the executable is not set-user-ID".into()
+            }
+        }),
+        (Leaf::Cmdline(globs), Action::Exec(e)) => globs
+            .iter()
+            .find(|g| g.is_match(&e.cmdline))
+            .map(|g| format!("command line matches {:?}", g.pattern)),
+        (Leaf::CmdlineRegex(res), Action::Exec(e)) => res
+            .iter()
+            .find(|r| r.0.is_match(&e.cmdline))
+            .map(|r| format!("command line matches /{}/", r.0.as_str())),
+        (Leaf::Args(globs), Action::Exec(e)) => e.args().iter().find_map(|a| {
+            globs
+                .iter()
+                .find(|g| g.is_match(a))
+                .map(|g| format!("argument {a:?} matches {:?}", g.pattern))
+        }),
+        (Leaf::ArgsRegex(res), Action::Exec(e)) => e.args().iter().find_map(|a| {
+            res.iter()
+                .find(|r| r.0.is_match(a))
+                .map(|r| format!("argument {a:?} matches /{}/", r.0.as_str()))
+        }),
+        (Leaf::OutsideWorkdir(want), Action::Exec(e)) => {
+            let outside = outside_workdir(e, s.labels.get("workdir").map(String::as_str));
+            (outside.is_some() == *want).then(|| match outside {
+                Some(p) => format!("argument path {p} is outside the workdir"),
+                None => "no argument path is outside the workdir".into(),
+            })
+        }
+        (Leaf::Dest(nets), Action::Connect { addr, .. }) => {
+            let addr = canonical(*addr);
+            nets.iter()
+                .find(|n| n.0.contains(&addr))
+                .map(|n| format!("destination {addr} is in {}", n.0))
+        }
+        (Leaf::Port(ranges), Action::Connect { port, .. }) => ranges
+            .iter()
+            .any(|r| r.0 <= *port && *port <= r.1)
+            .then(|| format!("port {port} is listed")),
+        (Leaf::Protocol(p), Action::Connect { protocol, .. }) => {
+            (*protocol == Some(*p)).then(|| format!("protocol is {p:?}").to_lowercase())
+        }
+        (Leaf::Path(pats), Action::File { path, .. }) => pats
+            .iter()
+            .find(|p| p.is_match(path))
+            .map(|p| format!("path {path} matches {:?}", p.pattern)),
+        (Leaf::Access(a), Action::File { write, .. }) => {
+            let is = if *write { Access::Write } else { Access::Read };
+            (is == *a).then(|| format!("opened for {a:?}").to_lowercase())
+        }
+        // A key of another kind: rejected when the file is read.
+        _ => None,
+    }
+}
+
+fn exe_match<'a>(pats: &'a [super::matchers::ExePattern], path: &str) -> Option<&'a str> {
+    pats.iter()
+        .find(|p| {
+            if p.whole_path {
+                p.glob.is_match(path)
+            } else {
+                p.glob.is_match(file_name(path))
+            }
+        })
+        .map(|p| p.glob.pattern.as_str())
+}
+
+/// IPv4-mapped IPv6 addresses are matched as the IPv4 address they carry.
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The first argument (not an option) that, as a path, lies outside
+/// `workdir`; with no workdir every such argument does.
+fn outside_workdir(e: &ExecAction, workdir: Option<&str>) -> Option<String> {
+    let cwd = Path::new(e.cwd.as_deref().or(workdir).unwrap_or("/"));
+    for a in e.args() {
+        if a.starts_with('-') || a.is_empty() {
+            continue;
+        }
+        let p = normalize(&cwd.join(a));
+        match workdir {
+            Some(w) if p.starts_with(normalize(Path::new(w))) => {}
+            _ => return Some(p.display().to_string()),
+        }
+    }
+    None
+}
+
+/// Resolves `.` and `..` without touching the file system.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,500 @@
+//! Policy files as written: the YAML model, checked while it is read so
+//! every error names its line and column.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+
+use super::matchers::{
+    ExePattern, GroupId, Net, OneOrMany, PathPattern, Ports, Re, TextGlob, UserId, parse_duration,
+};
+use crate::config::OnTimeout;
+
+/// What a rule decides.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Record,
+    Hold,
+    Deny,
+}
+
+impl Decision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Record => "record",
+            Self::Hold => "hold",
+            Self::Deny => "deny",
+        }
+    }
+
+    /// Rank at equal priority: the more severe first.
+    pub fn severity_rank(self) -> u8 {
+        match self {
+            Self::Deny => 0,
+            Self::Hold => 1,
+            Self::Allow => 2,
+            Self::Record => 3,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Allow, Self::Record, Self::Hold, Self::Deny]
+            .into_iter()
+            .find(|d| d.name() == s)
+    }
+}
+
+/// Whether a rule decides or only records what it would have decided.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Monitor,
+}
+
+/// The action kind a rule applies to.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Exec,
+    Connect,
+    File,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Connect => "connect",
+            Self::File => "file",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// One policy file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileModel {
+    pub pack: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub mode: Mode,
+    pub rules: Vec<RuleModel>,
+    #[serde(default)]
+    pub examples: Vec<Example>,
+}
+
+/// One rule, checked as a whole once read.
+#[derive(Debug, Clone)]
+pub struct RuleModel {
+    pub name: String,
+    pub description: String,
+    pub on: Kind,
+    pub when: Cond,
+    pub decision: Decision,
+    pub priority: i64,
+    pub mode: Option<Mode>,
+    pub hold: HoldModel,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleRaw {
+    name: String,
+    #[serde(default)]
+    description: String,
+    on: Kind,
+    when: Cond,
+    decision: Decision,
+    #[serde(default)]
+    priority: i64,
+    mode: Option<Mode>,
+    hold: Option<HoldModel>,
+}
+
+impl<'de> Deserialize<'de> for RuleModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RuleRaw::deserialize(d)?;
+        let name = &raw.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(D::Error::custom(format!(
+                "rule name {name:?}: use letters, digits, `-` and `_`"
+            )));
+        }
+        let mut wrong = Vec::new();
+        raw.when.keys_not_for(raw.on, &mut wrong);
+        if let Some(k) = wrong.first() {
+            return Err(D::Error::custom(format!(
+                "rule {name}: `{k}` does not apply to {} rules (see policies/README.md)",
+                raw.on.name()
+            )));
+        }
+        if raw.hold.is_some() && raw.decision != Decision::Hold {
+            return Err(D::Error::custom(format!(
+                "rule {name}: `hold` settings need `decision: hold`"
+            )));
+        }
+        Ok(Self {
+            name: raw.name,
+            description: raw.description,
+            on: raw.on,
+            when: raw.when,
+            decision: raw.decision,
+            priority: raw.priority,
+            mode: raw.mode,
+            hold: raw.hold.unwrap_or_default(),
+        })
+    }
+}
+
+/// How a hold is decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldModel {
+    pub approvers: Vec<String>,
+    pub groups: Vec<String>,
+    pub approvals: u32,
+    pub timeout_s: u64,
+    pub on_timeout: OnTimeout,
+    pub message: Option<String>,
+}
+
+impl Default for HoldModel {
+    fn default() -> Self {
+        Self {
+            approvers: Vec::new(),
+            groups: Vec::new(),
+            approvals: 1,
+            timeout_s: 300,
+            on_timeout: OnTimeout::Deny,
+            message: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HoldModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            #[serde(default)]
+            approvers: Vec<String>,
+            #[serde(default)]
+            groups: Vec<String>,
+            approvals: Option<u32>,
+            timeout: Option<serde_yaml_ng::Value>,
+            #[serde(default)]
+            on_timeout: OnTimeout,
+            message: Option<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let timeout_s = match raw.timeout {
+            None => 300,
+            Some(serde_yaml_ng::Value::Number(n)) => n
+                .as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| D::Error::custom("timeout must be a positive number of seconds"))?,
+            Some(serde_yaml_ng::Value::String(s)) => {
+                parse_duration(&s).map_err(D::Error::custom)?
+            }
+            Some(_) => return Err(D::Error::custom("timeout: expected 90s, 5m, 1h or seconds")),
+        };
+        let approvals = raw.approvals.unwrap_or(1);
+        if approvals == 0 {
+            return Err(D::Error::custom("approvals must be at least 1"));
+        }
+        if !raw.approvers.is_empty()
+            && (approvals as usize) > raw.approvers.len()
+            && raw.groups.is_empty()
+        {
+            return Err(D::Error::custom(format!(
+                "approvals: {approvals} needs at least that many approvers, {} listed",
+                raw.approvers.len()
+            )));
+        }
+        Ok(Self {
+            approvers: raw.approvers,
+            groups: raw.groups,
+            approvals,
+            timeout_s,
+            on_timeout: raw.on_timeout,
+            message: raw.message,
+        })
+    }
+}
+
+/// A condition: combinators and field matchers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    All(Vec<Cond>),
+    Any(Vec<Cond>),
+    Not(Box<Cond>),
+    Leaf(Leaf),
+}
+
+/// One field matcher.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Leaf {
+    Labels(Vec<(String, Vec<TextGlob>)>),
+    User(Vec<u32>),
+    Group(Vec<u32>),
+    Exe(Vec<ExePattern>),
+    ParentExe(Vec<ExePattern>),
+    Setuid(bool),
+    Cmdline(Vec<TextGlob>),
+    CmdlineRegex(Vec<Re>),
+    Args(Vec<TextGlob>),
+    ArgsRegex(Vec<Re>),
+    OutsideWorkdir(bool),
+    Dest(Vec<Net>),
+    Port(Vec<Ports>),
+    Protocol(Protocol),
+    Path(Vec<PathPattern>),
+    Access(Access),
+}
+
+impl Leaf {
+    /// The key as written.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Labels(_) => "labels",
+            Self::User(_) => "user",
+            Self::Group(_) => "group",
+            Self::Exe(_) => "exe",
+            Self::ParentExe(_) => "parent_exe",
+            Self::Setuid(_) => "setuid",
+            Self::Cmdline(_) => "cmdline",
+            Self::CmdlineRegex(_) => "cmdline_regex",
+            Self::Args(_) => "args",
+            Self::ArgsRegex(_) => "args_regex",
+            Self::OutsideWorkdir(_) => "outside_workdir",
+            Self::Dest(_) => "dest",
+            Self::Port(_) => "port",
+            Self::Protocol(_) => "protocol",
+            Self::Path(_) => "path",
+            Self::Access(_) => "access",
+        }
+    }
+
+    /// The action kind the key belongs to; None for any kind.
+    fn kind(&self) -> Option<Kind> {
+        match self {
+            Self::Labels(_) | Self::User(_) | Self::Group(_) => None,
+            Self::Exe(_)
+            | Self::ParentExe(_)
+            | Self::Setuid(_)
+            | Self::Cmdline(_)
+            | Self::CmdlineRegex(_)
+            | Self::Args(_)
+            | Self::ArgsRegex(_)
+            | Self::OutsideWorkdir(_) => Some(Kind::Exec),
+            Self::Dest(_) | Self::Port(_) | Self::Protocol(_) => Some(Kind::Connect),
+            Self::Path(_) | Self::Access(_) => Some(Kind::File),
+        }
+    }
+}
+
+impl Cond {
+    fn keys_not_for(&self, kind: Kind, out: &mut Vec<&'static str>) {
+        match self {
+            Self::All(c) | Self::Any(c) => c.iter().for_each(|c| c.keys_not_for(kind, out)),
+            Self::Not(c) => c.keys_not_for(kind, out),
+            Self::Leaf(l) => {
+                if l.kind().is_some_and(|k| k != kind) {
+                    out.push(l.key());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CondRaw {
+    all: Option<Vec<Cond>>,
+    any: Option<Vec<Cond>>,
+    not: Option<Box<Cond>>,
+    labels: Option<BTreeMap<String, OneOrMany<TextGlob>>>,
+    user: Option<OneOrMany<UserId>>,
+    group: Option<OneOrMany<GroupId>>,
+    exe: Option<OneOrMany<ExePattern>>,
+    parent_exe: Option<OneOrMany<ExePattern>>,
+    setuid: Option<bool>,
+    cmdline: Option<OneOrMany<TextGlob>>,
+    cmdline_regex: Option<OneOrMany<Re>>,
+    args: Option<OneOrMany<TextGlob>>,
+    args_regex: Option<OneOrMany<Re>>,
+    outside_workdir: Option<bool>,
+    dest: Option<OneOrMany<Net>>,
+    port: Option<OneOrMany<Ports>>,
+    protocol: Option<Protocol>,
+    path: Option<OneOrMany<PathPattern>>,
+    access: Option<Access>,
+}
+
+impl<'de> Deserialize<'de> for Cond {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = CondRaw::deserialize(d)?;
+        let mut parts = Vec::new();
+        if let Some(all) = r.all {
+            if all.is_empty() {
+                return Err(D::Error::custom("`all` needs at least one condition"));
+            }
+            parts.push(Cond::All(all));
+        }
+        if let Some(any) = r.any {
+            if any.is_empty() {
+                return Err(D::Error::custom("`any` needs at least one condition"));
+            }
+            parts.push(Cond::Any(any));
+        }
+        if let Some(not) = r.not {
+            parts.push(Cond::Not(not));
+        }
+        let mut leaf = |l: Leaf| parts.push(Cond::Leaf(l));
+        if let Some(labels) = r.labels {
+            if labels.is_empty() {
+                return Err(D::Error::custom("`labels` needs at least one label"));
+            }
+            leaf(Leaf::Labels(
+                labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
+            ));
+        }
+        if let Some(v) = r.user {
+            leaf(Leaf::User(v.0.into_iter().map(|u| u.0).collect()));
+        }
+        if let Some(v) = r.group {
+            leaf(Leaf::Group(v.0.into_iter().map(|g| g.0).collect()));
+        }
+        if let Some(v) = r.exe {
+            leaf(Leaf::Exe(v.0));
+        }
+        if let Some(v) = r.parent_exe {
+            leaf(Leaf::ParentExe(v.0));
+        }
+        if let Some(v) = r.setuid {
+            leaf(Leaf::Setuid(v));
+        }
+        if let Some(v) = r.cmdline {
+            leaf(Leaf::Cmdline(v.0));
+        }
+        if let Some(v) = r.cmdline_regex {
+            leaf(Leaf::CmdlineRegex(v.0));
+        }
+        if let Some(v) = r.args {
+            leaf(Leaf::Args(v.0));
+        }
+        if let Some(v) = r.args_regex {
+            leaf(Leaf::ArgsRegex(v.0));
+        }
+        if let Some(v) = r.outside_workdir {
+            leaf(Leaf::OutsideWorkdir(v));
+        }
+        if let Some(v) = r.dest {
+            leaf(Leaf::Dest(v.0));
+        }
+        if let Some(v) = r.port {
+            leaf(Leaf::Port(v.0));
+        }
+        if let Some(v) = r.protocol {
+            leaf(Leaf::Protocol(v));
+        }
+        if let Some(v) = r.path {
+            leaf(Leaf::Path(v.0));
+        }
+        if let Some(v) = r.access {
+            leaf(Leaf::Access(v));
+        }
+        match parts.len() {
+            0 => Err(D::Error::custom(
+                "an empty condition: give at least one key (exe, args, dest, path, labels, all, any, not, ...)",
+            )),
+            1 => Ok(parts.pop().unwrap_or(Cond::All(Vec::new()))),
+            _ => Ok(Cond::All(parts)),
+        }
+    }
+}
+
+/// An example in a policy file: an action and the decision it should get.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    pub exec: Option<String>,
+    pub exe: Option<String>,
+    pub connect: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub open: Option<String>,
+    pub access: Option<Access>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub user: Option<u32>,
+    pub group: Option<u32>,
+    pub parent: Option<String>,
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub setuid: bool,
+    pub expect: Expect,
+}
+
+/// What an example expects.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    pub decision: Decision,
+    pub rule: Option<String>,
+    pub monitor: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Expect {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            decision: Decision,
+            rule: Option<String>,
+            monitor: Option<String>,
+        }
+        match serde_yaml_ng::Value::deserialize(d)? {
+            serde_yaml_ng::Value::String(s) => Decision::parse(&s)
+                .map(|decision| Expect {
+                    decision,
+                    rule: None,
+                    monitor: None,
+                })
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "expect: {s:?} is not a decision (allow, record, hold, deny)"
+                    ))
+                }),
+            v => {
+                let f = Full::deserialize(v).map_err(D::Error::custom)?;
+                Ok(Expect {
+                    decision: f.decision,
+                    rule: f.rule,
+                    monitor: f.monitor,
+                })
+            }
+        }
+    }
+}

