@@ -55,6 +55,13 @@ pub const MODE_LSM_CONNECT: u32 = 0;
 /// program holds execs (sched_process_exec then only records).
 pub const MODE_LSM_EXEC: u32 = 1;
 
+/// Slot of the mode array that is 1 while every exec of a watched session
+/// is a candidate (a policy rule names no executable).
+pub const MODE_EXEC_ALL: u32 = 2;
+/// Slot of the mode array that is 1 while set-user-ID and set-group-ID
+/// executables are candidates.
+pub const MODE_EXEC_SETUID: u32 = 3;
+
 /// Slots of the pinned control array (`u64` values), shared by every
 /// generation of the programs and written by the daemon.
 /// The generation whose programs act; programs of any other generation
@@ -229,6 +236,9 @@ pub enum EventKind {
     UdpSend = 102,
     /// A connect that a hold rule stopped; it is re-issued once decided.
     ConnectHeld = 103,
+    /// The daemon's policy decided a candidate action without a human
+    /// (written by the daemon, never by the kernel).
+    Decision = 200,
     /// Events lost before reaching the store, counted by reason.
     Loss = 900,
 }
@@ -244,6 +254,7 @@ impl EventKind {
             101 => Self::Accept,
             102 => Self::UdpSend,
             103 => Self::ConnectHeld,
+            200 => Self::Decision,
             900 => Self::Loss,
             _ => return None,
         })
@@ -259,6 +270,7 @@ impl EventKind {
             Self::Accept => "accept",
             Self::UdpSend => "udp_send",
             Self::ConnectHeld => "connect_held",
+            Self::Decision => "decision",
             Self::Loss => "loss",
         }
     }
@@ -472,10 +484,14 @@ pub struct KernelOffsets {
     pub binprm_filename: u32,
     /// `socket.type` (a short: SOCK_STREAM, SOCK_DGRAM, ...)
     pub socket_type: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// `linux_binprm.file`
+    pub binprm_file: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_mode` (a u16)
+    pub inode_mode: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 56);
+const _: () = assert!(size_of::<KernelOffsets>() == 64);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -493,7 +509,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 72);
+const _: () = assert!(size_of::<AgentConfig>() == 80);
 
 #[cfg(feature = "user")]
 mod pod {

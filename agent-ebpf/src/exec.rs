@@ -5,8 +5,8 @@ use core::mem::offset_of;
 
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
-    EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, FILENAME_MAX, LossReason,
-    MODE_LSM_EXEC, RuleAction,
+    EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
+    FNV_OFFSET, FNV_PRIME, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction,
 };
 use aya_ebpf::{
     helpers::{
@@ -20,8 +20,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        EVENTS, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss, daemon_alive,
-        fail_open, session_of, submit_flags,
+        EVENTS, EXEC_NAMES, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss,
+        daemon_alive, fail_open, session_of, submit_flags,
     },
     task::{header, read},
 };
@@ -108,13 +108,9 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         let _ = EXEC_MARKS.remove(tgid);
     }
     let mut flags = submit_flags();
-    // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed past
-    // the path; the key is copied out by the lookup.
-    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
-    // SAFETY: the rule is copied out at once.
     // With BPF LSM the rules were applied inside execve already.
     let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
-    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied().filter(|_| !lsm) {
+    if let Some(rule) = (!lsm).then(|| exec_candidate(ev, bprm)).flatten() {
         ev.rule_id = rule.rule_id;
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
@@ -150,6 +146,57 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// The candidate entry for this exec, if the policy wants the daemon to
+/// decide it: its exact path, its file name, every exec, or (when asked) a
+/// set-user-ID / set-group-ID executable. `ev.filename` holds the path,
+/// zeroed past its end.
+#[inline(always)]
+pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
+    const ANY: ExecRule = ExecRule {
+        rule_id: 1,
+        action: RuleAction::Hold as u32,
+    };
+    // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed
+    // past the path; the key is copied out by the lookup.
+    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
+    // SAFETY: the rule is copied out at once.
+    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied() {
+        return Some(rule);
+    }
+    if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
+        return Some(ANY);
+    }
+    // FNV-1a of the file name: restarted after every `/`.
+    let n = ev.filename_len as usize;
+    let mut h = FNV_OFFSET;
+    for i in 0..FILENAME_MAX {
+        if i >= n {
+            break;
+        }
+        let b = ev.filename[i];
+        h = if b == b'/' {
+            FNV_OFFSET
+        } else {
+            (h ^ b as u64).wrapping_mul(FNV_PRIME)
+        };
+    }
+    // SAFETY: copied out at once.
+    if let Some(rule) = unsafe { EXEC_NAMES.get(&h) }.copied() {
+        return Some(rule);
+    }
+    if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) {
+        let off = config().offsets;
+        let file: u64 = read(bprm, off.binprm_file).ok()?;
+        let inode: u64 = read(file, off.file_inode).ok()?;
+        let mode: u16 = read(inode, off.inode_mode).ok()?;
+        // S_ISUID | S_ISGID
+        if mode & 0o6000 != 0 {
+            return Some(ANY);
+        }
+    }
+    None
 }
 
 /// Publishes an exec event cut to the argv bytes used (most argv are far

@@ -17,10 +17,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exec::{ARGV_STASH, EXEC_MARKS, output_exec},
+    exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, output_exec},
     maps::{
-        EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, config, count_loss,
-        daemon_alive, fail_open, session_of, take_verdict,
+        EXEC_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, config, count_loss, daemon_alive,
+        fail_open, session_of, take_verdict,
     },
     net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
     task::{header, read},
@@ -189,10 +189,8 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     let len = unsafe { bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut ev.filename) }
         .map(|s| s.len())
         .unwrap_or(0);
-    // SAFETY: the scratch slot is zeroed past the path.
-    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
-    // SAFETY: copied out at once.
-    let Some(rule) = (unsafe { EXEC_RULES.get(key) }).copied() else {
+    ev.filename_len = len as u32;
+    let Some(rule) = exec_candidate(ev, bprm) else {
         let _ = ARGV_STASH.remove(pid_tgid);
         return Ok(LsmVerdict::Allow);
     };

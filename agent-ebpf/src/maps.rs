@@ -31,7 +31,9 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         cred_euid: 0,
         binprm_filename: 0,
         socket_type: 0,
-        _pad: 0,
+        binprm_file: 0,
+        file_inode: 0,
+        inode_mode: 0,
     },
     generation: 0,
 };
@@ -81,6 +83,11 @@ pub static SESSIONS: HashMap<u32, SessionEntry> = HashMap::with_max_entries(6553
 /// its rule list; checked for watched processes only.
 #[map]
 pub static EXEC_RULES: HashMap<[u8; EXEC_RULE_KEY], ExecRule> = HashMap::with_max_entries(4096, 0);
+
+/// Exec candidates by executable file name ([`airlock_common::name_hash`]
+/// of the bytes after the path's last `/`).
+#[map]
+pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 0);
 
 /// Connect rules by destination prefix (IPv6; IPv4 as ::ffff:a.b.c.d).
 #[map]

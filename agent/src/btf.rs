@@ -41,7 +41,9 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         cred_euid: f("cred", "euid")?,
         binprm_filename: f("linux_binprm", "filename")?,
         socket_type: f("socket", "type")?,
-        _pad: 0,
+        binprm_file: f("linux_binprm", "file")?,
+        file_inode: f("file", "f_inode")?,
+        inode_mode: f("inode", "i_mode")?,
     })
 }
 

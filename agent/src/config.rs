@@ -6,8 +6,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use airlock_common::EXEC_RULE_KEY;
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Where the config file is looked for when `--config` is not given.
@@ -58,10 +56,16 @@ pub struct Config {
     /// How old the daemon's heartbeat may be before the kernel side treats
     /// the daemon as gone. Default 5000 (the daemon beats every fifth).
     pub heartbeat_timeout_ms: u64,
-    /// Actions to hold or deny in watched sessions (`[[rule]]`). Default:
-    /// none, everything is only recorded.
-    #[serde(rename = "rule")]
-    pub rules: Vec<Rule>,
+    /// Directories of policy files (`*.yaml`), read in this order; a file
+    /// in a later directory replaces one of the same name in an earlier
+    /// one. Missing directories are skipped. Default
+    /// `["/usr/share/airlock/policies", "/etc/airlock/policies"]`. See
+    /// policies/README.md.
+    pub policy_dirs: Vec<PathBuf>,
+    /// Rules used to live here; they are policy files now. Kept only to
+    /// say so when an old config still has `[[rule]]`.
+    #[serde(rename = "rule", default, skip_serializing)]
+    legacy_rules: Option<toml::Value>,
     /// Who may approve or deny over the API (`[[approver]]`). Default: none.
     #[serde(rename = "approver")]
     pub approvers: Vec<Approver>,
@@ -87,16 +91,6 @@ impl FailMode {
     }
 }
 
-/// What a rule does with a matching action.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleAction {
-    /// Stop the action until a human decides (or the timeout does).
-    Hold,
-    /// Refuse it at once.
-    Deny,
-}
-
 /// How a held action ends when nobody decides in time.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -108,33 +102,6 @@ pub enum OnTimeout {
     Allow,
 }
 
-/// One rule: actions it matches and what happens to them.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    /// Shown to approvers and stored with every request it makes.
-    pub name: String,
-    pub action: RuleAction,
-    /// Absolute paths of executables, as passed to execve.
-    #[serde(default)]
-    pub exec: Vec<PathBuf>,
-    /// Destination networks for connect (CIDR, IPv4 or IPv6).
-    #[serde(default)]
-    pub connect: Vec<IpNet>,
-    /// Only connects to this port (default: any).
-    pub port: Option<u16>,
-    /// Seconds a held action waits for a decision. Default 300.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: u64,
-    /// Decision when the timeout expires. Default deny.
-    #[serde(default)]
-    pub on_timeout: OnTimeout,
-}
-
-fn default_timeout() -> u64 {
-    300
-}
-
 /// An identity allowed to decide over the API.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +111,9 @@ pub struct Approver {
     pub name: String,
     /// Bearer token (at least 16 characters).
     pub token: String,
+    /// Approver groups this approver is in (a hold rule may name groups).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 impl Default for Config {
@@ -159,7 +129,11 @@ impl Default for Config {
             pin_dir: PathBuf::from("/sys/fs/bpf/airlock"),
             fail_mode: FailMode::Closed,
             heartbeat_timeout_ms: 5000,
-            rules: Vec::new(),
+            policy_dirs: vec![
+                PathBuf::from("/usr/share/airlock/policies"),
+                PathBuf::from("/etc/airlock/policies"),
+            ],
+            legacy_rules: None,
             approvers: Vec::new(),
         }
     }
@@ -231,42 +205,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Rules and approvers make sense together: one clear message if not.
+    /// Approvers make sense: one clear message if not.
     fn check_rules(&self) -> Result<(), String> {
-        let mut paths = HashSet::new();
-        let mut nets = HashSet::new();
-        for r in &self.rules {
-            let name = &r.name;
-            if r.exec.is_empty() && r.connect.is_empty() {
-                return Err(format!(
-                    "rule {name:?} matches nothing: give `exec` paths or `connect` networks"
-                ));
-            }
-            if r.port.is_some() && r.connect.is_empty() {
-                return Err(format!("rule {name:?}: `port` needs `connect`"));
-            }
-            for p in &r.exec {
-                let len = p.as_os_str().len();
-                if !p.is_absolute() || len >= EXEC_RULE_KEY {
-                    return Err(format!(
-                        "rule {name:?}: exec path {} must be absolute and under {EXEC_RULE_KEY} bytes",
-                        p.display()
-                    ));
-                }
-                if !paths.insert(p.clone()) {
-                    return Err(format!(
-                        "rule {name:?}: exec path {} is already in another rule",
-                        p.display()
-                    ));
-                }
-            }
-            for n in &r.connect {
-                if !nets.insert(n.trunc()) {
-                    return Err(format!(
-                        "rule {name:?}: network {n} is already in another rule"
-                    ));
-                }
-            }
+        if self.legacy_rules.is_some() {
+            return Err(
+                "`[[rule]]` tables are no longer read here: rules are policy files now (YAML in `policy_dirs`, see policies/README.md)".into(),
+            );
         }
         let mut names = HashSet::new();
         for a in &self.approvers {
@@ -337,36 +281,23 @@ mod tests {
     }
 
     #[test]
-    fn rules_parse_and_are_checked() {
+    fn approvers_parse_and_old_rules_are_refused() {
         let c = Config::parse(
-            "[[rule]]\nname = \"uploads\"\naction = \"hold\"\nexec = [\"/usr/bin/curl\"]\nconnect = [\"10.0.0.0/8\", \"::1/128\"]\nport = 443\ntimeout_s = 5\non_timeout = \"allow\"\n\n[[approver]]\nname = \"alice\"\ntoken = \"0123456789abcdef\"\n",
+            "policy_dirs = [\"/srv/policies\"]\n\n[[approver]]\nname = \"alice\"\ntoken = \"0123456789abcdef\"\ngroups = [\"security\"]\n",
             Path::new("a.toml"),
         )
         .unwrap();
-        assert_eq!(c.rules[0].action, RuleAction::Hold);
-        assert_eq!(c.rules[0].on_timeout, OnTimeout::Allow);
-        assert_eq!(c.rules[0].connect.len(), 2);
         assert_eq!(c.approvers[0].name, "alice");
+        assert_eq!(c.approvers[0].groups, vec!["security"]);
+        assert_eq!(c.policy_dirs, vec![PathBuf::from("/srv/policies")]);
         let bad = |text: &str| {
             Config::parse(text, Path::new("a.toml"))
                 .unwrap_err()
                 .to_string()
         };
-        assert_eq!(
-            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\n"),
-            "a.toml: rule \"x\" matches nothing: give `exec` paths or `connect` networks"
-        );
-        assert_eq!(
-            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\nexec = [\"curl\"]\n"),
-            "a.toml: rule \"x\": exec path curl must be absolute and under 256 bytes"
-        );
         assert!(
-            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\nconnect = [\"10.0.0.300/8\"]\n")
-                .contains("invalid IP address")
-        );
-        assert!(
-            bad("[[rule]]\nname = \"x\"\naction = \"maybe\"\nexec = [\"/a\"]\n")
-                .contains("unknown variant `maybe`")
+            bad("[[rule]]\nname = \"x\"\naction = \"hold\"\nexec = [\"/a\"]\n")
+                .contains("rules are policy files now")
         );
         assert_eq!(
             bad("[[approver]]\nname = \"bob\"\ntoken = \"short\"\n"),

@@ -54,6 +54,9 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
     pub version: String,
+    /// The policy in force and the last reload's outcome.
+    #[serde(default)]
+    pub policy: String,
     pub pid: u32,
     pub mode: String,
     pub kernel: String,
@@ -134,6 +137,8 @@ pub struct Context {
     pub status: StatusReport,
     pub started: std::time::Instant,
     pub allowed_gid: Option<u32>,
+    /// The policy in force, in one line (the reloader keeps it current).
+    pub policy: Arc<std::sync::Mutex<String>>,
 }
 
 /// Binds the socket: stale files are replaced, a live daemon is not.
@@ -302,6 +307,7 @@ async fn status(ctx: &Context) -> StatusReport {
     use std::sync::atomic::Ordering::Relaxed;
     let mut s = ctx.status.clone();
     s.uptime_s = ctx.started.elapsed().as_secs();
+    s.policy = ctx.policy.lock().map(|p| p.clone()).unwrap_or_default();
     s.events = ctx.stats.events();
     s.records_written = ctx.stats.records_written.load(Relaxed);
     s.decode_errors = ctx.stats.decode_errors.load(Relaxed);

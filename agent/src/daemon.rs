@@ -162,7 +162,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut store = Store::open(&config.db_path())?;
     let pid = std::process::id();
     let pins = PinDir::new(&config.pin_dir);
-    let mut sensor = Sensor::load(features, pid, &config, &pins)?;
+    let policy = crate::policy::Policy::load_dirs(&config.policy_dirs).map_err(|e| {
+        anyhow::anyhow!(
+            "the policy does not load (check it with `airlock policy check FILE...`):\n{e}"
+        )
+    })?;
+    store.insert_policy_load(&crate::policy::reload::load_record("start", Ok(&policy)))?;
+    let policy_line = crate::policy::reload::describe(&policy);
+    let candidates = policy.candidates();
+    for note in &candidates.notes {
+        info!("policy: {note}");
+    }
+    let mut sensor = Sensor::load(features, pid, &config, &candidates, &pins)?;
     let roots = take_over_sessions(&mut store, &sensor)?;
     if sensor.took_over {
         sensor.set_recorded_losses(recorded_losses(&store)?);
@@ -200,12 +211,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.fail_mode.name()
     );
     info!(
-        "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {survival}; {} rule(s); kernel {}; store {}; socket {}; approval API http://{}",
+        "airlock daemon {} pid {pid}: mode {}; records {}; enforces {}; {survival}; policy {policy_line} ({}); kernel {}; store {}; socket {}; approval API http://{}",
         env!("CARGO_PKG_VERSION"),
         mode,
         RECORDS.join(", "),
         enforce.join("; "),
-        config.rules.len(),
+        config
+            .policy_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         features.kernel,
         config.db_path().display(),
         config.socket_path.display(),
@@ -213,6 +229,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
     let status = StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
+        policy: String::new(),
         pid,
         mode: mode.into(),
         kernel: features.kernel.clone(),
@@ -252,8 +269,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let (sensor_tx, sensor_rx) = mpsc::channel(64);
         let (broker_tx, broker_rx) = mpsc::channel(1024);
         let (updates, _) = tokio::sync::broadcast::channel(256);
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+        let policy_summary = Arc::new(std::sync::Mutex::new(format!(
+            "{policy_line}; loaded at start"
+        )));
+        let reloader = crate::policy::reload::Reloader {
+            dirs: config.policy_dirs.clone(),
+            policy: policy_tx,
+            sensor: sensor_tx.clone(),
+            recorder: rec_tx.clone(),
+            summary: policy_summary.clone(),
+        };
+        tokio::spawn(reloader.run(shutdown_rx.clone()));
         let broker = crate::broker::Broker::new(
-            config.rules.clone(),
+            policy_rx,
+            config.approvers.clone(),
             rec_tx.clone(),
             sensor_tx.clone(),
             updates.clone(),
@@ -280,6 +310,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             status,
             started: std::time::Instant::now(),
             allowed_gid,
+            policy: policy_summary,
         });
         let mut sensor_task = tokio::spawn(sensor.run(
             sensor_rx,

@@ -99,6 +99,25 @@ pub enum Detail {
         reason: &'static str,
         count: u64,
     },
+    /// The policy's decision on a candidate action (written by the daemon).
+    Decision {
+        /// "exec", "connect" or "file".
+        action: &'static str,
+        /// The command line, the destination, or the path.
+        target: String,
+        /// allow, record, hold or deny.
+        decision: &'static str,
+        /// The deciding rule (`pack/rule`); absent when none matched.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// A monitor rule's would-be decision: "would hold by pack/rule".
+        #[serde(skip_serializing_if = "Option::is_none")]
+        monitor: Option<String>,
+        /// What the process saw, or the request filed for a hold.
+        outcome: String,
+        /// From the kernel's event to the decision carried out, in µs.
+        decided_in_us: u64,
+    },
 }
 
 /// How a process ended, decoded from `task->exit_code` (a wait status).
@@ -268,7 +287,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                 rule_id: (n.rule_id != 0).then_some(n.rule_id),
             }
         }
-        EventKind::Loss => return Err(DecodeError::UnknownKind(h.kind)),
+        EventKind::Loss | EventKind::Decision => return Err(DecodeError::UnknownKind(h.kind)),
     };
     Ok(Record {
         session_id: h.session_id,

@@ -32,6 +32,8 @@ pub enum RecorderMsg {
         session: NewSession,
         reply: oneshot::Sender<Result<u64, String>>,
     },
+    /// Store a policy load or reload.
+    PolicyLoad(Box<crate::store::PolicyLoad>),
 }
 
 /// Runs until every sender is dropped, then returns after the last write.
@@ -85,6 +87,11 @@ fn handle(
             // The held action's own record goes first.
             flush(store, batch, roots, stats);
             let _ = reply.send(store.create_request(&mut req).map_err(|e| e.to_string()));
+        }
+        RecorderMsg::PolicyLoad(load) => {
+            if let Err(e) = store.insert_policy_load(&load) {
+                error!(error = %e, "storing a policy load");
+            }
         }
         RecorderMsg::UpdateRequest { req, reply } => {
             flush(store, batch, roots, stats);

@@ -254,7 +254,10 @@ async fn decide(
         Ok(r) => Json(r).into_response(),
         Err(e @ DecideError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ DecideError::AlreadyDecided { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e @ DecideError::SelfApproval { .. }) => error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e @ (DecideError::SelfApproval { .. } | DecideError::NotAnApprover { .. })) => {
+            error(StatusCode::FORBIDDEN, e.to_string())
+        }
+        Err(e @ DecideError::AlreadyApproved { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ DecideError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -10,7 +10,6 @@ use tokio::sync::{broadcast, mpsc, watch};
 use super::*;
 use crate::{
     broker::Broker,
-    config::{OnTimeout, Rule, RuleAction},
     event::{Detail, EventKindName, HoldInfo, Record},
     stats::Stats,
     store::NewSession,
@@ -18,6 +17,7 @@ use crate::{
 
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789ab";
+const CAROL: &str = "carol-token-0123456789";
 
 struct Harness {
     base: String,
@@ -28,6 +28,15 @@ struct Harness {
 }
 
 async fn harness(timeout_s: u64) -> Harness {
+    let policy = format!(
+        "pack: t\nrules:\n  - name: hold-sleep\n    on: exec\n    when: {{exe: sleep, args: \"30\"}}\n    decision: hold\n    hold: {{timeout: {timeout_s}, message: \"{{agent}} wants {{command}}\"}}\n"
+    );
+    harness_with(&policy, "30").await
+}
+
+/// A broker and API under `policy`, with `/bin/sleep ARG` stopped and
+/// handed to the broker as a held exec.
+async fn harness_with(policy: &str, arg: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("airlock.db");
     let mut store = Store::open(&db).unwrap();
@@ -56,17 +65,29 @@ async fn harness(timeout_s: u64) -> Harness {
     });
     let (sensor_tx, _sensor_rx) = mpsc::channel(16);
     let (updates, _) = broadcast::channel(16);
-    let rule = Rule {
-        name: "hold sleep".into(),
-        action: RuleAction::Hold,
-        exec: vec!["/bin/sleep".into()],
-        connect: vec![],
-        port: None,
-        timeout_s,
-        on_timeout: OnTimeout::Deny,
-    };
+    let policy =
+        crate::policy::Policy::from_sources(&[("t.yaml".into(), policy.to_string())]).unwrap();
+    let (_policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let approvers = [
+        Approver {
+            name: "alice".into(),
+            token: ALICE.into(),
+            groups: vec!["security".into()],
+        },
+        Approver {
+            name: "bob".into(),
+            token: BOB.into(),
+            groups: vec![],
+        },
+        Approver {
+            name: "carol".into(),
+            token: CAROL.into(),
+            groups: vec!["security".into()],
+        },
+    ];
     let broker = Broker::new(
-        vec![rule],
+        policy_rx,
+        approvers.to_vec(),
         rec_tx,
         sensor_tx,
         updates.clone(),
@@ -76,16 +97,6 @@ async fn harness(timeout_s: u64) -> Harness {
     );
     let (broker_tx, broker_rx) = mpsc::channel(16);
     tokio::spawn(broker.run(broker_rx));
-    let approvers = [
-        Approver {
-            name: "alice".into(),
-            token: ALICE.into(),
-        },
-        Approver {
-            name: "bob".into(),
-            token: BOB.into(),
-        },
-    ];
     let state = Arc::new(ApiState::new(broker_tx.clone(), &approvers, db, updates));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -93,7 +104,7 @@ async fn harness(timeout_s: u64) -> Harness {
     tokio::spawn(serve(listener, state, rx));
 
     // A real process, stopped as the kernel program stops a held exec.
-    let child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+    let child = Command::new("/bin/sleep").arg(arg).spawn().unwrap();
     let pid = child.id();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
@@ -110,7 +121,7 @@ async fn harness(timeout_s: u64) -> Harness {
         cgroup_id: 0,
         detail: Detail::Exec {
             path: "/bin/sleep".into(),
-            argv: vec!["/bin/sleep".into(), "30".into()],
+            argv: vec!["/bin/sleep".into(), arg.into()],
             argv_truncated: false,
             path_truncated: false,
             argv_unreadable: false,
@@ -175,8 +186,9 @@ async fn approve_flow_with_auth_errors_and_no_self_approval() {
     let r = &reqs[0];
     assert_eq!(
         (r["id"].as_u64(), r["kind"].as_str(), r["rule"].as_str()),
-        (Some(1), Some("exec"), Some("hold sleep"))
+        (Some(1), Some("exec"), Some("t/hold-sleep"))
     );
+    assert_eq!(r["message"], "codex wants /bin/sleep 30");
     assert_eq!(r["labels"]["agent"], "codex");
     assert_eq!(r["action"]["argv"], serde_json::json!(["/bin/sleep", "30"]));
     assert_eq!(r["ancestry"][0]["pid"], h.child.id());
@@ -414,4 +426,83 @@ fn openapi_is_valid_json_naming_every_route() {
     ] {
         assert!(doc["paths"].get(p).is_some(), "{p} documented");
     }
+}
+
+async fn decide(h: &Harness, token: &str, verb: &str) -> (StatusCode, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/requests/1/{verb}", h.base))
+        .bearer_auth(token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn two_approvals_from_a_group_are_needed_and_others_may_not_decide() {
+    let policy = "pack: t\nrules:\n  - name: two\n    on: exec\n    when: {exe: sleep}\n    decision: hold\n    hold: {groups: [security], approvals: 2}\n";
+    let mut h = harness_with(policy, "33").await;
+    assert_eq!(pending(&h).await.len(), 1);
+    // bob is an approver, but not in the group the rule names.
+    let (status, body) = decide(&h, BOB, "approve").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = decide(&h, ALICE, "approve").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "pending");
+    assert_eq!(body["approvals"][0]["by"], "alice");
+    assert_eq!(
+        state_of(h.child.id()),
+        'T',
+        "one approval of two: still held"
+    );
+    let (status, _) = decide(&h, ALICE, "approve").await;
+    assert_eq!(status, StatusCode::CONFLICT, "the same approver twice");
+    let (status, body) = decide(&h, CAROL, "approve").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "approved");
+    assert_eq!(body["decided_by"], "alice, carol");
+    assert_ne!(
+        state_of(h.child.id()),
+        'T',
+        "resumed after the second approval"
+    );
+    let _ = h.child.kill();
+}
+
+#[tokio::test]
+async fn candidates_no_hold_rule_matches_are_resumed_at_once_and_recorded() {
+    // The kernel held `sleep 34` as a candidate (the rule names sleep), but
+    // the rule wants another argument: the broker resumes it without a
+    // request and records the decision.
+    let policy = "pack: t\nrules:\n  - name: long-sleep\n    on: exec\n    when: {exe: sleep, args: \"3600\"}\n    decision: hold\n  - name: watch-sleep\n    on: exec\n    mode: monitor\n    when: {exe: sleep}\n    decision: deny\n";
+    let mut h = harness_with(policy, "34").await;
+    let mut state = 'T';
+    for _ in 0..200 {
+        state = state_of(h.child.id());
+        if state != 'T' {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(state, 'T', "resumed without a human");
+    assert!(pending(&h).await.is_empty(), "no request");
+    let db = h._dir.path().join("airlock.db");
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = Store::open_read_only(&db).unwrap().events(1).unwrap();
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = &rows
+        .iter()
+        .find(|r| r.kind == "decision")
+        .expect("a decision record")
+        .detail;
+    assert_eq!(d["decision"], "record");
+    assert_eq!(d["monitor"], "would deny by t/watch-sleep");
+    assert_eq!(d["outcome"], "resumed: the program runs");
+    let _ = h.child.kill();
 }

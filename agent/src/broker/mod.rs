@@ -11,14 +11,15 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{info, info_span, warn};
 
 pub use process::Ancestor;
 
 use crate::{
-    config::{OnTimeout, Rule},
-    event::{HoldInfo, Record, wall_now_ns},
+    config::{Approver, OnTimeout},
+    event::{Detail, EventKindName, HoldInfo, Record, wall_now_ns},
+    policy::{Action, Decision, Policy, Subject},
     recorder::RecorderMsg,
     sensors::Command as SensorCommand,
 };
@@ -99,6 +100,36 @@ pub struct ApprovalRequest {
     /// decision is a one-shot verdict the re-issued syscall consumes.
     #[serde(default)]
     pub in_syscall: bool,
+    /// The rule's message for approvers, placeholders filled in.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// A monitor rule that matched first: "would deny by pack/rule".
+    #[serde(default)]
+    pub monitor: Option<String>,
+    /// Who may decide: these approvers or members of these groups; both
+    /// empty means any configured approver.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Distinct approvals needed (one denial is final).
+    #[serde(default = "one")]
+    pub approvals_needed: u32,
+    /// Approvals given so far.
+    #[serde(default)]
+    pub approvals: Vec<Approval>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One approver's approval of a request that needs several.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Approval {
+    pub by: String,
+    pub at: i64,
+    pub reason: Option<String>,
 }
 
 /// Why a decision was refused.
@@ -112,6 +143,10 @@ pub enum DecideError {
         "{who} cannot decide request {id}: the session runs on their behalf (no self-approval)"
     )]
     SelfApproval { id: u64, who: String },
+    #[error("{who} may not decide request {id}: its rule names other approvers")]
+    NotAnApprover { id: u64, who: String },
+    #[error("{who} has already approved request {id}; it needs {needed} distinct approvals")]
+    AlreadyApproved { id: u64, who: String, needed: u32 },
     #[error("the broker has stopped")]
     Stopped,
 }
@@ -132,7 +167,8 @@ pub enum BrokerMsg {
 }
 
 pub struct Broker {
-    rules: Vec<Rule>,
+    policy: watch::Receiver<Arc<Policy>>,
+    approvers: Vec<Approver>,
     pending: HashMap<u64, ApprovalRequest>,
     recorder: mpsc::Sender<RecorderMsg>,
     sensor: mpsc::Sender<SensorCommand>,
@@ -146,8 +182,10 @@ pub struct Broker {
 }
 
 impl Broker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        rules: Vec<Rule>,
+        policy: watch::Receiver<Arc<Policy>>,
+        approvers: Vec<Approver>,
         recorder: mpsc::Sender<RecorderMsg>,
         sensor: mpsc::Sender<SensorCommand>,
         updates: broadcast::Sender<ApprovalRequest>,
@@ -156,7 +194,8 @@ impl Broker {
         ended: std::collections::HashSet<u64>,
     ) -> Self {
         Self {
-            rules,
+            policy,
+            approvers,
             pending: pending.into_iter().map(|r| (r.id, r)).collect(),
             ended,
             labels: HashMap::new(),
@@ -258,21 +297,9 @@ impl Broker {
     }
 
     async fn held(&mut self, record: Record, hold: HoldInfo) {
-        let Some(rule) = self
-            .rules
-            .get(hold.rule_id.wrapping_sub(1) as usize)
-            .cloned()
-        else {
-            warn!(
-                rule_id = hold.rule_id,
-                "hold for an unknown rule: refusing it"
-            );
-            return;
-        };
-        let kind = if record.kind.0 == airlock_common::EventKind::Exec {
-            "exec"
-        } else {
-            "connect"
+        let kind = match record.detail {
+            Detail::Exec { .. } => "exec",
+            _ => "connect",
         };
         if self
             .pending
@@ -283,6 +310,46 @@ impl Broker {
             return;
         }
         let labels = self.labels(record.session_id).await;
+        let target = Target {
+            kind,
+            pid: record.pid,
+            tgid: record.tgid,
+            start_time: process::start_time(record.tgid).unwrap_or(0),
+            digest: hold.digest,
+            in_syscall: hold.in_syscall,
+        };
+        let Some(action) = action_of(&record) else {
+            warn!(kind, "a held action without its details: refusing it");
+            let _ = self.apply(&target, false).await;
+            return;
+        };
+        let policy = self.policy.borrow().clone();
+        let subject = Subject {
+            labels: &labels,
+            uid: record.uid,
+            gid: record.gid,
+        };
+        let out = policy.evaluate(&action, &subject);
+        let monitor = out
+            .monitor
+            .map(|r| format!("would {} by {}", r.decision.name(), r.id));
+        let rule = match (out.decision, out.rule) {
+            (Decision::Hold, Some(rule)) => rule.clone(),
+            (decision, rule) => {
+                // Decided without a human: carry it out and record it.
+                let allow = decision != Decision::Deny;
+                let outcome = match self.apply(&target, allow).await {
+                    Ok(o) | Err(o) => o,
+                };
+                let rule = rule.map(|r| r.id.clone());
+                if decision != Decision::Record || monitor.is_some() {
+                    info!(kind, decision = decision.name(), rule = rule.as_deref().unwrap_or("-"), monitor = monitor.as_deref().unwrap_or("-"), action = %action.summary(), "decided by policy");
+                }
+                self.record_decision(&record, &action, decision, rule, monitor, outcome)
+                    .await;
+                return;
+            }
+        };
         let now = wall_now_ns();
         let mut req = ApprovalRequest {
             id: 0,
@@ -295,18 +362,30 @@ impl Broker {
             uid: record.uid,
             ancestry: process::ancestry(record.tgid),
             action: serde_json::to_value(&record.detail).unwrap_or_default(),
-            rule: rule.name.clone(),
+            rule: rule.id.clone(),
             requested_at: now,
-            deadline: now.saturating_add((rule.timeout_s as i64).saturating_mul(1_000_000_000)),
-            on_timeout: rule.on_timeout,
+            deadline: now
+                .saturating_add((rule.hold.timeout_s as i64).saturating_mul(1_000_000_000)),
+            on_timeout: rule.hold.on_timeout,
             decided_at: None,
             decided_by: None,
             reason: None,
             outcome: None,
             digest: hold.digest,
-            start_time: process::start_time(record.tgid).unwrap_or(0),
+            start_time: target.start_time,
             in_syscall: hold.in_syscall,
+            message: None,
+            monitor: monitor.clone(),
+            approvers: rule.hold.approvers.clone(),
+            groups: rule.hold.groups.clone(),
+            approvals_needed: rule.hold.approvals,
+            approvals: Vec::new(),
         };
+        req.message = rule
+            .hold
+            .message
+            .as_deref()
+            .map(|m| render(m, &rule, &action, &req));
         let (tx, rx) = oneshot::channel();
         if self
             .recorder
@@ -323,10 +402,19 @@ impl Broker {
             Ok(Ok(id)) => req.id = id,
             _ => {
                 warn!("could not store the request; refusing the held action");
-                let _ = self.apply(&req, false).await;
+                let _ = self.apply(&target, false).await;
                 return;
             }
         }
+        self.record_decision(
+            &record,
+            &action,
+            Decision::Hold,
+            Some(rule.id.clone()),
+            monitor,
+            format!("request {} waits for a decision", req.id),
+        )
+        .await;
         let span = info_span!(
             "request",
             id = req.id,
@@ -338,6 +426,35 @@ impl Broker {
         );
         let _ = self.updates.send(req.clone());
         self.pending.insert(req.id, req);
+    }
+
+    /// Puts the policy's decision on a candidate into the session's record.
+    async fn record_decision(
+        &self,
+        held: &Record,
+        action: &Action,
+        decision: Decision,
+        rule: Option<String>,
+        monitor: Option<String>,
+        outcome: String,
+    ) {
+        let now = wall_now_ns();
+        let record = Record {
+            ts_ns: now,
+            kind: EventKindName(airlock_common::EventKind::Decision),
+            detail: Detail::Decision {
+                action: action.kind().name(),
+                target: action.summary(),
+                decision: decision.name(),
+                rule,
+                monitor,
+                outcome,
+                decided_in_us: (now.saturating_sub(held.ts_ns).max(0) / 1000) as u64,
+            },
+            hold: None,
+            ..held.clone()
+        };
+        let _ = self.recorder.send(RecorderMsg::Records(vec![record])).await;
     }
 
     /// A session's labels, read from the store once per session.
@@ -390,14 +507,70 @@ impl Broker {
         if req.labels.get("user") == Some(&by) {
             return Err(DecideError::SelfApproval { id, who: by });
         }
-        let state = if approve {
-            State::Approved
-        } else {
-            State::Denied
-        };
-        self.finish(id, state, &by, reason, String::new())
-            .await
-            .ok_or(DecideError::NotFound(id))
+        if !may_decide(req, &by, &self.approvers) {
+            return Err(DecideError::NotAnApprover { id, who: by });
+        }
+        if !approve {
+            return self
+                .finish(id, State::Denied, &by, reason, String::new())
+                .await
+                .ok_or(DecideError::NotFound(id));
+        }
+        if req.approvals.iter().any(|a| a.by == by) {
+            return Err(DecideError::AlreadyApproved {
+                id,
+                who: by,
+                needed: req.approvals_needed,
+            });
+        }
+        let needed = req.approvals_needed.max(1) as usize;
+        if req.approvals.len() + 1 < needed {
+            // Not enough yet: store the approval, the hold goes on.
+            let Some(req) = self.pending.get_mut(&id) else {
+                return Err(DecideError::NotFound(id));
+            };
+            req.approvals.push(Approval {
+                by: by.clone(),
+                at: wall_now_ns(),
+                reason,
+            });
+            info!(
+                id,
+                by,
+                have = req.approvals.len(),
+                needed,
+                "approval recorded"
+            );
+            let req = req.clone();
+            let (tx, rx) = oneshot::channel();
+            let msg = RecorderMsg::UpdateRequest {
+                req: Box::new(req.clone()),
+                reply: tx,
+            };
+            if self.recorder.send(msg).await.is_ok() {
+                let _ = rx.await;
+            }
+            let _ = self.updates.send(req.clone());
+            return Ok(req);
+        }
+        let mut by_all: Vec<String> = req.approvals.iter().map(|a| a.by.clone()).collect();
+        by_all.push(by.clone());
+        if let Some(req) = self.pending.get_mut(&id) {
+            req.approvals.push(Approval {
+                by: by.clone(),
+                at: wall_now_ns(),
+                reason: reason.clone(),
+            });
+        }
+        self.finish(
+            id,
+            State::Approved,
+            &by_all.join(", "),
+            reason,
+            String::new(),
+        )
+        .await
+        .ok_or(DecideError::NotFound(id))
     }
 
     /// Resolves the requests whose deadline has passed with their default.
@@ -441,7 +614,7 @@ impl Broker {
             _ => None,
         };
         req.outcome = Some(match allow {
-            Some(allow) => match self.apply(&req, allow).await {
+            Some(allow) => match self.apply(&Target::of(&req), allow).await {
                 Ok(o) => o,
                 Err(e) => {
                     req.state = State::Failed;
@@ -476,8 +649,8 @@ impl Broker {
     }
 
     /// Resumes or refuses the held task; returns what the process sees.
-    async fn apply(&self, req: &ApprovalRequest, allow: bool) -> Result<String, String> {
-        match (req.kind.as_str(), allow) {
+    async fn apply(&self, req: &Target, allow: bool) -> Result<String, String> {
+        match (req.kind, allow) {
             // Held at sched_process_exec: the new image has not run yet.
             ("exec", true) if !req.in_syscall => {
                 process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)
@@ -515,6 +688,123 @@ impl Broker {
             }
         }
     }
+}
+
+/// What resuming or refusing a held task needs.
+struct Target {
+    kind: &'static str,
+    pid: u32,
+    tgid: u32,
+    start_time: u64,
+    digest: u64,
+    in_syscall: bool,
+}
+
+impl Target {
+    fn of(req: &ApprovalRequest) -> Self {
+        Self {
+            kind: if req.kind == "exec" {
+                "exec"
+            } else {
+                "connect"
+            },
+            pid: req.pid,
+            tgid: req.tgid,
+            start_time: req.start_time,
+            digest: req.digest,
+            in_syscall: req.in_syscall,
+        }
+    }
+}
+
+/// The action a held record describes, with what the rules look at that
+/// the kernel did not send (parent, working directory, set-user-ID bit).
+fn action_of(record: &Record) -> Option<Action> {
+    match &record.detail {
+        Detail::Exec { path, argv, .. } => {
+            let mut a = crate::policy::ExecAction::new(path.clone(), argv.clone());
+            let proc_link = |what: &str| {
+                std::fs::read_link(format!("/proc/{}/{what}", record.tgid))
+                    .ok()
+                    .map(|p| p.display().to_string())
+            };
+            a.cwd = proc_link("cwd");
+            a.parent_exe = std::fs::read_link(format!("/proc/{}/exe", record.ppid))
+                .ok()
+                .map(|p| p.display().to_string());
+            let full = match &a.cwd {
+                Some(cwd) if !path.starts_with('/') => format!("{cwd}/{path}"),
+                _ => path.clone(),
+            };
+            a.setuid = std::fs::metadata(full)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o6000 != 0)
+                .unwrap_or(false);
+            Some(Action::Exec(a))
+        }
+        Detail::Net {
+            protocol,
+            addr: Some(addr),
+            port,
+            ..
+        } => Some(Action::Connect {
+            addr: *addr,
+            port: *port,
+            protocol: match protocol {
+                crate::event::Protocol::Tcp => Some(crate::policy::Protocol::Tcp),
+                crate::event::Protocol::Udp => Some(crate::policy::Protocol::Udp),
+                _ => None,
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// Whether `who` may decide `req`: any approver when the rule names none,
+/// else a named approver or a member of a named group.
+fn may_decide(req: &ApprovalRequest, who: &str, approvers: &[Approver]) -> bool {
+    if req.approvers.is_empty() && req.groups.is_empty() {
+        return true;
+    }
+    req.approvers.iter().any(|a| a == who)
+        || approvers
+            .iter()
+            .filter(|a| a.name == who)
+            .any(|a| a.groups.iter().any(|g| req.groups.contains(g)))
+}
+
+/// Fills a rule's message: {command}, {exe}, {dest}, {path}, {rule},
+/// {pack}, {user} and any session label; unknown names become `?`.
+fn render(
+    template: &str,
+    rule: &crate::policy::Rule,
+    action: &Action,
+    req: &ApprovalRequest,
+) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        let value = match (name, action) {
+            ("command", Action::Exec(e)) => e.cmdline().to_string(),
+            ("exe", Action::Exec(e)) => e.path.clone(),
+            ("dest", Action::Connect { .. }) => action.summary(),
+            ("path", Action::File { path, .. }) => path.clone(),
+            ("rule", _) => rule.id.clone(),
+            ("pack", _) => rule.pack.clone(),
+            ("user", _) => req.uid.to_string(),
+            (label, _) => req.labels.get(label).cloned().unwrap_or_else(|| "?".into()),
+        };
+        out.push_str(&value);
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Shared handle for the API.

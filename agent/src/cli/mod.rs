@@ -3,6 +3,7 @@
 mod approvals;
 mod daemon;
 mod events;
+mod policy;
 mod run;
 mod sessions;
 mod status;
@@ -42,6 +43,7 @@ pub enum Command {
     Approve(approvals::DecideArgs),
     Deny(approvals::DecideArgs),
     Unload(unload::UnloadArgs),
+    Policy(policy::PolicyArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -68,6 +70,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Approve(a) => report(approvals::decide(a, &config, true)),
         Command::Deny(a) => report(approvals::decide(a, &config, false)),
         Command::Unload(a) => report(unload::run(a, &config)),
+        Command::Policy(a) => policy::run(a, &config),
     }
 }
 

@@ -31,7 +31,7 @@ pub struct RunArgs {
 /// airlock's own failure, as env(1) and timeout(1) use it.
 const EXIT_OWN_FAILURE: u8 = 125;
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("label must be KEY=VALUE, got {s:?}")),
@@ -39,8 +39,14 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: RunArgs, config: &Config) -> ExitCode {
+    let mut labels: std::collections::BTreeMap<String, String> =
+        args.labels.iter().cloned().collect();
+    // Policies ask whether paths lie inside the session's working tree.
+    if let (false, Ok(cwd)) = (labels.contains_key("workdir"), std::env::current_dir()) {
+        labels.insert("workdir".into(), cwd.display().to_string());
+    }
     let req = Request::Register {
-        labels: args.labels.iter().cloned().collect(),
+        labels: labels.into_iter().collect(),
         command: args.command.clone(),
     };
     let session_id = match ctl::request(&config.socket_path, &req) {

@@ -36,6 +36,7 @@ pub fn run(args: StatusArgs, config: &Config) -> anyhow::Result<()> {
         }
     );
     println!("survival:    {}", s.survival);
+    println!("policy:      {}", s.policy);
     println!(
         "store:       {} ({} records written, {} failed)",
         s.store, s.records_written, s.store_errors

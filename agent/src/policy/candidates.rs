@@ -256,6 +256,69 @@ fn must(c: &Cond) -> AddrSet {
     }
 }
 
+impl Candidates {
+    /// Whether the kernel would hold `action` and ask the daemon, in words.
+    pub fn explain(&self, action: &super::Action) -> String {
+        let why = match action {
+            super::Action::Exec(e) => {
+                if self.exec_paths.contains(&e.path) {
+                    Some(format!("its path {} is named by a rule", e.path))
+                } else if self.exec_all {
+                    Some("every exec is a candidate under this policy".into())
+                } else if self.exec_names.contains(e.name()) {
+                    Some(format!("its file name {} is named by a rule", e.name()))
+                } else if self.exec_setuid && e.setuid {
+                    Some("set-user-ID executables are candidates".into())
+                } else {
+                    None
+                }
+            }
+            super::Action::Connect { addr, .. } => {
+                let v = match addr {
+                    IpAddr::V4(a) => u128::from_be_bytes(a.to_ipv6_mapped().octets()),
+                    IpAddr::V6(a) => u128::from_be_bytes(a.octets()),
+                };
+                self.net
+                    .iter()
+                    .find(|(len, data)| {
+                        let start = u128::from_be_bytes(*data);
+                        let host = if *len >= 128 { 0 } else { u128::MAX >> len };
+                        start <= v && v <= (start | host)
+                    })
+                    .map(|(len, data)| {
+                        format!(
+                            "its address is in the candidate prefix {}/{len}",
+                            std::net::Ipv6Addr::from(*data)
+                        )
+                    })
+            }
+            super::Action::File { path, .. } => {
+                let mut parts = path.rsplit('/');
+                let name = parts.next().unwrap_or("");
+                let dir = parts.next().unwrap_or("");
+                if self
+                    .files
+                    .get(name)
+                    .is_some_and(|b| b & FILE_CAND_NAME != 0)
+                {
+                    Some(format!("files named {name} are candidates"))
+                } else if self.files.get(dir).is_some_and(|b| b & FILE_CAND_DIR != 0) {
+                    Some(format!("files in directories named {dir} are candidates"))
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            Some(w) => format!("a candidate ({w}): held until the daemon decides"),
+            None => {
+                "not a candidate: the kernel lets it through without asking (recorded as usual)"
+                    .into()
+            }
+        }
+    }
+}
+
 impl Policy {
     /// The kernel's candidate maps for this policy. Rules that only record
     /// add nothing; monitor rules do (their would-be decision is recorded).

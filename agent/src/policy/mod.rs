@@ -7,6 +7,7 @@ pub mod check;
 mod eval;
 pub mod matchers;
 pub mod model;
+pub mod reload;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -113,12 +113,17 @@ pub enum Command {
         allow: bool,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Replace the candidate maps with a new policy's.
+    Candidates {
+        candidates: Box<crate::policy::candidates::Candidates>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The loaded programs and the maps the daemon uses.
 pub struct Sensor {
     // Dropping the Ebpf object detaches everything: keep it alive.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
     sessions: HashMap<MapData, u32, SessionEntry>,
     losses: PerCpuHashMap<MapData, LossKey, u64>,
@@ -150,12 +155,20 @@ impl Sensor {
         features: &Features,
         daemon_tgid: u32,
         settings: &crate::config::Config,
+        candidates: &crate::policy::candidates::Candidates,
         pins: &pins::PinDir,
     ) -> Result<Self, SensorError> {
         let ring_bytes = settings.ring_buffer_kib * 1024;
         let (previous, last) = pins.prepare(ring_bytes, daemon_tgid)?;
         let generation = last + 1;
-        let loaded = Self::load_generation(features, daemon_tgid, settings, pins, generation);
+        let loaded = Self::load_generation(
+            features,
+            daemon_tgid,
+            settings,
+            candidates,
+            pins,
+            generation,
+        );
         let mut sensor = match loaded {
             Ok(s) => s,
             Err(e) => {
@@ -181,6 +194,7 @@ impl Sensor {
         features: &Features,
         daemon_tgid: u32,
         settings: &crate::config::Config,
+        candidates: &crate::policy::candidates::Candidates,
         pins: &pins::PinDir,
         generation: u64,
     ) -> Result<Self, SensorError> {
@@ -237,9 +251,9 @@ impl Sensor {
         let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
         let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
         let hold_pending = take(&mut ebpf, "HOLD_PENDING", HashMap::try_from)?;
-        rules::load(&mut ebpf, &settings.rules)?;
+        rules::apply(&mut ebpf, candidates)?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             ring: Some(ring),
             sessions,
             losses,
@@ -375,6 +389,10 @@ impl Sensor {
                     _pad: 0,
                 };
                 let _ = reply.send(self.verdicts.insert(pid, v, 0).map_err(|e| e.to_string()));
+            }
+            Command::Candidates { candidates, reply } => {
+                let r = rules::apply(&mut self.ebpf, &candidates).map_err(|e| e.to_string());
+                let _ = reply.send(r);
             }
             Command::LossTotals { reply } => {
                 let mut totals = Vec::new();

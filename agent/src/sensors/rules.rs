@@ -1,62 +1,113 @@
-//! Writes the configured rules into the kernel's pre-filter maps.
+//! Writes the policy's candidates into the kernel's pre-filter maps.
 
-use std::os::unix::ffi::OsStrExt;
+use std::collections::HashSet;
 
-use airlock_common::{EXEC_RULE_KEY, ExecRule, NetRule, RuleAction};
+use airlock_common::{
+    EXEC_RULE_KEY, ExecRule, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
+};
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::IpNet;
 
 use super::SensorError;
-use crate::config::{self, Rule};
+use crate::policy::candidates::Candidates;
 
-pub fn load(ebpf: &mut Ebpf, rules: &[Rule]) -> Result<(), SensorError> {
-    let mut exec: HashMap<_, [u8; EXEC_RULE_KEY], ExecRule> = HashMap::try_from(
-        ebpf.map_mut("EXEC_RULES")
-            .ok_or(SensorError::MissingMap("EXEC_RULES"))?,
-    )
-    .map_err(|e| SensorError::map("EXEC_RULES", e))?;
-    for (i, r) in rules.iter().enumerate() {
-        let value = ExecRule {
-            rule_id: i as u32 + 1,
-            action: action(r.action) as u32,
-        };
-        for p in &r.exec {
-            let mut key = [0u8; EXEC_RULE_KEY];
-            let bytes = p.as_os_str().as_bytes();
-            key[..bytes.len()].copy_from_slice(bytes);
-            exec.insert(key, value, 0)
-                .map_err(|e| SensorError::map("EXEC_RULES", e))?;
+/// Every candidate map entry says "hold and ask the daemon"; the daemon's
+/// policy decides (rule id 1 stands for "the policy").
+const CANDIDATE: ExecRule = ExecRule {
+    rule_id: 1,
+    action: RuleAction::Hold as u32,
+};
+
+/// Replaces the candidate maps' contents with `c`: new entries first, then
+/// the stale ones removed, so no candidate of both policies is missed.
+pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
+    let mut exec: HashMap<&mut MapData, [u8; EXEC_RULE_KEY], ExecRule> =
+        HashMap::try_from(map(ebpf, "EXEC_RULES")?)
+            .map_err(|e| SensorError::map("EXEC_RULES", e))?;
+    let mut want = HashSet::new();
+    for p in &c.exec_paths {
+        let bytes = p.as_bytes();
+        if bytes.len() >= EXEC_RULE_KEY {
+            // Longer paths are matched by file name instead.
+            continue;
         }
+        let mut key = [0u8; EXEC_RULE_KEY];
+        key[..bytes.len()].copy_from_slice(bytes);
+        exec.insert(key, CANDIDATE, 0)
+            .map_err(|e| SensorError::map("EXEC_RULES", e))?;
+        want.insert(key);
     }
-    let mut net: LpmTrie<_, [u8; 16], NetRule> = LpmTrie::try_from(
-        ebpf.map_mut("NET_RULES")
-            .ok_or(SensorError::MissingMap("NET_RULES"))?,
-    )
-    .map_err(|e| SensorError::map("NET_RULES", e))?;
-    for (i, r) in rules.iter().enumerate() {
-        let value = NetRule {
-            rule_id: i as u32 + 1,
-            action: action(r.action) as u32,
-            port: r.port.unwrap_or(0),
-            _pad: [0; 6],
-        };
-        for n in &r.connect {
-            let (len, data) = trie_key(n);
-            net.insert(&Key::new(len, data), value, 0)
-                .map_err(|e| SensorError::map("NET_RULES", e))?;
-        }
+    let stale: Vec<_> = exec
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(k))
+        .collect();
+    for k in stale {
+        let _ = exec.remove(&k);
     }
+
+    let mut names: HashMap<&mut MapData, u64, ExecRule> =
+        HashMap::try_from(map(ebpf, "EXEC_NAMES")?)
+            .map_err(|e| SensorError::map("EXEC_NAMES", e))?;
+    let mut want = HashSet::new();
+    let long_paths = c
+        .exec_paths
+        .iter()
+        .filter(|p| p.len() >= EXEC_RULE_KEY)
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
+    for n in c.exec_names.iter().cloned().chain(long_paths) {
+        let h = name_hash(n.as_bytes());
+        names
+            .insert(h, CANDIDATE, 0)
+            .map_err(|e| SensorError::map("EXEC_NAMES", e))?;
+        want.insert(h);
+    }
+    let stale: Vec<_> = names
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(k))
+        .collect();
+    for k in stale {
+        let _ = names.remove(&k);
+    }
+
+    let mut net: LpmTrie<&mut MapData, [u8; 16], NetRule> =
+        LpmTrie::try_from(map(ebpf, "NET_RULES")?).map_err(|e| SensorError::map("NET_RULES", e))?;
+    let value = NetRule {
+        rule_id: 1,
+        action: RuleAction::Hold as u32,
+        port: 0,
+        _pad: [0; 6],
+    };
+    let mut want = HashSet::new();
+    for &(len, data) in &c.net {
+        net.insert(&Key::new(len, data), value, 0)
+            .map_err(|e| SensorError::map("NET_RULES", e))?;
+        want.insert((len, data));
+    }
+    let stale: Vec<_> = net
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for k in stale {
+        let _ = net.remove(&k);
+    }
+
+    let mut mode: Array<&mut MapData, u32> =
+        Array::try_from(map(ebpf, "MODE")?).map_err(|e| SensorError::map("MODE", e))?;
+    mode.set(MODE_EXEC_ALL, u32::from(c.exec_all), 0)
+        .map_err(|e| SensorError::map("MODE", e))?;
+    mode.set(MODE_EXEC_SETUID, u32::from(c.exec_setuid), 0)
+        .map_err(|e| SensorError::map("MODE", e))?;
     Ok(())
 }
 
-fn action(a: config::RuleAction) -> RuleAction {
-    match a {
-        config::RuleAction::Hold => RuleAction::Hold,
-        config::RuleAction::Deny => RuleAction::Deny,
-    }
+fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, SensorError> {
+    ebpf.map_mut(name).ok_or(SensorError::MissingMap(name))
 }
 
 /// IPv6 as is; IPv4 mapped into ::ffff:0:0/96, as the kernel side looks up.

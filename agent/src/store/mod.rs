@@ -15,6 +15,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, params};
 
 pub use query::{EventRow, SessionRow};
+pub use requests::PolicyLoad;
 
 use crate::event::Record;
 

@@ -91,3 +91,45 @@ impl Store {
         Ok(self.session(id)?.labels)
     }
 }
+
+/// One policy load or reload, as stored.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PolicyLoad {
+    pub ts: i64,
+    /// "start", "SIGHUP" or "file change".
+    pub trigger: String,
+    /// The new policy is in force; when false the old one stayed.
+    pub ok: bool,
+    pub rules: usize,
+    pub files: Vec<String>,
+    /// Every error, one per line, when the load was refused.
+    pub error: Option<String>,
+}
+
+impl Store {
+    pub fn insert_policy_load(&mut self, l: &PolicyLoad) -> Result<(), StoreError> {
+        let body = serde_json::to_string(l).unwrap_or_else(|_| "{}".into());
+        self.conn
+            .execute(
+                "INSERT INTO policy_loads (ts, trigger, ok, body) VALUES (?1, ?2, ?3, ?4)",
+                params![l.ts, l.trigger, l.ok, body],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Policy loads, oldest first.
+    pub fn policy_loads(&self) -> Result<Vec<PolicyLoad>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT body FROM policy_loads ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .filter_map(Result::ok)
+            .filter_map(|b| serde_json::from_str(&b).ok())
+            .collect())
+    }
+}

@@ -43,6 +43,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX requests_state ON requests (state, id);
     CREATE INDEX requests_session ON requests (session_id, id);",
+    // 3: every policy load and reload, successful or not.
+    "CREATE TABLE policy_loads (
+        id      INTEGER PRIMARY KEY,
+        ts      INTEGER NOT NULL,              -- ns since the epoch
+        trigger TEXT NOT NULL,                 -- start, SIGHUP, file change
+        ok      INTEGER NOT NULL,              -- 1: in force; 0: refused, the old one stayed
+        body    TEXT NOT NULL                  -- JSON: store::PolicyLoad
+    );",
 ];
 
 pub enum MigrateError {

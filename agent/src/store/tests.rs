@@ -107,8 +107,10 @@ fn newer_schema_is_refused() {
     drop(conn);
     let e = Store::open(&path).err().unwrap();
     assert!(
-        e.to_string()
-            .ends_with("schema version 99 is newer than this airlock knows (2); upgrade airlock"),
+        e.to_string().ends_with(&format!(
+            "schema version 99 is newer than this airlock knows ({}); upgrade airlock",
+            super::schema::VERSION
+        )),
         "{e}"
     );
 }

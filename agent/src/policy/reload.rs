@@ -1,0 +1,191 @@
+//! Keeps the policy in force current: reloads on SIGHUP and when a file in
+//! the policy directories changes. A new policy replaces the old one only
+//! once it has loaded whole and its candidates are in the kernel; a bad
+//! file keeps the old one. Every attempt is stored.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{error, info};
+
+use super::{Kind, Policy};
+use crate::{event::wall_now_ns, recorder::RecorderMsg, sensors::Command, store::PolicyLoad};
+
+/// How often the policy directories are looked at for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+pub struct Reloader {
+    pub dirs: Vec<PathBuf>,
+    pub policy: watch::Sender<Arc<Policy>>,
+    pub sensor: mpsc::Sender<Command>,
+    pub recorder: mpsc::Sender<RecorderMsg>,
+    /// One line on the policy in force, for `airlock status`.
+    pub summary: Arc<Mutex<String>>,
+}
+
+/// A line on a policy: how many rules of which kind, from how many files.
+pub fn describe(p: &Policy) -> String {
+    let count = |k: Kind| p.rules.iter().filter(|r| r.kind == k).count();
+    let monitor = p
+        .rules
+        .iter()
+        .filter(|r| r.mode == super::Mode::Monitor)
+        .count();
+    format!(
+        "{} rules ({} exec, {} connect, {} file; {monitor} in monitor mode) from {} files",
+        p.rules.len(),
+        count(Kind::Exec),
+        count(Kind::Connect),
+        count(Kind::File),
+        p.files.len()
+    )
+}
+
+/// The stored record of a load.
+pub fn load_record(trigger: &str, r: Result<&Policy, &super::PolicyErrors>) -> PolicyLoad {
+    match r {
+        Ok(p) => PolicyLoad {
+            ts: wall_now_ns(),
+            trigger: trigger.into(),
+            ok: true,
+            rules: p.rules.len(),
+            files: p.files.iter().map(|f| f.display().to_string()).collect(),
+            error: None,
+        },
+        Err(e) => PolicyLoad {
+            ts: wall_now_ns(),
+            trigger: trigger.into(),
+            ok: false,
+            rules: 0,
+            files: Vec::new(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+impl Reloader {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                error!(error = %e, "cannot catch SIGHUP: the policy reloads on file changes only");
+                None
+            }
+        };
+        let mut last = fingerprint(&self.dirs);
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            let trigger = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = fingerprint(&self.dirs);
+                    if now == last {
+                        continue;
+                    }
+                    "file change"
+                }
+                _ = shutdown.changed() => return,
+            };
+            last = fingerprint(&self.dirs);
+            self.reload(trigger).await;
+        }
+    }
+
+    async fn reload(&self, trigger: &str) {
+        let dirs = self.dirs.clone();
+        let loaded = match tokio::task::spawn_blocking(move || Policy::load_dirs(&dirs)).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "policy load panicked: the old policy stays in force");
+                return;
+            }
+        };
+        let mut record = load_record(trigger, loaded.as_ref());
+        match loaded {
+            Ok(policy) => match self.install(&policy).await {
+                Ok(()) => {
+                    let line = describe(&policy);
+                    info!(trigger, "policy reloaded: {line}");
+                    self.set_summary(format!("{line}; reloaded ({trigger})"));
+                    let _ = self.policy.send(Arc::new(policy));
+                }
+                Err(e) => {
+                    error!(trigger, error = %e, "the new policy's candidates could not be written: the old policy stays in force");
+                    let old = self.policy.borrow().clone();
+                    let _ = self.install(&old).await;
+                    record.ok = false;
+                    record.error = Some(e);
+                }
+            },
+            Err(errors) => {
+                error!(
+                    trigger,
+                    "policy reload refused, the old policy stays in force:\n{errors}"
+                );
+                let old = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
+                let kept = old
+                    .split("; last reload refused")
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                self.set_summary(format!(
+                    "{kept}; last reload refused ({trigger}): {}",
+                    errors.0.first().map(|e| e.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+        let _ = self
+            .recorder
+            .send(RecorderMsg::PolicyLoad(Box::new(record)))
+            .await;
+    }
+
+    async fn install(&self, policy: &Policy) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.sensor
+            .send(Command::Candidates {
+                candidates: Box::new(policy.candidates()),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| "the sensor has stopped".to_string())?;
+        rx.await.map_err(|_| "the sensor has stopped".to_string())?
+    }
+
+    fn set_summary(&self, s: String) {
+        if let Ok(mut g) = self.summary.lock() {
+            *g = s;
+        }
+    }
+}
+
+/// Names, sizes and modification times of the policy files.
+fn fingerprint(dirs: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            if !matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                continue;
+            }
+            let meta = e.metadata().ok();
+            out.push((
+                p,
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
