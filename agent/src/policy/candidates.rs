@@ -178,6 +178,10 @@ impl AddrSet {
         Self(out)
     }
 
+    fn minus(&self, o: &Self) -> Self {
+        self.intersect(&o.complement())
+    }
+
     fn intersect(&self, o: &Self) -> Self {
         self.complement().union(&o.complement()).complement()
     }
@@ -325,7 +329,37 @@ impl Policy {
     pub fn candidates(&self) -> Candidates {
         let mut c = Candidates::default();
         let mut net = AddrSet::empty();
-        for r in self.rules.iter().filter(|r| r.decision != Decision::Record) {
+        // Addresses an earlier rule certainly decides (enforcing rules), or
+        // certainly is the first monitor rule for: later rules never act
+        // there, so they add no candidates there.
+        let mut decided = AddrSet::empty();
+        let mut monitored = AddrSet::empty();
+        for r in self.rules.iter().filter(|r| r.kind == Kind::Connect) {
+            let acts = matches!(r.decision, Decision::Hold | Decision::Deny);
+            let sure = must(&r.when);
+            match r.mode {
+                super::Mode::Enforce => {
+                    if acts {
+                        net = net.union(&may(&r.when).minus(&decided));
+                    }
+                    decided = decided.union(&sure);
+                    monitored = monitored.union(&sure);
+                }
+                super::Mode::Monitor => {
+                    if acts {
+                        net = net.union(&may(&r.when).minus(&monitored));
+                    }
+                    monitored = monitored.union(&sure);
+                }
+            }
+        }
+        // Only hold and deny rules need the daemon: an action no such rule
+        // can match goes through whatever an allow rule says.
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| matches!(r.decision, Decision::Hold | Decision::Deny))
+        {
             match r.kind {
                 Kind::Exec => match exec_set(&r.when) {
                     Some(s) => {
@@ -341,7 +375,7 @@ impl Policy {
                         ));
                     }
                 },
-                Kind::Connect => net = net.union(&may(&r.when)),
+                Kind::Connect => {}
                 Kind::File => {
                     for (name, bit) in file_names(&r.when).unwrap_or_default() {
                         *c.files.entry(name).or_default() |= bit;

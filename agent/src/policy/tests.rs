@@ -215,8 +215,18 @@ rules:
     assert_eq!(d("10.1.1.1", 2250), Decision::Deny);
     assert_eq!(d("10.1.1.1", 443), Decision::Record);
     let c = p.candidates();
-    // Everything is a candidate: `rest` covers all but 10/8, `ssh` covers 10/8.
-    assert_eq!(c.net, vec![(0, [0; 16])]);
+    // `rest` covers all but 10/8 and `ssh` covers 10/8, except what the
+    // higher-priority allow rule surely decides first.
+    let cand = |a: &str| {
+        c.explain(&Action::Connect {
+            addr: a.parse().unwrap(),
+            port: 1,
+            protocol: None,
+        })
+        .starts_with("a candidate")
+    };
+    assert!(cand("8.8.8.8") && cand("10.1.1.1") && cand("2001:db8::1"));
+    assert!(!cand("127.0.0.1") && !cand("::1") && !cand("160.79.105.9"));
     assert!(c.exec_paths.is_empty() && !c.exec_all);
 }
 
@@ -349,4 +359,32 @@ fn later_directories_replace_files_of_the_same_name() {
         p.files,
         vec![a.path().join("y.yaml"), b.path().join("x.yaml")]
     );
+}
+
+/// Every shipped pack loads, decides its examples as documented, and no
+/// rule is shadowed or makes every exec a candidate.
+#[test]
+fn shipped_packs_load_and_their_examples_hold() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let p = Policy::load_dirs(&[dir]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.packs.len() >= 7, "{} packs", p.packs.len());
+    let (n, failures) = check::examples(&p);
+    let failures: Vec<String> = failures.iter().map(|f| f.to_string()).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(n >= 70, "only {n} examples");
+    let warnings: Vec<String> = check::warnings(&p, None)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert!(warnings.is_empty(), "{}", warnings.join("\n"));
+    let c = p.candidates();
+    assert!(!c.exec_all && c.exec_setuid && !c.files.is_empty());
+    assert!(c.net.len() < candidates::MAX_NET_PREFIXES);
+    for pack in &p.packs {
+        assert!(
+            pack.description.len() > 80,
+            "{}: say what it catches and lets through",
+            pack.name
+        );
+    }
 }
