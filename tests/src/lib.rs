@@ -66,16 +66,28 @@ impl Daemon {
         Self::start_with("")
     }
 
-    /// Starts a daemon with extra config lines.
+    /// Starts a daemon with extra config lines and no policy.
     pub fn start_with(extra: &str) -> Self {
+        Self::start_with_policy(&[], extra)
+    }
+
+    /// Starts a daemon whose policy directory holds `policies` (file name,
+    /// YAML), with extra config lines.
+    pub fn start_with_policy(policies: &[(&str, &str)], extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("airlock.toml");
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir_all(&policy_dir).expect("policy dir");
+        for (name, text) in policies {
+            std::fs::write(policy_dir.join(name), text).expect("write policy");
+        }
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"{1}\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\n{extra}\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"{1}\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\npolicy_dirs = [\"{2}\"]\n{extra}\n",
                 dir.path().display(),
-                pin_dir(dir.path()).display()
+                pin_dir(dir.path()).display(),
+                policy_dir.display()
             ),
         )
         .expect("write config");
@@ -118,6 +130,11 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The directory the daemon reads its policy files from.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
     }
 
     /// Runs `airlock ARGS` with this daemon's config.

@@ -19,12 +19,18 @@ const BOB: &str = "bob-token-0123456789ab";
 /// Rules: hold /usr/bin/id (timeout `t` s, default `default`), deny
 /// /usr/bin/whoami, hold connects to 127.0.0.2; approvers alice and bob.
 fn daemon(t: u64, default: &str) -> Daemon {
-    let d = Daemon::start_with(&format!(
-        "[[rule]]\nname = \"hold id\"\naction = \"hold\"\nexec = [\"/usr/bin/id\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
-         [[rule]]\nname = \"no whoami\"\naction = \"deny\"\nexec = [\"/usr/bin/whoami\"]\n\n\
-         [[rule]]\nname = \"hold 127.0.0.2\"\naction = \"hold\"\nconnect = [\"127.0.0.2/32\"]\ntimeout_s = {t}\non_timeout = \"{default}\"\n\n\
-         [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n\n[[approver]]\nname = \"bob\"\ntoken = \"{BOB}\"\n"
-    ));
+    let policy = format!(
+        "pack: test\nrules:\n\
+         - {{name: hold-id, on: exec, when: {{exe: /usr/bin/id}}, decision: hold, hold: {{timeout: {t}, on_timeout: {default}}}}}\n\
+         - {{name: no-whoami, on: exec, when: {{exe: /usr/bin/whoami}}, decision: deny}}\n\
+         - {{name: hold-127-0-0-2, on: connect, when: {{dest: 127.0.0.2/32}}, decision: hold, hold: {{timeout: {t}, on_timeout: {default}}}}}\n"
+    );
+    let d = Daemon::start_with_policy(
+        &[("test.yaml", &policy)],
+        &format!(
+            "[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n\n[[approver]]\nname = \"bob\"\ntoken = \"{BOB}\"\n"
+        ),
+    );
     expect_lsm(&d);
     d
 }
@@ -59,7 +65,7 @@ fn exec_held_then_approved_runs_after_the_delay() {
     let r = &reqs[0];
     assert_eq!(
         (r["kind"].as_str(), r["rule"].as_str()),
-        (Some("exec"), Some("hold id"))
+        (Some("exec"), Some("test/hold-id"))
     );
     assert_eq!(
         r["action"]["argv"],

@@ -23,12 +23,18 @@ const STALE: Duration = Duration::from_millis(1200);
 /// Hold rules on /usr/bin/id and on connects to 127.0.0.2, with a short
 /// heartbeat timeout and the given fail mode.
 fn daemon(fail_mode: &str) -> Daemon {
-    let d = Daemon::start_with(&format!(
-        "heartbeat_timeout_ms = 500\nfail_mode = \"{fail_mode}\"\n\n\
-         [[rule]]\nname = \"hold id\"\naction = \"hold\"\nexec = [\"/usr/bin/id\"]\ntimeout_s = 120\n\n\
-         [[rule]]\nname = \"hold 127.0.0.2\"\naction = \"hold\"\nconnect = [\"127.0.0.2/32\"]\ntimeout_s = 120\n\n\
-         [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"
-    ));
+    let d = Daemon::start_with_policy(
+        &[(
+            "test.yaml",
+            "pack: test\nrules:\n\
+             - {name: hold-id, on: exec, when: {exe: /usr/bin/id}, decision: hold, hold: {timeout: 120}}\n\
+             - {name: hold-127-0-0-2, on: connect, when: {dest: 127.0.0.2/32}, decision: hold, hold: {timeout: 120}}\n",
+        )],
+        &format!(
+            "heartbeat_timeout_ms = 500\nfail_mode = \"{fail_mode}\"\n\n\
+             [[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"
+        ),
+    );
     expect_lsm(&d);
     d
 }

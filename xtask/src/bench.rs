@@ -167,9 +167,18 @@ fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
     std::fs::copy(actor, &stamp)?;
     let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
     let target = listener.local_addr()?.to_string();
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join("bench.yaml"),
+        format!(
+            "pack: bench\nrules:\n  - {{name: exec, on: exec, when: {{exe: \"{}\"}}, decision: hold}}\n  - {{name: connect, on: connect, when: {{dest: 127.0.0.3/32}}, decision: hold}}\n",
+            stamp.display()
+        ),
+    )?;
     let extra = format!(
-        "[[rule]]\nname = \"bench exec\"\naction = \"hold\"\nexec = [\"{}\"]\n\n[[rule]]\nname = \"bench connect\"\naction = \"hold\"\nconnect = [\"127.0.0.3/32\"]\n\n[[approver]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\n",
-        stamp.display()
+        "policy_dirs = [\"{}\"]\n\n[[approver]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\n",
+        policies.display()
     );
     let d = Daemon::start_with(bin, dir, &extra)?;
     let api = d.status()?["api"].as_str().unwrap_or_default().to_string();
@@ -377,7 +386,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(bin, dir, "")
+        Self::start_with(bin, dir, "policy_dirs = []\n")
     }
 
     fn start_with(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<Self> {

@@ -30,16 +30,24 @@ const TOKEN: &str = "bob-demo-token-7f3a9c2e51";
 const CONFIG: &str = r#"# /etc/airlock/airlock.toml in the demo VM
 api_listen = "127.0.0.1:7070"
 
-[[rule]]
-name = "deploys need a human"
-action = "hold"
-exec = ["/usr/local/bin/deploy"]
-timeout_s = 120
-on_timeout = "deny"
-
 [[approver]]
 name = "bob"
 token = "@TOKEN@"
+"#;
+
+/// The demo's policy, in the default policy directory.
+const POLICY: &str = r#"# /etc/airlock/policies/demo.yaml in the demo VM
+pack: demo
+description: Production deploys by agents wait for a human.
+rules:
+  - name: deploys-need-a-human
+    on: exec
+    when: {exe: /usr/local/bin/deploy}
+    decision: hold
+    hold:
+      timeout: 2m
+      on_timeout: deny
+      message: "{agent} ({model}) wants to run: {command}"
 "#;
 
 /// The command the rule holds: a stand-in for a production deploy.
@@ -76,12 +84,15 @@ data() { sed "s/^/AIRLOCK-DATA $1 /"; }
 step "1/5  The airlock daemon starts with one hold rule and one approver"
 show cat /etc/airlock/airlock.toml
 echo
+show cat /etc/airlock/policies/demo.yaml
+echo
 echo "# airlock daemon &"
 airlock daemon >/var/log/airlock.log 2>&1 &
 DAEMON=$!
 until_ok 60 airlock status || die "the daemon did not answer within 60 s"
-echo "# airlock status | grep -E '^(mode|enforces|api):'"
-airlock status | grep -E '^(mode|enforces|api):'
+echo "# airlock status | grep -E '^(mode|enforces|policy|api):'"
+airlock status | grep -E '^(mode|enforces|policy|api):'
+show airlock policy explain --exec '/usr/local/bin/deploy @VERSION@' --label agent=demo-agent
 
 step "2/5  An AI agent starts as a watched session: demo-agent, working for alice"
 AGENT='echo "agent: reading the repository"; ls /etc >/dev/null; echo "agent: tests pass, deploying @VERSION@"; /usr/local/bin/deploy @VERSION@; echo "agent: deploy exited with status $?"'
@@ -156,6 +167,11 @@ pub fn run() -> anyhow::Result<()> {
                 PathBuf::from("/etc/airlock/airlock.toml"),
                 fill(CONFIG),
                 0o600,
+            ),
+            (
+                PathBuf::from("/etc/airlock/policies/demo.yaml"),
+                POLICY.into(),
+                0o644,
             ),
             (PathBuf::from("/usr/local/bin/deploy"), DEPLOY.into(), 0o755),
             (PathBuf::from("/demo.sh"), fill(SCRIPT), 0o755),

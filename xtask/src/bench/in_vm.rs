@@ -31,20 +31,16 @@ const TARGET: f64 = 1.02;
 /// attaches its enforcement programs.
 const CONFIG: &str = r#"api_listen = "127.0.0.1:0"
 
-[[rule]]
-name = "bench exec hold"
-action = "hold"
-exec = ["/usr/bin/curl", "/usr/bin/scp"]
-
-[[rule]]
-name = "bench connect hold"
-action = "hold"
-connect = ["203.0.113.0/24"]
-port = 443
-
 [[approver]]
 name = "bench"
 token = "bench-token-0123456789"
+"#;
+
+/// The policy of those hold rules (in the default policy directory).
+const POLICY: &str = r#"pack: bench
+rules:
+  - {name: exec-hold, on: exec, when: {exe: [/usr/bin/curl, /usr/bin/scp]}, decision: hold}
+  - {name: connect-hold, on: connect, when: {dest: 203.0.113.0/24, port: 443}, decision: hold}
 "#;
 
 /// Runs in the VM; prints `AIRLOCK-BENCH ...` lines.
@@ -167,11 +163,18 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
             (airlock, PathBuf::from("/bin/airlock")),
             (actor, PathBuf::from("/bin/actor")),
         ],
-        texts: vec![(
-            PathBuf::from("/etc/airlock/airlock.toml"),
-            CONFIG.into(),
-            0o600,
-        )],
+        texts: vec![
+            (
+                PathBuf::from("/etc/airlock/airlock.toml"),
+                CONFIG.into(),
+                0o600,
+            ),
+            (
+                PathBuf::from("/etc/airlock/policies/bench.yaml"),
+                POLICY.into(),
+                0o644,
+            ),
+        ],
         script: SCRIPT_WRAPPER.replace("@SCRIPT@", &script),
     })?;
     eprintln!(
