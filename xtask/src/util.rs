@@ -93,3 +93,12 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
         .join(if release { "release" } else { "debug" });
     Ok((target.join("airlock"), target.join("actor")))
 }
+
+/// The path of `program` on PATH, if it is there.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}

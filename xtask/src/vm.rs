@@ -19,7 +19,7 @@ pub const KERNELS: &[&str] = &["6.12", "6.1"];
 
 /// Tests too slow under TCG emulation or measured on the host instead
 /// (storms and exec-rate thresholds).
-const SKIP: &[&str] = &["storm", "tiny_ring", "a_thousand_execs"];
+const SKIP: &[&str] = &["storm", "tiny_ring", "a_thousand_execs", "policy_reloads"];
 
 /// How long one VM may run before it is killed.
 const VM_LIMIT: Duration = Duration::from_secs(900);
@@ -552,6 +552,15 @@ pub fn tier() -> anyhow::Result<Vec<VmResult>> {
         (airlock, PathBuf::from("/bin/airlock")),
         (actor.clone(), actor),
     ];
+    // The shipped-packs session runs real tools and reads the packs where
+    // the test binary expects them (the checkout's path).
+    for tool in crate::test::workload_tools()? {
+        files.push((tool.clone(), tool));
+    }
+    let packs = workspace_root().join("policies");
+    for e in std::fs::read_dir(&packs)?.filter_map(Result::ok) {
+        files.push((e.path(), e.path()));
+    }
     let mut names = Vec::new();
     for t in tests {
         let name = t
