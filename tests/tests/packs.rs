@@ -16,7 +16,11 @@ const APPROVER: &str = "[[approver]]\nname = \"alice\"\ntoken = \"alice-token-01
 
 /// The shipped packs, as (file name, text).
 fn shipped() -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    // Without `..`: in the VM only the packs sit at the checkout's path.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("policies");
     let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(Result::ok)

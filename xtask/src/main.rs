@@ -55,6 +55,11 @@ enum Cmd {
         /// Only the approval resume latency.
         #[arg(long, conflicts_with = "vm")]
         resume_only: bool,
+        /// Only the policy engine: evaluations per second with the shipped
+        /// packs, and the exec latency of candidates resolved without a
+        /// human.
+        #[arg(long, conflicts_with_all = ["vm", "resume_only"])]
+        policy_only: bool,
         /// Instead of this host: exec and connect loops in one Linux 6.12 VM
         /// with BPF LSM, with and without the daemon's programs attached
         /// (the loops unwatched), rounds alternating.
@@ -94,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             connects,
             rounds,
             resume_only,
+            policy_only,
             vm,
             icount,
         } => {
@@ -112,6 +118,7 @@ fn main() -> anyhow::Result<()> {
                 connects: connects.unwrap_or(5000),
                 rounds: rounds.unwrap_or(5),
                 resume_only,
+                policy_only,
             })
         }
         Cmd::Vm => {

@@ -31,6 +31,17 @@ pub enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Measure how fast the policy decides execs: a corpus of agent
+    /// commands (the files' exec examples and everyday commands), each
+    /// evaluated as the daemon does (action prepared, rules matched).
+    Bench {
+        /// Policy files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Evaluations to time.
+        #[arg(long, default_value_t = 2_000_000)]
+        iterations: u64,
+    },
     /// Show which rule decides an action and why. Uses the config's
     /// `policy_dirs` unless `--policy` names files.
     Explain(ExplainArgs),
@@ -83,6 +94,13 @@ pub struct ExplainArgs {
 pub fn run(args: PolicyArgs, config: &Config) -> ExitCode {
     match args.command {
         PolicyCommand::Check { files } => check_files(&files, config),
+        PolicyCommand::Bench { files, iterations } => match bench(&files, iterations) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("airlock: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         PolicyCommand::Explain(a) => match explain(a, config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -265,5 +283,94 @@ fn explain(a: ExplainArgs, config: &Config) -> anyhow::Result<()> {
     }
     let c = policy.candidates();
     println!("kernel:    {}", c.explain(&action));
+    Ok(())
+}
+
+/// Everyday commands of a coding agent, besides the files' examples.
+const EVERYDAY: &[&str] = &[
+    "git status --short",
+    "git diff HEAD~1 -- src/main.rs",
+    "git commit -qm 'fix: handle empty input'",
+    "ls -la src",
+    "cat README.md",
+    "grep -rn TODO src",
+    "cargo build --release",
+    "cargo test -q",
+    "python3 -m pytest -q tests/test_api.py",
+    "npm test",
+    "make -j4",
+    "rm -rf build",
+    "curl -s https://api.github.com/repos/rust-lang/rust",
+    "sed -i s/foo/bar/ src/lib.rs",
+    "find . -name '*.rs' -newer Cargo.toml",
+    "kubectl get pods -n staging",
+    "terraform plan -out tf.plan",
+];
+
+fn bench(files: &[PathBuf], iterations: u64) -> anyhow::Result<()> {
+    let policy =
+        Policy::load_files(files).map_err(|e| anyhow::anyhow!("the policy does not load:\n{e}"))?;
+    let mut corpus: Vec<String> = policy
+        .packs
+        .iter()
+        .flat_map(|p| p.examples.iter().filter_map(|e| e.exec.clone()))
+        .collect();
+    corpus.extend(EVERYDAY.iter().map(|s| s.to_string()));
+    let actions: Vec<(String, Vec<String>)> = corpus
+        .iter()
+        .filter_map(|c| match exec_action(c, None, None, false, None) {
+            Ok(Action::Exec(e)) => Some((e.path, e.argv)),
+            _ => None,
+        })
+        .collect();
+    if actions.is_empty() {
+        anyhow::bail!("no exec commands to evaluate");
+    }
+    let labels: BTreeMap<String, String> = [
+        ("agent".to_string(), "bench".to_string()),
+        ("workdir".to_string(), "/home/dev/project".to_string()),
+    ]
+    .into();
+    let subject = Subject {
+        labels: &labels,
+        uid: 1000,
+        gid: 1000,
+    };
+    let prepare = |(path, argv): &(String, Vec<String>)| {
+        let mut e = crate::policy::ExecAction::new(path.clone(), argv.clone());
+        e.cwd = Some("/home/dev/project".into());
+        Action::Exec(e)
+    };
+    // The rules alone, on actions prepared once.
+    let prepared: Vec<Action> = actions.iter().map(prepare).collect();
+    let mut decided = [0u64; 4];
+    let start = std::time::Instant::now();
+    for i in 0..iterations {
+        let a = &prepared[(i % prepared.len() as u64) as usize];
+        let out = policy.evaluate(a, &subject);
+        decided[out.decision.severity_rank() as usize] += 1;
+    }
+    let rules_s = start.elapsed().as_secs_f64();
+    // As the daemon does: the action built from a record's path and argv
+    // (copies, the command line joined), then decided.
+    let start = std::time::Instant::now();
+    for i in 0..iterations {
+        let a = prepare(&actions[(i % actions.len() as u64) as usize]);
+        std::hint::black_box(policy.evaluate(&a, &subject).decision);
+    }
+    let full_s = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "rules": policy.rules.len(),
+            "commands": actions.len(),
+            "iterations": iterations,
+            "evals_per_s": iterations as f64 / rules_s,
+            "ns_per_eval": rules_s * 1e9 / iterations as f64,
+            "evals_per_s_with_prepare": iterations as f64 / full_s,
+            "ns_per_eval_with_prepare": full_s * 1e9 / iterations as f64,
+            "decided": {"deny": decided[0], "hold": decided[1], "allow": decided[2], "record": decided[3]},
+        })
+    );
     Ok(())
 }

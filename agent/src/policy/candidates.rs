@@ -58,7 +58,7 @@ fn exec_set(c: &Cond) -> Option<ExecSet> {
     match c {
         Cond::Leaf(Leaf::Exe(pats)) => {
             let mut s = ExecSet::default();
-            for p in pats {
+            for p in pats.iter() {
                 let pat = &p.glob.pattern;
                 let last = pat.rsplit('/').next().unwrap_or(pat);
                 if p.whole_path && p.glob.is_literal() {

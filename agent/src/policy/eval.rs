@@ -133,7 +133,7 @@ pub fn matches(c: &Cond, action: &Action, s: &Subject, mut why: Option<&mut Vec<
             held
         }
         Cond::Leaf(l) => {
-            let r = leaf(l, action, s);
+            let r = leaf(l, action, s, why.is_some());
             if let (Some(w), Some(reason)) = (why, r.as_ref()) {
                 w.push(reason.clone());
             }
@@ -143,104 +143,95 @@ pub fn matches(c: &Cond, action: &Action, s: &Subject, mut why: Option<&mut Vec<
 }
 
 /// Some(reason) when the leaf holds.
-fn leaf(l: &Leaf, action: &Action, s: &Subject) -> Option<String> {
+fn leaf(l: &Leaf, action: &Action, s: &Subject, explain: bool) -> Option<String> {
+    // The reason is only written out for `explain`: evaluation allocates nothing.
+    let why = |f: &dyn Fn() -> String| if explain { f() } else { String::new() };
     match (l, action) {
         (Leaf::Labels(wanted), _) => {
             for (k, globs) in wanted {
                 let v = s.labels.get(k)?;
-                globs.iter().find(|g| g.is_match(v))?;
+                if !globs.is_match(v) {
+                    return None;
+                }
             }
-            Some(format!(
-                "labels {}",
-                wanted
-                    .iter()
-                    .map(|(k, _)| format!("{k}={}", s.labels.get(k).map_or("", String::as_str)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            Some(why(&|| {
+                format!(
+                    "labels {}",
+                    wanted
+                        .iter()
+                        .map(|(k, _)| format!("{k}={}", s.labels.get(k).map_or("", String::as_str)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }))
         }
         (Leaf::User(ids), _) => ids
             .contains(&s.uid)
-            .then(|| format!("uid {} is listed", s.uid)),
+            .then(|| why(&|| format!("uid {} is listed", s.uid))),
         (Leaf::Group(ids), _) => ids
             .contains(&s.gid)
-            .then(|| format!("gid {} is listed", s.gid)),
-        (Leaf::Exe(pats), Action::Exec(e)) => {
-            exe_match(pats, &e.path).map(|p| format!("executable {} matches {p:?}", e.path))
-        }
+            .then(|| why(&|| format!("gid {} is listed", s.gid))),
+        (Leaf::Exe(pats), Action::Exec(e)) => pats
+            .first(&e.path, explain)
+            .map(|p| why(&|| format!("executable {} matches {p:?}", e.path))),
         (Leaf::ParentExe(pats), Action::Exec(e)) => {
             let parent = e.parent_exe.as_deref()?;
-            exe_match(pats, parent).map(|p| format!("parent {parent} matches {p:?}"))
+            pats.first(parent, explain)
+                .map(|p| why(&|| format!("parent {parent} matches {p:?}")))
         }
         (Leaf::Setuid(want), Action::Exec(e)) => (e.setuid == *want).then(|| {
             if e.setuid {
-                "the executable is set-user-ID or set-group-ID".into()
+                why(&|| "the executable is set-user-ID or set-group-ID".into())
             } else {
-                "the executable is not set-user-ID".into()
+                why(&|| "the executable is not set-user-ID".into())
             }
         }),
         (Leaf::Cmdline(globs), Action::Exec(e)) => globs
-            .iter()
-            .find(|g| g.is_match(&e.cmdline))
-            .map(|g| format!("command line matches {:?}", g.pattern)),
+            .first(&e.cmdline, explain)
+            .map(|g| why(&|| format!("command line matches {g:?}"))),
         (Leaf::CmdlineRegex(res), Action::Exec(e)) => res
-            .iter()
-            .find(|r| r.0.is_match(&e.cmdline))
-            .map(|r| format!("command line matches /{}/", r.0.as_str())),
+            .first(&e.cmdline, explain)
+            .map(|r| why(&|| format!("command line matches /{r}/"))),
         (Leaf::Args(globs), Action::Exec(e)) => e.args().iter().find_map(|a| {
             globs
-                .iter()
-                .find(|g| g.is_match(a))
-                .map(|g| format!("argument {a:?} matches {:?}", g.pattern))
+                .first(a, explain)
+                .map(|g| why(&|| format!("argument {a:?} matches {g:?}")))
         }),
         (Leaf::ArgsRegex(res), Action::Exec(e)) => e.args().iter().find_map(|a| {
-            res.iter()
-                .find(|r| r.0.is_match(a))
-                .map(|r| format!("argument {a:?} matches /{}/", r.0.as_str()))
+            res.first(a, explain)
+                .map(|r| why(&|| format!("argument {a:?} matches /{r}/")))
         }),
         (Leaf::OutsideWorkdir(want), Action::Exec(e)) => {
             let outside = outside_workdir(e, s.labels.get("workdir").map(String::as_str));
             (outside.is_some() == *want).then(|| match outside {
-                Some(p) => format!("argument path {p} is outside the workdir"),
-                None => "no argument path is outside the workdir".into(),
+                Some(p) => why(&|| format!("argument path {p} is outside the workdir")),
+                None => why(&|| "no argument path is outside the workdir".into()),
             })
         }
         (Leaf::Dest(nets), Action::Connect { addr, .. }) => {
             let addr = canonical(*addr);
             nets.iter()
                 .find(|n| n.0.contains(&addr))
-                .map(|n| format!("destination {addr} is in {}", n.0))
+                .map(|n| why(&|| format!("destination {addr} is in {}", n.0)))
         }
         (Leaf::Port(ranges), Action::Connect { port, .. }) => ranges
             .iter()
             .any(|r| r.0 <= *port && *port <= r.1)
-            .then(|| format!("port {port} is listed")),
+            .then(|| why(&|| format!("port {port} is listed"))),
         (Leaf::Protocol(p), Action::Connect { protocol, .. }) => {
-            (*protocol == Some(*p)).then(|| format!("protocol is {p:?}").to_lowercase())
+            (*protocol == Some(*p)).then(|| why(&|| format!("protocol is {p:?}")).to_lowercase())
         }
         (Leaf::Path(pats), Action::File { path, .. }) => pats
             .iter()
             .find(|p| p.is_match(path))
-            .map(|p| format!("path {path} matches {:?}", p.pattern)),
+            .map(|p| why(&|| format!("path {path} matches {:?}", p.pattern))),
         (Leaf::Access(a), Action::File { write, .. }) => {
             let is = if *write { Access::Write } else { Access::Read };
-            (is == *a).then(|| format!("opened for {a:?}").to_lowercase())
+            (is == *a).then(|| why(&|| format!("opened for {a:?}")).to_lowercase())
         }
         // A key of another kind: rejected when the file is read.
         _ => None,
     }
-}
-
-fn exe_match<'a>(pats: &'a [super::matchers::ExePattern], path: &str) -> Option<&'a str> {
-    pats.iter()
-        .find(|p| {
-            if p.whole_path {
-                p.glob.is_match(path)
-            } else {
-                p.glob.is_match(file_name(path))
-            }
-        })
-        .map(|p| p.glob.pattern.as_str())
 }
 
 /// IPv4-mapped IPv6 addresses are matched as the IPv4 address they carry.

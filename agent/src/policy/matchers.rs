@@ -4,7 +4,7 @@
 
 use std::{fmt, net::IpAddr};
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 use std::marker::PhantomData;
 
@@ -74,6 +74,7 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrManyVisitor<T> {
 #[derive(Clone)]
 pub struct TextGlob {
     pub pattern: String,
+    pub glob: Glob,
     pub matcher: GlobMatcher,
 }
 
@@ -87,6 +88,7 @@ impl TextGlob {
         Ok(Self {
             pattern: pattern.to_string(),
             matcher: glob.compile_matcher(),
+            glob,
         })
     }
 
@@ -183,6 +185,156 @@ impl<'de> Deserialize<'de> for PathPattern {
 impl PathPattern {
     pub fn is_match(&self, path: &str) -> bool {
         self.globs.iter().any(|g| g.is_match(path))
+    }
+}
+
+/// Several globs matched at once (one automaton; literals by hash).
+#[derive(Clone)]
+pub struct Globs {
+    pub items: Vec<TextGlob>,
+    set: GlobSet,
+}
+
+impl Globs {
+    pub fn new(items: Vec<TextGlob>) -> Self {
+        let mut b = GlobSetBuilder::new();
+        for g in &items {
+            b.add(g.glob.clone());
+        }
+        // Every glob compiled alone already; a set of them builds too.
+        let set = b.build().unwrap_or_else(|_| GlobSet::empty());
+        Self { items, set }
+    }
+
+    pub fn is_match(&self, s: &str) -> bool {
+        self.set.is_match(s)
+    }
+
+    /// Whether a pattern matches `s`: the first that does when `explain`
+    /// (slower), else an empty name.
+    pub fn first(&self, s: &str, explain: bool) -> Option<&str> {
+        if !explain {
+            return self.set.is_match(s).then_some("");
+        }
+        self.set
+            .matches(s)
+            .first()
+            .map(|&i| self.items[i].pattern.as_str())
+    }
+}
+
+impl std::ops::Deref for Globs {
+    type Target = [TextGlob];
+    fn deref(&self) -> &[TextGlob] {
+        &self.items
+    }
+}
+
+impl fmt::Debug for Globs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.items.fmt(f)
+    }
+}
+
+impl PartialEq for Globs {
+    fn eq(&self, o: &Self) -> bool {
+        self.items == o.items
+    }
+}
+
+/// Executable patterns, split into file-name and whole-path sets.
+#[derive(Clone)]
+pub struct Exes {
+    pub items: Vec<ExePattern>,
+    names: Globs,
+    paths: Globs,
+}
+
+impl Exes {
+    pub fn new(items: Vec<ExePattern>) -> Self {
+        let (paths, names): (Vec<_>, Vec<_>) = items.iter().partition(|p| p.whole_path);
+        Self {
+            names: Globs::new(names.into_iter().map(|p| p.glob.clone()).collect()),
+            paths: Globs::new(paths.into_iter().map(|p| p.glob.clone()).collect()),
+            items,
+        }
+    }
+
+    /// Whether a pattern matches the executable `path` (which one, when
+    /// `explain`).
+    pub fn first(&self, path: &str, explain: bool) -> Option<&str> {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.names
+            .first(name, explain)
+            .or_else(|| self.paths.first(path, explain))
+    }
+}
+
+impl std::ops::Deref for Exes {
+    type Target = [ExePattern];
+    fn deref(&self) -> &[ExePattern] {
+        &self.items
+    }
+}
+
+impl fmt::Debug for Exes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.items.fmt(f)
+    }
+}
+
+impl PartialEq for Exes {
+    fn eq(&self, o: &Self) -> bool {
+        self.items == o.items
+    }
+}
+
+/// Several regexes searched for at once.
+#[derive(Clone)]
+pub struct Regexes {
+    pub items: Vec<Re>,
+    set: regex::RegexSet,
+}
+
+impl Regexes {
+    pub fn new(items: Vec<Re>) -> Self {
+        let set = regex::RegexSet::new(items.iter().map(|r| r.0.as_str()))
+            .unwrap_or_else(|_| regex::RegexSet::empty());
+        Self { items, set }
+    }
+
+    /// Whether a regex is found in `s` (the first one, when `explain`).
+    pub fn first(&self, s: &str, explain: bool) -> Option<&str> {
+        if !self.set.is_match(s) {
+            return None;
+        }
+        if !explain {
+            return Some("");
+        }
+        self.set
+            .matches(s)
+            .iter()
+            .next()
+            .map(|i| self.items[i].0.as_str())
+    }
+}
+
+impl std::ops::Deref for Regexes {
+    type Target = [Re];
+    fn deref(&self) -> &[Re] {
+        &self.items
+    }
+}
+
+impl fmt::Debug for Regexes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.items.fmt(f)
+    }
+}
+
+impl PartialEq for Regexes {
+    fn eq(&self, o: &Self) -> bool {
+        self.items == o.items
     }
 }
 

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, de::Error as _};
 
 use super::matchers::{
-    ExePattern, GroupId, Net, OneOrMany, PathPattern, Ports, Re, TextGlob, UserId, parse_duration,
+    ExePattern, Exes, Globs, GroupId, Net, OneOrMany, PathPattern, Ports, Re, Regexes, TextGlob,
+    UserId, parse_duration,
 };
 use crate::config::OnTimeout;
 
@@ -257,16 +258,16 @@ pub enum Cond {
 /// One field matcher.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Leaf {
-    Labels(Vec<(String, Vec<TextGlob>)>),
+    Labels(Vec<(String, Globs)>),
     User(Vec<u32>),
     Group(Vec<u32>),
-    Exe(Vec<ExePattern>),
-    ParentExe(Vec<ExePattern>),
+    Exe(Exes),
+    ParentExe(Exes),
     Setuid(bool),
-    Cmdline(Vec<TextGlob>),
-    CmdlineRegex(Vec<Re>),
-    Args(Vec<TextGlob>),
-    ArgsRegex(Vec<Re>),
+    Cmdline(Globs),
+    CmdlineRegex(Regexes),
+    Args(Globs),
+    ArgsRegex(Regexes),
     OutsideWorkdir(bool),
     Dest(Vec<Net>),
     Port(Vec<Ports>),
@@ -357,7 +358,65 @@ struct CondRaw {
 impl<'de> Deserialize<'de> for Cond {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = CondRaw::deserialize(d)?;
+        // Cheap tests first (they decide most actions), combinators last.
         let mut parts = Vec::new();
+        let mut leaf = |l: Leaf| parts.push(Cond::Leaf(l));
+        if let Some(v) = r.exe {
+            leaf(Leaf::Exe(Exes::new(v.0)));
+        }
+        if let Some(v) = r.protocol {
+            leaf(Leaf::Protocol(v));
+        }
+        if let Some(v) = r.port {
+            leaf(Leaf::Port(v.0));
+        }
+        if let Some(v) = r.dest {
+            leaf(Leaf::Dest(v.0));
+        }
+        if let Some(v) = r.access {
+            leaf(Leaf::Access(v));
+        }
+        if let Some(v) = r.setuid {
+            leaf(Leaf::Setuid(v));
+        }
+        if let Some(v) = r.user {
+            leaf(Leaf::User(v.0.into_iter().map(|u| u.0).collect()));
+        }
+        if let Some(v) = r.group {
+            leaf(Leaf::Group(v.0.into_iter().map(|g| g.0).collect()));
+        }
+        if let Some(labels) = r.labels {
+            if labels.is_empty() {
+                return Err(D::Error::custom("`labels` needs at least one label"));
+            }
+            leaf(Leaf::Labels(
+                labels
+                    .into_iter()
+                    .map(|(k, v)| (k, Globs::new(v.0)))
+                    .collect(),
+            ));
+        }
+        if let Some(v) = r.path {
+            leaf(Leaf::Path(v.0));
+        }
+        if let Some(v) = r.parent_exe {
+            leaf(Leaf::ParentExe(Exes::new(v.0)));
+        }
+        if let Some(v) = r.args {
+            leaf(Leaf::Args(Globs::new(v.0)));
+        }
+        if let Some(v) = r.cmdline {
+            leaf(Leaf::Cmdline(Globs::new(v.0)));
+        }
+        if let Some(v) = r.outside_workdir {
+            leaf(Leaf::OutsideWorkdir(v));
+        }
+        if let Some(v) = r.args_regex {
+            leaf(Leaf::ArgsRegex(Regexes::new(v.0)));
+        }
+        if let Some(v) = r.cmdline_regex {
+            leaf(Leaf::CmdlineRegex(Regexes::new(v.0)));
+        }
         if let Some(all) = r.all {
             if all.is_empty() {
                 return Err(D::Error::custom("`all` needs at least one condition"));
@@ -372,60 +431,6 @@ impl<'de> Deserialize<'de> for Cond {
         }
         if let Some(not) = r.not {
             parts.push(Cond::Not(not));
-        }
-        let mut leaf = |l: Leaf| parts.push(Cond::Leaf(l));
-        if let Some(labels) = r.labels {
-            if labels.is_empty() {
-                return Err(D::Error::custom("`labels` needs at least one label"));
-            }
-            leaf(Leaf::Labels(
-                labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
-            ));
-        }
-        if let Some(v) = r.user {
-            leaf(Leaf::User(v.0.into_iter().map(|u| u.0).collect()));
-        }
-        if let Some(v) = r.group {
-            leaf(Leaf::Group(v.0.into_iter().map(|g| g.0).collect()));
-        }
-        if let Some(v) = r.exe {
-            leaf(Leaf::Exe(v.0));
-        }
-        if let Some(v) = r.parent_exe {
-            leaf(Leaf::ParentExe(v.0));
-        }
-        if let Some(v) = r.setuid {
-            leaf(Leaf::Setuid(v));
-        }
-        if let Some(v) = r.cmdline {
-            leaf(Leaf::Cmdline(v.0));
-        }
-        if let Some(v) = r.cmdline_regex {
-            leaf(Leaf::CmdlineRegex(v.0));
-        }
-        if let Some(v) = r.args {
-            leaf(Leaf::Args(v.0));
-        }
-        if let Some(v) = r.args_regex {
-            leaf(Leaf::ArgsRegex(v.0));
-        }
-        if let Some(v) = r.outside_workdir {
-            leaf(Leaf::OutsideWorkdir(v));
-        }
-        if let Some(v) = r.dest {
-            leaf(Leaf::Dest(v.0));
-        }
-        if let Some(v) = r.port {
-            leaf(Leaf::Port(v.0));
-        }
-        if let Some(v) = r.protocol {
-            leaf(Leaf::Protocol(v));
-        }
-        if let Some(v) = r.path {
-            leaf(Leaf::Path(v.0));
-        }
-        if let Some(v) = r.access {
-            leaf(Leaf::Access(v));
         }
         match parts.len() {
             0 => Err(D::Error::custom(

@@ -8,6 +8,7 @@
 //! actor spawn N PROGRAM            spawn+wait PROGRAM N times, print N
 //! actor storm SECONDS THREADS PROGRAM  spawn PROGRAM for SECONDS on THREADS threads, print how many
 //! actor time-spawn N PROGRAM       spawn+wait PROGRAM N times, print the elapsed ns
+//! actor spawn-each N PROGRAM      spawn+wait PROGRAM N times, print each one's elapsed ns
 //! actor time-connect N             connect+close to its own loopback listener N times, print the elapsed ns
 //! actor udp-connects N             connect one UDP socket to N destinations (no packets), print the elapsed ns
 //! actor run-timed PROGRAM [ARGS]   spawn+wait once, print "<ms> exit:<code>", "<ms> signal:<n>" or "<ms> error:<errno>"
@@ -98,6 +99,15 @@ fn main() -> ExitCode {
                 Command::new(program).status().expect("spawn");
             }
             println!("{}", start.elapsed().as_nanos());
+        }
+        ["spawn-each", n, program] => {
+            let mut times = Vec::new();
+            for _ in 0..n.parse::<u64>().expect("N") {
+                let start = Instant::now();
+                Command::new(program).status().expect("spawn");
+                times.push(start.elapsed().as_nanos().to_string());
+            }
+            println!("{}", times.join(" "));
         }
         ["time-connect", n] => {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
