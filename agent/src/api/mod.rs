@@ -61,6 +61,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/requests/{id}", get(one))
         .route("/v1/requests/{id}/approve", post(approve))
         .route("/v1/requests/{id}/deny", post(deny))
+        .route("/v1/sessions/{id}/events", get(session_events))
         .route("/v1/stream", get(stream))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async {
@@ -181,6 +182,34 @@ async fn one(
     match read_store(&state, move |s| s.request(id)).await {
         Ok(Some(r)) => Json(r).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no request {id}")),
+        Err(r) => r.into_response(),
+    }
+}
+
+/// A session's events in time order, the policy's decisions (and monitor
+/// rules' would-be decisions) among them: a replay over the API.
+async fn session_events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = approver(&state, &headers) {
+        return r.into_response();
+    }
+    let Ok(id) = id.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("session id must be a number, got {id:?}"),
+        );
+    };
+    match read_store(&state, move |s| match s.events(id) {
+        Err(crate::store::StoreError::NoSession(_)) => Ok(None),
+        r => r.map(Some),
+    })
+    .await
+    {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
         Err(r) => r.into_response(),
     }
 }

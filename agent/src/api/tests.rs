@@ -504,5 +504,29 @@ async fn candidates_no_hold_rule_matches_are_resumed_at_once_and_recorded() {
     assert_eq!(d["decision"], "record");
     assert_eq!(d["monitor"], "would deny by t/watch-sleep");
     assert_eq!(d["outcome"], "resumed: the program runs");
+    // The API's replay shows the would-be decision too.
+    let events: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/v1/sessions/1/events", h.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "decision"
+                && e["detail"]["monitor"] == "would deny by t/watch-sleep"),
+        "{events:?}"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/sessions/99/events", h.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let _ = h.child.kill();
 }

@@ -58,9 +58,8 @@ pub fn describe(e: &EventRow) -> String {
             if d.get("argv_truncated").and_then(Value::as_bool) == Some(true) {
                 line.push_str(" (argv truncated)");
             }
-            if let (Some(e), Some(r)) = (d.get("enforcement").and_then(Value::as_str), n("rule_id"))
-            {
-                line.push_str(&format!(" [{e} by rule {r}]"));
+            if let Some(e) = d.get("enforcement").and_then(Value::as_str) {
+                line.push_str(&format!(" [{e}]"));
             }
             line
         }
@@ -81,11 +80,26 @@ pub fn describe(e: &EventRow) -> String {
                 Some(r) if r >= 0 => " -> ok".into(),
                 Some(r) => format!(" -> {}", std::io::Error::from_raw_os_error(-r as i32)),
             };
-            let rule = match (d.get("enforcement").and_then(Value::as_str), n("rule_id")) {
-                (Some(e), Some(r)) => format!(" [{e} by rule {r}]"),
-                _ => String::new(),
+            let rule = match d.get("enforcement").and_then(Value::as_str) {
+                Some(e) => format!(" [{e}]"),
+                None => String::new(),
             };
             format!("{} {addr}{outcome}{rule}", s("protocol"))
+        }
+        "decision" => {
+            let mut line = format!("policy: {} {} {}", s("decision"), s("action"), s("target"));
+            if let Some(r) = d.get("rule").and_then(Value::as_str) {
+                line.push_str(&format!(" by {r}"));
+            }
+            if let Some(m) = d.get("monitor").and_then(Value::as_str) {
+                line.push_str(&format!(" (monitor: {m})"));
+            }
+            line.push_str(&format!(
+                " -> {} ({} us)",
+                s("outcome"),
+                n("decided_in_us").unwrap_or(0)
+            ));
+            line
         }
         "loss" => format!(
             "LOST {} {} event(s): {}",
