@@ -109,7 +109,7 @@ make -s dist; echo make=$?
 curl -s -o /dev/null {url}/index.html; echo download=$?
 curl -s -o /dev/null -T dump.sql {url}/upload; echo upload=$?
 sudo -n true; echo sudo=$?
-rm -rf build; echo rm=$?",
+/bin/rm -rf build; echo rm=$?",
         w = w.display()
     );
     let workdir = format!("workdir={}", w.display());
@@ -168,6 +168,7 @@ rm -rf build; echo rm=$?",
 
     // Candidates no hold rule matched were resumed without a human, with
     // their decision recorded; git, make and tar were never candidates.
+    // (rm by its path: busybox's sh, in the VM, runs a bare `rm` itself.)
     let sessions = d.store().sessions().expect("sessions");
     let id = sessions.iter().map(|s| s.id).max().expect("a session");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -198,7 +199,7 @@ rm -rf build; echo rm=$?",
     assert_eq!(find("curl -s -o /dev/null http").1, "record");
     assert_eq!(find("curl -s -o /dev/null -T").1, "hold");
     assert_eq!(find("sudo").1, "hold");
-    assert_eq!(find("rm -rf build").1, "record");
+    assert_eq!(find("/bin/rm -rf build").1, "record");
     assert!(
         decisions.iter().all(|(t, _, _)| !t.starts_with("git")
             && !t.starts_with("make")
