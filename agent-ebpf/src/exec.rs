@@ -183,7 +183,7 @@ pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
         };
     }
     // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(&h) }.copied() {
+    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
         return Some(rule);
     }
     if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) {

@@ -723,12 +723,9 @@ fn action_of(record: &Record) -> Option<Action> {
     match &record.detail {
         Detail::Exec { path, argv, .. } => {
             let mut a = crate::policy::ExecAction::new(path.clone(), argv.clone());
-            let proc_link = |what: &str| {
-                std::fs::read_link(format!("/proc/{}/{what}", record.tgid))
-                    .ok()
-                    .map(|p| p.display().to_string())
-            };
-            a.cwd = proc_link("cwd");
+            a.cwd = std::fs::read_link(format!("/proc/{}/cwd", record.tgid))
+                .ok()
+                .map(|p| p.display().to_string());
             a.parent_exe = std::fs::read_link(format!("/proc/{}/exe", record.ppid))
                 .ok()
                 .map(|p| p.display().to_string());

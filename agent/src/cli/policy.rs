@@ -44,7 +44,7 @@ pub enum PolicyCommand {
     },
     /// Show which rule decides an action and why. Uses the config's
     /// `policy_dirs` unless `--policy` names files.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -101,7 +101,7 @@ pub fn run(args: PolicyArgs, config: &Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        PolicyCommand::Explain(a) => match explain(a, config) {
+        PolicyCommand::Explain(a) => match explain(*a, config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("airlock: {e:#}");
