@@ -95,7 +95,7 @@ fn holds_ended(
 
 /// What an earlier daemon already recorded of the pinned loss counters.
 fn recorded_losses(store: &Store) -> anyhow::Result<std::collections::HashMap<LossKey, u64>> {
-    let kinds: Vec<EventKind> = [1, 2, 3, 100, 101, 102, 103, 900]
+    let kinds: Vec<EventKind> = [1, 2, 3, 4, 100, 101, 102, 103, 900]
         .into_iter()
         .filter_map(EventKind::from_u32)
         .collect();

@@ -2,6 +2,7 @@
 //! Everyone else talks to it with [`Command`]s over a channel.
 
 mod exec;
+pub mod files;
 mod lsm;
 mod net;
 pub mod pins;
@@ -131,6 +132,8 @@ pub struct Sensor {
     pub lsm_connect: bool,
     /// Whether the BPF LSM bprm_creds_for_exec program holds execs.
     pub lsm_exec: bool,
+    /// Whether the BPF LSM file_open program holds candidate opens.
+    pub lsm_file: bool,
     /// This load's generation, and whether it took over pinned maps (and
     /// so sessions, holds and unread events) from an earlier daemon.
     pub generation: u64,
@@ -228,6 +231,14 @@ impl Sensor {
                     false
                 }
             };
+        let lsm_file = lsm_connect
+            && match lsm::attach_file(&mut ebpf, &btf, &link_pins, &mut attached) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("BPF LSM file_open not attached: {why}");
+                    false
+                }
+            };
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
@@ -236,6 +247,8 @@ impl Sensor {
         let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
         let hold_pending = take(&mut ebpf, "HOLD_PENDING", HashMap::try_from)?;
         rules::load(&mut ebpf, &settings.rules)?;
+        // TEMPORARY: from the environment until the policy engine fills it.
+        files::set_file_candidates(&mut ebpf, &files::candidates_from_env()?)?;
         Ok(Self {
             _ebpf: ebpf,
             ring: Some(ring),
@@ -248,6 +261,7 @@ impl Sensor {
             connect_hold,
             lsm_connect,
             lsm_exec,
+            lsm_file,
             generation,
             took_over: false,
             clock: Clock::now(),

@@ -1,0 +1,124 @@
+//! File candidates: the names the kernel's `lsm_file_open` looks up before
+//! it does anything else with an open (agent-ebpf/src/lsm.rs). A file is a
+//! candidate when its own name is in the map with [`FILE_CAND_NAME`], or
+//! the name of the directory that contains it is there with
+//! [`FILE_CAND_DIR`]. Candidate opens of watched sessions are held and
+//! recorded; every other open is neither.
+
+use std::collections::HashMap as StdHashMap;
+
+use airlock_common::{FILE_CAND_DIR, FILE_CAND_NAME, FILE_NAME_HASHED, name_hash};
+use aya::{Ebpf, maps::HashMap};
+
+use super::{Sensor, SensorError};
+
+const MAP: &str = "FILE_NAMES";
+
+/// TEMPORARY test hook until the policy engine fills the map:
+/// `AIRLOCK_FILE_CANDIDATES="id_test:1,.ssh:2"` (name, then the
+/// `FILE_CAND_*` bits), read when the daemon loads its programs.
+pub const CANDIDATES_ENV: &str = "AIRLOCK_FILE_CANDIDATES";
+
+/// The map entry for one name (a single path component): None when the
+/// kernel could never match it (empty, with a `/`, or longer than
+/// [`FILE_NAME_HASHED`] bytes), or `bits` has no `FILE_CAND_*` bit.
+pub fn candidate(name: &str, bits: u32) -> Option<(u64, u32)> {
+    let bits = bits & (FILE_CAND_NAME | FILE_CAND_DIR);
+    let ok = !name.is_empty() && !name.contains('/') && name.len() <= FILE_NAME_HASHED;
+    (ok && bits != 0).then(|| (name_hash(name.as_bytes()), bits))
+}
+
+/// Makes `names` (name hash, `FILE_CAND_*` bits) the candidate set: entries
+/// not in it are removed, bits of a name given twice are merged.
+pub fn set_file_candidates(ebpf: &mut Ebpf, names: &[(u64, u32)]) -> Result<(), SensorError> {
+    let mut map: HashMap<_, u64, u32> =
+        HashMap::try_from(ebpf.map_mut(MAP).ok_or(SensorError::MissingMap(MAP))?)
+            .map_err(|e| SensorError::map(MAP, e))?;
+    let mut want: StdHashMap<u64, u32> = StdHashMap::new();
+    for &(hash, bits) in names {
+        *want.entry(hash).or_default() |= bits;
+    }
+    let stale: Vec<u64> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        map.remove(&k).map_err(|e| SensorError::map(MAP, e))?;
+    }
+    for (hash, bits) in want {
+        map.insert(hash, bits, 0)
+            .map_err(|e| SensorError::map(MAP, e))?;
+    }
+    Ok(())
+}
+
+impl Sensor {
+    /// See [`set_file_candidates`].
+    pub fn set_file_candidates(&mut self, names: &[(u64, u32)]) -> Result<(), SensorError> {
+        set_file_candidates(&mut self._ebpf, names)
+    }
+}
+
+/// Parses [`CANDIDATES_ENV`]: `name:bits` pairs separated by commas.
+pub fn parse_candidates(spec: &str) -> Result<Vec<(u64, u32)>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (name, bits) = item
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{CANDIDATES_ENV}: {item:?} is not NAME:BITS"))?;
+            let bits: u32 = bits
+                .parse()
+                .map_err(|_| format!("{CANDIDATES_ENV}: {item:?}: bits must be 1, 2 or 3"))?;
+            candidate(name, bits)
+                .ok_or_else(|| format!("{CANDIDATES_ENV}: {item:?} can never match"))
+        })
+        .collect()
+}
+
+/// The candidates [`CANDIDATES_ENV`] names (none when unset).
+pub fn candidates_from_env() -> Result<Vec<(u64, u32)>, SensorError> {
+    match std::env::var(CANDIDATES_ENV) {
+        Ok(spec) => parse_candidates(&spec).map_err(|e| SensorError::map(MAP, e)),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_are_single_short_names() {
+        assert_eq!(
+            candidate("id_test", FILE_CAND_NAME),
+            Some((name_hash(b"id_test"), FILE_CAND_NAME))
+        );
+        assert_eq!(candidate(".ssh", 7), Some((name_hash(b".ssh"), 3)));
+        assert_eq!(candidate("", 1), None);
+        assert_eq!(candidate("a/b", 1), None);
+        assert_eq!(
+            candidate(&"x".repeat(FILE_NAME_HASHED), 1).map(|c| c.1),
+            Some(1)
+        );
+        assert_eq!(candidate(&"x".repeat(FILE_NAME_HASHED + 1), 1), None);
+        assert_eq!(candidate("x", 4), None);
+    }
+
+    #[test]
+    fn env_spec_parses() {
+        assert_eq!(
+            parse_candidates("id_test:1, .ssh:2,").unwrap(),
+            vec![
+                (name_hash(b"id_test"), FILE_CAND_NAME),
+                (name_hash(b".ssh"), FILE_CAND_DIR)
+            ]
+        );
+        assert_eq!(parse_candidates("").unwrap(), vec![]);
+        assert!(parse_candidates("id_test").is_err());
+        assert!(parse_candidates("id_test:x").is_err());
+        assert!(parse_candidates("a/b:1").is_err());
+    }
+}
