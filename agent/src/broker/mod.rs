@@ -71,7 +71,7 @@ pub struct ApprovalRequest {
     pub session_id: u64,
     /// The session's labels: agent, model, user, ...
     pub labels: BTreeMap<String, String>,
-    /// "exec" or "connect".
+    /// "exec", "connect" or "file".
     pub kind: String,
     pub pid: u32,
     pub tgid: u32,
@@ -258,21 +258,32 @@ impl Broker {
     }
 
     async fn held(&mut self, record: Record, hold: HoldInfo) {
-        let Some(rule) = self
-            .rules
-            .get(hold.rule_id.wrapping_sub(1) as usize)
-            .cloned()
-        else {
+        let kind = match record.kind.0 {
+            airlock_common::EventKind::Exec => "exec",
+            airlock_common::EventKind::FileOpen => "file",
+            _ => "connect",
+        };
+        // TEMPORARY until the policy engine decides file holds: a candidate
+        // open names no rule (rule_id 0) and waits with the default timeout.
+        let file_rule = (kind == "file" && hold.rule_id == 0).then(|| Rule {
+            name: "file candidate".into(),
+            action: crate::config::RuleAction::Hold,
+            exec: Vec::new(),
+            connect: Vec::new(),
+            port: None,
+            timeout_s: 300,
+            on_timeout: OnTimeout::Deny,
+        });
+        let Some(rule) = file_rule.or_else(|| {
+            self.rules
+                .get(hold.rule_id.wrapping_sub(1) as usize)
+                .cloned()
+        }) else {
             warn!(
                 rule_id = hold.rule_id,
                 "hold for an unknown rule: refusing it"
             );
             return;
-        };
-        let kind = if record.kind.0 == airlock_common::EventKind::Exec {
-            "exec"
-        } else {
-            "connect"
         };
         if self
             .pending
@@ -502,10 +513,10 @@ impl Broker {
                 rx.await
                     .map_err(|_| "the sensor has stopped".to_string())??;
                 process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)?;
-                let call = if req.kind == "exec" {
-                    "execve"
-                } else {
-                    "connect"
+                let call = match req.kind.as_str() {
+                    "exec" => "execve",
+                    "file" => "open",
+                    _ => "connect",
                 };
                 Ok(if allow {
                     format!("resumed: {call} re-issued")
