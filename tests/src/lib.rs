@@ -59,6 +59,8 @@ pub struct Daemon {
     /// The API's address, asked once per daemon start (every CLI call
     /// costs milliseconds, tens of them in an emulated VM).
     api: std::sync::Mutex<Option<String>>,
+    /// Extra environment of the daemon process.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -68,6 +70,11 @@ impl Daemon {
 
     /// Starts a daemon with extra config lines.
     pub fn start_with(extra: &str) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Starts a daemon with extra config lines and environment variables.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("airlock.toml");
         std::fs::write(
@@ -79,21 +86,18 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
-        let child = Command::new(airlock_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("daemon")
-            .stderr(log)
-            .spawn()
-            .expect("spawn airlock daemon");
+        std::fs::File::create(dir.path().join("daemon.log")).expect("log");
         let mut d = Self {
             dir,
             config,
-            child: Some(child),
+            child: None,
             api: std::sync::Mutex::new(None),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        d.wait_ready();
+        d.start_again();
         d
     }
 
@@ -249,6 +253,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .arg("daemon")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(log)
             .spawn()
             .expect("spawn airlock daemon");
