@@ -381,7 +381,7 @@ fn dentry_name_hash(dentry: u64) -> Option<u64> {
 fn candidate_bits(hash: Option<u64>) -> u32 {
     match hash {
         // SAFETY: copied out at once.
-        Some(h) => unsafe { FILE_NAMES.get(&h) }.copied().unwrap_or(0),
+        Some(h) => unsafe { FILE_NAMES.get(h) }.copied().unwrap_or(0),
         None => 0,
     }
 }
