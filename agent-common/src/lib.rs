@@ -48,6 +48,37 @@ pub const NET_HOLD_UNAVAILABLE: u32 = 1 << 3;
 /// fail mode decided instead of a human (with [`NET_DENIED`] when closed).
 pub const NET_NO_DAEMON: u32 = 1 << 4;
 
+/// Longest opened path recorded, including the NUL; a longer one is
+/// replaced by the file's own name and flagged with [`FILE_PATH_TRUNCATED`].
+pub const FILE_PATH_MAX: usize = 512;
+/// Bytes of a file or directory name the kernel hashes for the file
+/// candidate map; a longer name is never a candidate.
+pub const FILE_NAME_HASHED: usize = 64;
+
+/// The file was opened for writing (`FMODE_WRITE`: write-only or read-write).
+pub const FILE_WRITE: u32 = 1 << 0;
+/// A candidate open: the process was stopped inside open(2) and waits for
+/// a decision (the open is re-issued once decided).
+pub const FILE_HELD: u32 = 1 << 1;
+/// A verdict let a held open through.
+pub const FILE_APPROVED: u32 = 1 << 2;
+/// A verdict refused a held open: it failed with EPERM.
+pub const FILE_REFUSED: u32 = 1 << 3;
+/// A candidate open while no daemon was alive (stale heartbeat): the fail
+/// mode decided instead of a human (with [`FILE_DENIED`] when closed).
+pub const FILE_NO_DAEMON: u32 = 1 << 4;
+/// The open failed with EPERM without a human's verdict (fail closed).
+pub const FILE_DENIED: u32 = 1 << 5;
+/// The path did not fit in [`FILE_PATH_MAX`] bytes: only the file's own
+/// name was recorded.
+pub const FILE_PATH_TRUNCATED: u32 = 1 << 6;
+
+/// Value bit of the file candidate map: a file with this name is a candidate.
+pub const FILE_CAND_NAME: u32 = 1;
+/// Value bit of the file candidate map: every file in a directory with this
+/// name is a candidate.
+pub const FILE_CAND_DIR: u32 = 2;
+
 /// Slot of the mode array that is 1 while the LSM socket_connect program
 /// holds connects (the cgroup hook then leaves hold rules to it).
 pub const MODE_LSM_CONNECT: u32 = 0;
@@ -164,11 +195,6 @@ pub struct VerdictEntry {
 }
 const _: () = assert!(size_of::<VerdictEntry>() == 16);
 
-/// File candidate bit: a file with this name is a candidate.
-pub const FILE_CAND_NAME: u32 = 1 << 0;
-/// File candidate bit: a file in a directory with this name is a candidate.
-pub const FILE_CAND_DIR: u32 = 1 << 1;
-
 /// FNV-1a offset basis, the start of every digest and name hash here.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// FNV-1a prime.
@@ -216,6 +242,23 @@ pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64
     h
 }
 
+/// FNV-1a over an opened file's path (the first `len` bytes of `path`) and
+/// its write intent: the verdict key digest of a held open. Computed the
+/// same way by the kernel and the daemon.
+#[inline(always)]
+pub fn file_digest(path: &[u8; FILE_PATH_MAX], len: usize, write: bool) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < FILE_PATH_MAX {
+        if i >= len {
+            break;
+        }
+        h = (h ^ path[i] as u64).wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    (h ^ write as u64).wrapping_mul(FNV_PRIME)
+}
+
 /// What an event records. Ids come in ranges: 1-99 process, 100-199 network,
 /// 200-299 decisions, 900-999 agent-internal. Stored forever: never renumber.
 #[repr(u32)]
@@ -227,6 +270,9 @@ pub enum EventKind {
     Exec = 2,
     /// The last thread of a watched process exited.
     Exit = 3,
+    /// A watched process opened a candidate file (BPF LSM `file_open`):
+    /// held, or decided (approved, refused, or by the fail mode).
+    FileOpen = 4,
     /// A watched process called connect(2).
     Connect = 100,
     /// A watched process accepted an inbound connection.
@@ -250,6 +296,7 @@ impl EventKind {
             1 => Self::Fork,
             2 => Self::Exec,
             3 => Self::Exit,
+            4 => Self::FileOpen,
             100 => Self::Connect,
             101 => Self::Accept,
             102 => Self::UdpSend,
@@ -266,6 +313,7 @@ impl EventKind {
             Self::Fork => "fork",
             Self::Exec => "exec",
             Self::Exit => "exit",
+            Self::FileOpen => "file_open",
             Self::Connect => "connect",
             Self::Accept => "accept",
             Self::UdpSend => "udp_send",
@@ -427,6 +475,23 @@ pub struct NetEvent {
 }
 const _: () = assert!(size_of::<NetEvent>() == 56 + 48);
 
+/// A watched process opened a candidate file (`security_file_open`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileEvent {
+    /// Common head, `kind` = [`EventKind::FileOpen`].
+    pub header: EventHeader,
+    /// `FILE_*` flags.
+    pub flags: u32,
+    /// Bytes of `path` used, without the NUL.
+    pub path_len: u32,
+    /// [`file_digest`] of the path and write intent: the verdict key.
+    pub digest: u64,
+    /// The opened file's path (`bpf_d_path`), NUL-terminated.
+    pub path: [u8; FILE_PATH_MAX],
+}
+const _: () = assert!(size_of::<FileEvent>() == 56 + 16 + FILE_PATH_MAX);
+
 /// Placeholder for `NetEvent::ret` when the outcome was not observed.
 pub const NET_RET_UNKNOWN: i32 = i32::MIN;
 
@@ -490,8 +555,20 @@ pub struct KernelOffsets {
     pub file_inode: u32,
     /// `inode.i_mode` (a u16)
     pub inode_mode: u32,
+    /// `file.f_path` (a `struct path`)
+    pub file_f_path: u32,
+    /// `file.f_mode` (an `fmode_t`)
+    pub file_f_mode: u32,
+    /// `path.dentry`
+    pub path_dentry: u32,
+    /// `dentry.d_name` (a `struct qstr`)
+    pub dentry_d_name: u32,
+    /// `dentry.d_parent`
+    pub dentry_d_parent: u32,
+    /// `qstr.name`
+    pub qstr_name: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 64);
+const _: () = assert!(size_of::<KernelOffsets>() == 88);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -509,7 +586,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 80);
+const _: () = assert!(size_of::<AgentConfig>() == 104);
 
 #[cfg(feature = "user")]
 mod pod {

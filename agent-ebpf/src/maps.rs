@@ -2,8 +2,8 @@
 
 use airlock_common::{
     AgentConfig, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_SLOTS, CTL_STALE_NS,
-    EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, HoldKey, LOSS_REASONS, LossKey, LossReason,
-    NetRule, SessionEntry, VerdictEntry,
+    EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FileEvent, HoldKey, LOSS_REASONS, LossKey,
+    LossReason, NetRule, SessionEntry, VerdictEntry,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -34,6 +34,12 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         binprm_file: 0,
         file_inode: 0,
         inode_mode: 0,
+        file_f_path: 0,
+        file_f_mode: 0,
+        path_dentry: 0,
+        dentry_d_name: 0,
+        dentry_d_parent: 0,
+        qstr_name: 0,
     },
     generation: 0,
 };
@@ -45,6 +51,15 @@ pub fn config() -> AgentConfig {
     // SAFETY: AGENT_CONFIG is a plain static; the volatile read only stops
     // constant folding of a value the loader rewrites.
     unsafe { core::ptr::read_volatile(&AGENT_CONFIG) }
+}
+
+/// Offset of `file.f_path`, read on its own so the verifier sees a
+/// constant (the configuration is a frozen read-only map): it is added to
+/// a BTF pointer that `bpf_d_path` checks by type and offset.
+#[inline(always)]
+pub fn file_f_path_offset() -> u32 {
+    // SAFETY: as in `config`, one field of the static.
+    unsafe { core::ptr::read_volatile(&AGENT_CONFIG.offsets.file_f_path) }
 }
 
 /// Pinned control array (`CTL_*` slots): the active generation, the
@@ -89,6 +104,13 @@ pub static EXEC_RULES: HashMap<[u8; EXEC_RULE_KEY], ExecRule> = HashMap::with_ma
 #[map]
 pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 0);
 
+/// File candidates by `name_hash` of one path component, written by the
+/// daemon from its policy: `FILE_CAND_NAME` when a file with that name is a
+/// candidate, `FILE_CAND_DIR` when every file in a directory with that name
+/// is. Per generation, like the rule maps.
+#[map]
+pub static FILE_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
 /// Connect rules by destination prefix (IPv6; IPv4 as ::ffff:a.b.c.d).
 #[map]
 pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(4096, 0);
@@ -119,6 +141,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(32 * 1024 * 1024, 0);
 /// Scratch space for the exec event, too large for the 512-byte stack.
 #[map]
 pub static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for the file event, too large for the 512-byte stack.
+#[map]
+pub static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Lost events per session, kind and reason. Per-CPU, because BPF here has
 /// no atomic fetch_add; userspace sums the CPUs.

@@ -44,6 +44,12 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         binprm_file: f("linux_binprm", "file")?,
         file_inode: f("file", "f_inode")?,
         inode_mode: f("inode", "i_mode")?,
+        file_f_path: f("file", "f_path")?,
+        file_f_mode: f("file", "f_mode")?,
+        path_dentry: f("path", "dentry")?,
+        dentry_d_name: f("dentry", "d_name")?,
+        dentry_d_parent: f("dentry", "d_parent")?,
+        qstr_name: f("qstr", "name")?,
     })
 }
 
@@ -120,6 +126,9 @@ mod tests {
         );
         assert!(o.task_real_parent > o.task_tgid);
         assert!(o.cred_euid > 0);
+        assert_eq!(o.path_dentry, 8, "struct path: mnt, then dentry");
+        assert_eq!(o.qstr_name, 8, "struct qstr: hash_len, then name");
+        assert!(o.dentry_d_name > o.dentry_d_parent, "d_parent, then d_name");
     }
 
     #[test]

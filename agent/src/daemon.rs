@@ -95,7 +95,7 @@ fn holds_ended(
 
 /// What an earlier daemon already recorded of the pinned loss counters.
 fn recorded_losses(store: &Store) -> anyhow::Result<std::collections::HashMap<LossKey, u64>> {
-    let kinds: Vec<EventKind> = [1, 2, 3, 100, 101, 102, 103, 900]
+    let kinds: Vec<EventKind> = [1, 2, 3, 4, 100, 101, 102, 103, 900]
         .into_iter()
         .filter_map(EventKind::from_u32)
         .collect();
@@ -124,7 +124,7 @@ fn recorded_losses(store: &Store) -> anyhow::Result<std::collections::HashMap<Lo
 const RECORDS: &[&str] = &["fork", "exec", "exit", "connect", "accept", "udp_send"];
 
 /// What rules can do in this build, which uses no BPF LSM program yet.
-fn enforces(connect_hold: bool, lsm_connect: bool, lsm_exec: bool) -> Vec<String> {
+fn enforces(connect_hold: bool, lsm_connect: bool, lsm_exec: bool, lsm_file: bool) -> Vec<String> {
     let mut v = if lsm_exec {
         vec![
             "exec hold: execve waits and is re-issued (BPF LSM bprm_creds_for_exec; allow runs the program, deny fails execve with EPERM)",
@@ -144,6 +144,11 @@ fn enforces(connect_hold: bool, lsm_connect: bool, lsm_exec: bool) -> Vec<String
         "connect hold: not possible on this kernel without BPF LSM: flagged connects fail with EPERM"
     });
     v.push("connect deny: EPERM");
+    v.push(if lsm_file {
+        "file: candidate opens (files and directories named by file rules) are recorded and held inside open (BPF LSM file_open)"
+    } else {
+        "file: not possible without BPF LSM: file rules are not enforced and file opens not recorded"
+    });
     v.into_iter().map(String::from).collect()
 }
 
@@ -190,7 +195,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let api_addr = api_listener.local_addr()?;
     let (listener_std, allowed_gid) =
         ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let enforce = enforces(sensor.connect_hold, sensor.lsm_connect, sensor.lsm_exec);
+    let enforce = enforces(
+        sensor.connect_hold,
+        sensor.lsm_connect,
+        sensor.lsm_exec,
+        sensor.lsm_file,
+    );
     let mode = if sensor.lsm_exec {
         "record and hold with BPF LSM: execve and connect wait inside the syscall"
     } else if sensor.lsm_connect {

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use airlock_common::{
-    ARGS_MAX, EventHeader, EventKind, ExecEvent, ExitEvent, FILENAME_MAX, ForkEvent, LossReason,
-    NetEvent,
+    ARGS_MAX, EventHeader, EventKind, ExecEvent, ExitEvent, FILE_PATH_MAX, FILENAME_MAX, FileEvent,
+    ForkEvent, LossReason, NetEvent,
 };
 use serde::Serialize;
 
@@ -93,6 +93,17 @@ pub enum Detail {
         enforcement: Option<&'static str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         rule_id: Option<u32>,
+    },
+    File {
+        /// The opened file's path (only its name when `path_truncated`).
+        path: String,
+        /// Opened for writing (write-only or read-write).
+        write: bool,
+        path_truncated: bool,
+        /// What happened to the open: "held", "approved", "refused", or
+        /// the fail mode's answer with no daemon.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        enforcement: Option<&'static str>,
     },
     Loss {
         lost_kind: &'static str,
@@ -245,6 +256,11 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
             hold = held;
             detail
         }
+        EventKind::FileOpen => {
+            let (detail, held) = decode_file(bytes)?;
+            hold = held;
+            detail
+        }
         EventKind::Connect | EventKind::Accept | EventKind::UdpSend | EventKind::ConnectHeld => {
             let n: NetEvent = read(bytes, "network")?;
             let addr = match n.family as i32 {
@@ -367,6 +383,46 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
             rule_id,
             digest,
             in_syscall,
+        }),
+    ))
+}
+
+/// A candidate open: held (with what the broker needs), or decided.
+fn decode_file(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> {
+    let f: FileEvent = read(bytes, "file")?;
+    let flags = f.flags;
+    let held = flags & airlock_common::FILE_HELD != 0;
+    let enforcement = if held {
+        Some("held")
+    } else if flags & airlock_common::FILE_NO_DAEMON != 0 {
+        Some(if flags & airlock_common::FILE_DENIED != 0 {
+            NO_DAEMON_DENIED
+        } else {
+            NO_DAEMON_ALLOWED
+        })
+    } else if flags & airlock_common::FILE_REFUSED != 0 {
+        Some("refused")
+    } else if flags & airlock_common::FILE_APPROVED != 0 {
+        Some("approved")
+    } else if flags & airlock_common::FILE_DENIED != 0 {
+        Some("denied")
+    } else {
+        None
+    };
+    let len = (f.path_len as usize).min(FILE_PATH_MAX);
+    let detail = Detail::File {
+        path: String::from_utf8_lossy(&f.path[..len]).into_owned(),
+        write: flags & airlock_common::FILE_WRITE != 0,
+        path_truncated: flags & airlock_common::FILE_PATH_TRUNCATED != 0,
+        enforcement,
+    };
+    Ok((
+        detail,
+        held.then_some(HoldInfo {
+            // No rule is named by the kernel: the policy decides by path.
+            rule_id: 0,
+            digest: f.digest,
+            in_syscall: true,
         }),
     ))
 }
@@ -576,6 +632,108 @@ mod tests {
             d,
             airlock_common::net_digest(2, 6, 444, &n.addr),
             "bound to the port"
+        );
+    }
+
+    fn file_event(flags: u32, path: &[u8]) -> FileEvent {
+        let mut f = FileEvent {
+            header: header(EventKind::FileOpen),
+            flags,
+            path_len: path.len() as u32,
+            digest: 0,
+            path: [0; FILE_PATH_MAX],
+        };
+        f.path[..path.len()].copy_from_slice(path);
+        f.digest = airlock_common::file_digest(
+            &f.path,
+            path.len(),
+            flags & airlock_common::FILE_WRITE != 0,
+        );
+        f
+    }
+
+    #[test]
+    fn held_file_open_carries_its_hold() {
+        let f = file_event(airlock_common::FILE_HELD, b"/tmp/x/id_test");
+        let r = decode(&bytes_of(&f), &Clock::fixed(0)).unwrap();
+        assert_eq!(r.kind.0.name(), "file_open");
+        assert_eq!(
+            r.detail,
+            Detail::File {
+                path: "/tmp/x/id_test".into(),
+                write: false,
+                path_truncated: false,
+                enforcement: Some("held"),
+            }
+        );
+        assert_eq!(
+            r.hold,
+            Some(HoldInfo {
+                rule_id: 0,
+                digest: f.digest,
+                in_syscall: true,
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(&r.detail).unwrap(),
+            serde_json::json!({"path": "/tmp/x/id_test", "write": false, "path_truncated": false, "enforcement": "held"})
+        );
+    }
+
+    #[test]
+    fn file_open_outcomes_and_flags() {
+        use airlock_common::{
+            FILE_APPROVED, FILE_DENIED, FILE_NO_DAEMON, FILE_PATH_TRUNCATED, FILE_REFUSED,
+            FILE_WRITE,
+        };
+        let outcome = |flags: u32| {
+            let r = decode(&bytes_of(&file_event(flags, b"id_test")), &Clock::fixed(0)).unwrap();
+            assert_eq!(r.hold, None, "only held opens go to the broker");
+            match r.detail {
+                Detail::File {
+                    enforcement,
+                    write,
+                    path_truncated,
+                    ..
+                } => (enforcement, write, path_truncated),
+                d => panic!("{d:?}"),
+            }
+        };
+        assert_eq!(outcome(FILE_APPROVED), (Some("approved"), false, false));
+        assert_eq!(
+            outcome(FILE_REFUSED | FILE_WRITE),
+            (Some("refused"), true, false)
+        );
+        assert_eq!(
+            outcome(FILE_NO_DAEMON | FILE_DENIED),
+            (Some(NO_DAEMON_DENIED), false, false)
+        );
+        assert_eq!(
+            outcome(FILE_NO_DAEMON | FILE_PATH_TRUNCATED),
+            (Some(NO_DAEMON_ALLOWED), false, true)
+        );
+        assert_eq!(outcome(0), (None, false, false));
+        // A cut event is an error, not a garbled path.
+        let f = file_event(FILE_APPROVED, b"/etc/x");
+        assert!(matches!(
+            decode(&bytes_of(&f)[..100], &Clock::fixed(0)),
+            Err(DecodeError::Short { kind: "file", .. })
+        ));
+    }
+
+    #[test]
+    fn file_digest_binds_path_and_access() {
+        let f = file_event(0, b"/root/.ssh/id_ed25519");
+        let w = file_event(airlock_common::FILE_WRITE, b"/root/.ssh/id_ed25519");
+        let other = file_event(0, b"/root/.ssh/id_rsa");
+        assert_ne!(f.digest, w.digest, "bound to the access");
+        assert_ne!(f.digest, other.digest, "bound to the path");
+        // Bytes past path_len do not count.
+        let mut g = f;
+        g.path[100] = b'x';
+        assert_eq!(
+            airlock_common::file_digest(&g.path, g.path_len as usize, false),
+            f.digest
         );
     }
 

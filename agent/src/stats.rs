@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use airlock_common::EventKind;
 use serde::Serialize;
 
-const KINDS: [EventKind; 6] = [
+const KINDS: [EventKind; 7] = [
     EventKind::Fork,
     EventKind::Exec,
     EventKind::Exit,
+    EventKind::FileOpen,
     EventKind::Connect,
     EventKind::Accept,
     EventKind::UdpSend,

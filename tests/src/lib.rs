@@ -91,21 +91,14 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
-        let child = Command::new(airlock_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("daemon")
-            .stderr(log)
-            .spawn()
-            .expect("spawn airlock daemon");
+        std::fs::File::create(dir.path().join("daemon.log")).expect("log");
         let mut d = Self {
             dir,
             config,
-            child: Some(child),
+            child: None,
             api: std::sync::Mutex::new(None),
         };
-        d.wait_ready();
+        d.start_again();
         d
     }
 

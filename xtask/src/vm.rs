@@ -17,6 +17,44 @@ use crate::util::{output, run, workspace_root};
 /// Kernel series tested, newest package of each from Debian's archive.
 pub const KERNELS: &[&str] = &["6.12", "6.1"];
 
+/// Restricts the tier to some of [`KERNELS`] (comma-separated series).
+pub const KERNELS_ENV: &str = "AIRLOCK_VM_KERNELS";
+/// Runs only the tests whose name contains this (each test binary's name
+/// filter), to try one test without the whole tier.
+pub const TESTS_ENV: &str = "AIRLOCK_VM_TESTS";
+
+/// The kernel series to boot: [`KERNELS`], or those [`KERNELS_ENV`] names.
+fn kernels() -> anyhow::Result<Vec<&'static str>> {
+    let Ok(want) = std::env::var(KERNELS_ENV) else {
+        return Ok(KERNELS.to_vec());
+    };
+    let want: Vec<&str> = want
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(bad) = want.iter().find(|w| !KERNELS.contains(w)) {
+        bail!("{KERNELS_ENV}: {bad} is not one of {}", KERNELS.join(", "));
+    }
+    Ok(KERNELS
+        .iter()
+        .copied()
+        .filter(|k| want.contains(k))
+        .collect())
+}
+
+/// The name filter of [`TESTS_ENV`], if set: letters, digits and `_` only,
+/// as it goes into the VM's shell script.
+fn test_filter() -> anyhow::Result<Option<String>> {
+    let Ok(f) = std::env::var(TESTS_ENV) else {
+        return Ok(None);
+    };
+    if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        bail!("{TESTS_ENV}: {f:?} must be a non-empty test name part (letters, digits, _)");
+    }
+    Ok(Some(f))
+}
+
 /// Tests too slow under TCG emulation or measured on the host instead
 /// (storms and exec-rate thresholds).
 const SKIP: &[&str] = &["storm", "tiny_ring", "a_thousand_execs", "policy_reloads"];
@@ -434,9 +472,11 @@ fn plain(line: &str) -> String {
 /// The test tier's /init script: every end-to-end test binary, one test at
 /// a time (the emulated CPUs are the bottleneck: running binaries side by
 /// side made every daemon start slower and the run no shorter), then the
-/// LSM list and the kernel log.
-fn test_script(tests: &[String]) -> String {
-    let skip: Vec<String> = SKIP.iter().map(|s| format!("--skip {s}")).collect();
+/// LSM list and the kernel log. With `filter`, only the tests whose name
+/// contains it.
+fn test_script(tests: &[String], filter: Option<&str>) -> String {
+    let mut skip: Vec<String> = SKIP.iter().map(|s| format!("--skip {s}")).collect();
+    skip.extend(filter.map(String::from));
     format!(
         r#"export CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0 AIRLOCK_EXPECT_LSM=1
 /bin/airlock status >/dev/null 2>&1
@@ -544,6 +584,8 @@ pub fn lock() -> anyhow::Result<std::fs::File> {
 /// The whole tier: tools, kernels, initramfs, one boot per kernel.
 pub fn tier() -> anyhow::Result<Vec<VmResult>> {
     tools()?;
+    let kernels = kernels()?;
+    let filter = test_filter()?;
     let _lock = lock()?;
     let (airlock, actor) = crate::util::build_binaries(false)?;
     let tests = test_binaries()?;
@@ -575,10 +617,10 @@ pub fn tier() -> anyhow::Result<Vec<VmResult>> {
         name: "tests",
         files,
         texts: Vec::new(),
-        script: test_script(&names),
+        script: test_script(&names, filter.as_deref()),
     })?;
     let mut results = Vec::new();
-    for series in KERNELS {
+    for series in kernels {
         let vmlinuz = kernel(series)?;
         results.push(run_tests(series, &vmlinuz, &initrd)?);
     }

@@ -72,7 +72,7 @@ pub struct ApprovalRequest {
     pub session_id: u64,
     /// The session's labels: agent, model, user, ...
     pub labels: BTreeMap<String, String>,
-    /// "exec" or "connect".
+    /// "exec", "connect" or "file".
     pub kind: String,
     pub pid: u32,
     pub tgid: u32,
@@ -297,8 +297,9 @@ impl Broker {
     }
 
     async fn held(&mut self, record: Record, hold: HoldInfo) {
-        let kind = match record.detail {
-            Detail::Exec { .. } => "exec",
+        let kind = match record.kind.0 {
+            airlock_common::EventKind::Exec => "exec",
+            airlock_common::EventKind::FileOpen => "file",
             _ => "connect",
         };
         if self
@@ -675,10 +676,10 @@ impl Broker {
                 rx.await
                     .map_err(|_| "the sensor has stopped".to_string())??;
                 process::signal_if_same(req.tgid, req.start_time, libc::SIGCONT)?;
-                let call = if req.kind == "exec" {
-                    "execve"
-                } else {
-                    "connect"
+                let call = match req.kind {
+                    "exec" => "execve",
+                    "file" => "open",
+                    _ => "connect",
                 };
                 Ok(if allow {
                     format!("resumed: {call} re-issued")
@@ -703,10 +704,10 @@ struct Target {
 impl Target {
     fn of(req: &ApprovalRequest) -> Self {
         Self {
-            kind: if req.kind == "exec" {
-                "exec"
-            } else {
-                "connect"
+            kind: match req.kind.as_str() {
+                "exec" => "exec",
+                "file" => "file",
+                _ => "connect",
             },
             pid: req.pid,
             tgid: req.tgid,
@@ -738,6 +739,10 @@ fn action_of(record: &Record) -> Option<Action> {
                 .unwrap_or(false);
             Some(Action::Exec(a))
         }
+        Detail::File { path, write, .. } => Some(Action::File {
+            path: path.clone(),
+            write: *write,
+        }),
         Detail::Net {
             protocol,
             addr: Some(addr),

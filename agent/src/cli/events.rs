@@ -101,6 +101,21 @@ pub fn describe(e: &EventRow) -> String {
             ));
             line
         }
+        "file_open" => {
+            let access = if d.get("write").and_then(Value::as_bool) == Some(true) {
+                "write"
+            } else {
+                "read"
+            };
+            let mut line = format!("{access} {}", s("path"));
+            if d.get("path_truncated").and_then(Value::as_bool) == Some(true) {
+                line.push_str(" (path truncated: file name only)");
+            }
+            if let Some(e) = d.get("enforcement").and_then(Value::as_str) {
+                line.push_str(&format!(" [{e}]"));
+            }
+            line
+        }
         "loss" => format!(
             "LOST {} {} event(s): {}",
             n("count").unwrap_or(0),
@@ -158,6 +173,19 @@ mod tests {
             describe(&e).starts_with("tcp [::1]:80 -> Connection refused"),
             "{}",
             describe(&e)
+        );
+        let e = row(
+            "file_open",
+            serde_json::json!({"path": "/tmp/t/id_test", "write": false, "path_truncated": false, "enforcement": "held"}),
+        );
+        assert_eq!(describe(&e), "read /tmp/t/id_test [held]");
+        let e = row(
+            "file_open",
+            serde_json::json!({"path": "id_test", "write": true, "path_truncated": true}),
+        );
+        assert_eq!(
+            describe(&e),
+            "write id_test (path truncated: file name only)"
         );
         let e = row("exit", serde_json::json!({"exit_code": null, "signal": 9}));
         assert_eq!(describe(&e), "killed by signal 9");

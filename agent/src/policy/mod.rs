@@ -218,6 +218,21 @@ impl Policy {
             });
         }
         for r in &rules {
+            let too_long = candidates::file_names(&r.when)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(n, _)| n.len() > airlock_common::FILE_NAME_HASHED);
+            if let (Kind::File, Some((name, _))) = (r.kind, too_long) {
+                errors.push(error(
+                    &r.file,
+                    None,
+                    format!(
+                        "rule {}: the name {name:?} is longer than the {} bytes the kernel compares",
+                        r.name,
+                        airlock_common::FILE_NAME_HASHED
+                    ),
+                ));
+            }
             if r.kind == Kind::File
                 && r.decision != Decision::Record
                 && candidates::file_names(&r.when).is_none()

@@ -71,6 +71,26 @@ pub fn attach_exec(
     Ok(())
 }
 
+/// Attaches `lsm_file_open`, which holds candidate opens (see
+/// `files::set_file_candidates`); with no candidates it records nothing.
+pub fn attach_file(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pins: &LinkPins,
+    attached: &mut Attached,
+) -> Result<(), String> {
+    let name = "lsm_file_open";
+    let prog = lsm_program(ebpf, name)?;
+    prog.load("file_open", btf)
+        .map_err(|e| SensorError::program(name, e).to_string())?;
+    let id = prog
+        .attach()
+        .map_err(|e| SensorError::program(name, e).to_string())?;
+    keep(pins, name, prog.take_link(id))?;
+    attached.push(format!("{name} (lsm/file_open)"));
+    Ok(())
+}
+
 /// Pins a link just taken from its program.
 fn keep<L>(
     pins: &LinkPins,

@@ -2,6 +2,7 @@
 //! Everyone else talks to it with [`Command`]s over a channel.
 
 mod exec;
+pub mod files;
 mod lsm;
 mod net;
 pub mod pins;
@@ -138,6 +139,8 @@ pub struct Sensor {
     pub lsm_connect: bool,
     /// Whether the BPF LSM bprm_creds_for_exec program holds execs.
     pub lsm_exec: bool,
+    /// Whether the BPF LSM file_open program holds candidate opens.
+    pub lsm_file: bool,
     /// This load's generation, and whether it took over pinned maps (and
     /// so sessions, holds and unread events) from an earlier daemon.
     pub generation: u64,
@@ -244,6 +247,14 @@ impl Sensor {
                     false
                 }
             };
+        let lsm_file = lsm_connect
+            && match lsm::attach_file(&mut ebpf, &btf, &link_pins, &mut attached) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("BPF LSM file_open not attached: {why}");
+                    false
+                }
+            };
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
@@ -264,6 +275,7 @@ impl Sensor {
             connect_hold,
             lsm_connect,
             lsm_exec,
+            lsm_file,
             generation,
             took_over: false,
             clock: Clock::now(),

@@ -97,6 +97,13 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
         let _ = net.remove(&k);
     }
 
+    let files: Vec<(u64, u32)> = c
+        .files
+        .iter()
+        .filter_map(|(name, bits)| super::files::candidate(name, *bits))
+        .collect();
+    super::files::set_file_candidates(ebpf, &files)?;
+
     let mut mode: Array<&mut MapData, u32> =
         Array::try_from(map(ebpf, "MODE")?).map_err(|e| SensorError::map("MODE", e))?;
     mode.set(MODE_EXEC_ALL, u32::from(c.exec_all), 0)

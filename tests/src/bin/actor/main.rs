@@ -19,6 +19,9 @@
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
 //! actor threads-connect N FILE ADDR:PORT  N worker threads count into FILE (u64 LE each) while
 //!                                  another thread connects; print the errno once every worker moved on after it
+//! actor open PATH [write]          open PATH for reading (or, with write, for writing without
+//!                                  creating or truncating); print the errno (0 = ok), and after
+//!                                  a read's 0 what it read (first line)
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
@@ -207,6 +210,22 @@ fn main() -> ExitCode {
                 }
             }
             println!("exit:{exited} signal:{signalled} refused:{refused}");
+        }
+        ["open", path, rest @ ..] if matches!(rest, [] | ["write"]) => {
+            let write = rest == ["write"];
+            let opened = std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(path);
+            match opened {
+                Ok(_) if write => println!("0"),
+                Ok(mut f) => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut f, &mut text).expect("read");
+                    println!("0 {}", text.lines().next().unwrap_or(""));
+                }
+                Err(e) => println!("{}", e.raw_os_error().unwrap_or(-1)),
+            }
         }
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
