@@ -129,14 +129,7 @@ fn ingest(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
     let d = Daemon::start(bin, dir)?;
     let before = d.written()?;
     let start = Instant::now();
-    let out = output(
-        Command::new(bin)
-            .arg("--config")
-            .arg(&d.config)
-            .args(["run", "-q", "--"])
-            .arg(actor)
-            .args(["udp-connects", &n.to_string()]),
-    )?;
+    let out = output(d.session(actor).args(["udp-connects", &n.to_string()]))?;
     let produce_ns: f64 = out.trim().parse().context("actor output")?;
     // n connects + the actor's fork, exec and exit (+ airlock run's exit).
     let want = before + n + 3;
@@ -207,11 +200,8 @@ fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
             vec!["connect-stamps".to_string(), N.to_string(), target.clone()],
         ),
     ] {
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&d.config)
-            .args(["run", "-q", "--"])
-            .arg(actor)
+        let child = d
+            .session(actor)
             .args(&args)
             .stdout(Stdio::piped())
             .spawn()?;
@@ -331,11 +321,7 @@ fn policy(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
             write(if i == 0 { "agent-step" } else { "not-this-one" })?;
             let d = Daemon::start_with(bin, dir, &extra)?;
             let out = output(
-                Command::new(bin)
-                    .arg("--config")
-                    .arg(&d.config)
-                    .args(["run", "-q", "--"])
-                    .arg(actor)
+                d.session(actor)
                     .args(["spawn-each", &N.to_string()])
                     .arg(&prog),
             )?;
@@ -487,6 +473,17 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// `airlock run -q -- ACTOR` in a new session of this daemon; the
+    /// caller adds the actor's arguments.
+    fn session(&self, actor: &Path) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--config")
+            .arg(&self.config)
+            .args(["run", "-q", "--"])
+            .arg(actor);
+        c
+    }
+
     fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         Self::start_with(bin, dir, "policy_dirs = []\n")
     }

@@ -170,14 +170,9 @@ async fn one(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = approver(&state, &headers) {
-        return r.into_response();
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("request id must be a number, got {id:?}"),
-        );
+    let id = match approver(&state, &headers).and(number(&id, "request")) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     match read_store(&state, move |s| s.request(id)).await {
         Ok(Some(r)) => Json(r).into_response(),
@@ -193,14 +188,9 @@ async fn session_events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = approver(&state, &headers) {
-        return r.into_response();
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("session id must be a number, got {id:?}"),
-        );
+    let id = match approver(&state, &headers).and(number(&id, "session")) {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     match read_store(&state, move |s| match s.events(id) {
         Err(crate::store::StoreError::NoSession(_)) => Ok(None),
@@ -212,6 +202,16 @@ async fn session_events(
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
         Err(r) => r.into_response(),
     }
+}
+
+/// A path's id, or a 400 saying what it should have been.
+fn number(raw: &str, what: &str) -> Result<u64, ApiError> {
+    raw.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{what} id must be a number, got {raw:?}"),
+        )
+    })
 }
 
 #[derive(Deserialize, Default)]

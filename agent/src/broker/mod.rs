@@ -543,15 +543,7 @@ impl Broker {
                 "approval recorded"
             );
             let req = req.clone();
-            let (tx, rx) = oneshot::channel();
-            let msg = RecorderMsg::UpdateRequest {
-                req: Box::new(req.clone()),
-                reply: tx,
-            };
-            if self.recorder.send(msg).await.is_ok() {
-                let _ = rx.await;
-            }
-            let _ = self.updates.send(req.clone());
+            self.store_and_announce(&req).await;
             return Ok(req);
         }
         let mut by_all: Vec<String> = req.approvals.iter().map(|a| a.by.clone()).collect();
@@ -637,6 +629,13 @@ impl Broker {
             outcome = req.outcome.as_deref().unwrap_or(""),
             "request resolved"
         );
+        self.store_and_announce(&req).await;
+        Some(req)
+    }
+
+    /// Writes a request's new state (waiting until it is stored, so an API
+    /// client reads its own decision back), then tells the event stream.
+    async fn store_and_announce(&self, req: &ApprovalRequest) {
         let (tx, rx) = oneshot::channel();
         let msg = RecorderMsg::UpdateRequest {
             req: Box::new(req.clone()),
@@ -646,7 +645,6 @@ impl Broker {
             let _ = rx.await;
         }
         let _ = self.updates.send(req.clone());
-        Some(req)
     }
 
     /// Resumes or refuses the held task; returns what the process sees.

@@ -188,6 +188,31 @@ impl PathPattern {
     }
 }
 
+/// A list of patterns compiled into one matcher: it reads, prints and
+/// compares as its patterns.
+macro_rules! compiled_list {
+    ($list:ident, $item:ty) => {
+        impl std::ops::Deref for $list {
+            type Target = [$item];
+            fn deref(&self) -> &[$item] {
+                &self.items
+            }
+        }
+
+        impl fmt::Debug for $list {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.items.fmt(f)
+            }
+        }
+
+        impl PartialEq for $list {
+            fn eq(&self, o: &Self) -> bool {
+                self.items == o.items
+            }
+        }
+    };
+}
+
 /// Several globs matched at once (one automaton; literals by hash).
 #[derive(Clone)]
 pub struct Globs {
@@ -223,24 +248,7 @@ impl Globs {
     }
 }
 
-impl std::ops::Deref for Globs {
-    type Target = [TextGlob];
-    fn deref(&self) -> &[TextGlob] {
-        &self.items
-    }
-}
-
-impl fmt::Debug for Globs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.items.fmt(f)
-    }
-}
-
-impl PartialEq for Globs {
-    fn eq(&self, o: &Self) -> bool {
-        self.items == o.items
-    }
-}
+compiled_list!(Globs, TextGlob);
 
 /// Executable patterns, split into file-name and whole-path sets.
 #[derive(Clone)]
@@ -270,24 +278,7 @@ impl Exes {
     }
 }
 
-impl std::ops::Deref for Exes {
-    type Target = [ExePattern];
-    fn deref(&self) -> &[ExePattern] {
-        &self.items
-    }
-}
-
-impl fmt::Debug for Exes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.items.fmt(f)
-    }
-}
-
-impl PartialEq for Exes {
-    fn eq(&self, o: &Self) -> bool {
-        self.items == o.items
-    }
-}
+compiled_list!(Exes, ExePattern);
 
 /// Several regexes searched for at once.
 #[derive(Clone)]
@@ -319,24 +310,7 @@ impl Regexes {
     }
 }
 
-impl std::ops::Deref for Regexes {
-    type Target = [Re];
-    fn deref(&self) -> &[Re] {
-        &self.items
-    }
-}
-
-impl fmt::Debug for Regexes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.items.fmt(f)
-    }
-}
-
-impl PartialEq for Regexes {
-    fn eq(&self, o: &Self) -> bool {
-        self.items == o.items
-    }
-}
+compiled_list!(Regexes, Re);
 
 /// A regex, searched for (not anchored unless it says so).
 #[derive(Clone)]
