@@ -31,6 +31,11 @@ pub struct Candidates {
     pub exec_names: BTreeSet<String>,
     /// Set-user-ID / set-group-ID executables.
     pub exec_setuid: bool,
+    /// Of `exec_paths` and `exec_names`: those a deny rule that names only
+    /// executables decides before any other rule could, so the kernel
+    /// refuses them itself, daemon or not.
+    pub exec_deny_paths: BTreeSet<String>,
+    pub exec_deny_names: BTreeSet<String>,
     /// Destination prefixes, IPv6 with IPv4 mapped into ::ffff:0:0/96:
     /// (prefix length, address).
     pub net: Vec<(u32, [u8; 16])>,
@@ -264,6 +269,13 @@ impl Candidates {
     /// Whether the kernel would hold `action` and ask the daemon, in words.
     pub fn explain(&self, action: &super::Action) -> String {
         let why = match action {
+            super::Action::Exec(e)
+                if self.exec_deny_paths.contains(&e.path)
+                    || (!self.exec_paths.contains(&e.path)
+                        && self.exec_deny_names.contains(e.name())) =>
+            {
+                return "refused by the kernel itself, daemon or not (a deny rule names only this executable and no earlier rule can match it)".into();
+            }
             super::Action::Exec(e) => {
                 if self.exec_paths.contains(&e.path) {
                     Some(format!("its path {} is named by a rule", e.path))
@@ -324,6 +336,43 @@ impl Candidates {
 }
 
 impl Policy {
+    /// Deny rules that say nothing but `exe` (literal paths or names), for
+    /// the executables no earlier rule in the order could match: the kernel
+    /// refuses those at once, even while no daemon runs.
+    fn kernel_denies(&self, c: &mut Candidates) {
+        let mut paths = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        for r in self.rules.iter().filter(|r| r.kind == Kind::Exec) {
+            let Some(set) = exec_set(&r.when) else {
+                // An earlier rule could match anything: nothing after it.
+                return;
+            };
+            if set.setuid {
+                return;
+            }
+            let pure = matches!(r.when, Cond::Leaf(Leaf::Exe(_)));
+            if pure && r.decision == Decision::Deny && r.mode == super::Mode::Enforce {
+                for p in &set.paths {
+                    let name = p.rsplit('/').next().unwrap_or(p);
+                    if !paths.contains(p) && !names.contains(name) {
+                        c.exec_deny_paths.insert(p.clone());
+                    }
+                }
+                for n in &set.names {
+                    let shadowed = names.contains(n)
+                        || paths
+                            .iter()
+                            .any(|p: &String| p.rsplit('/').next() == Some(n.as_str()));
+                    if !shadowed {
+                        c.exec_deny_names.insert(n.clone());
+                    }
+                }
+            }
+            paths.extend(set.paths);
+            names.extend(set.names);
+        }
+    }
+
     /// The kernel's candidate maps for this policy. Rules that only record
     /// add nothing; monitor rules do (their would-be decision is recorded).
     pub fn candidates(&self) -> Candidates {
@@ -353,6 +402,7 @@ impl Policy {
                 }
             }
         }
+        self.kernel_denies(&mut c);
         // Only hold and deny rules need the daemon: an action no such rule
         // can match goes through whatever an allow rule says.
         for r in self

@@ -240,8 +240,16 @@ fn exec_candidates_and_notes() {
         vec!["curl", "nc", "ncat"]
     );
     let g = "rules:\n  - {name: pip, on: exec, when: {exe: \"pip*\", args: install}, decision: hold}\n  - {name: deploy, on: exec, when: {exe: /usr/local/bin/deploy}, decision: hold}\n  - {name: su, on: exec, when: {setuid: true}, decision: hold}\n";
+    let c = p.candidates();
+    // `nc` and `ncat` are denied by a rule naming nothing else, and no
+    // earlier rule can match them: the kernel refuses them itself. `curl`
+    // is decided by the daemon.
+    assert_eq!(
+        c.exec_deny_names.iter().cloned().collect::<Vec<_>>(),
+        vec!["nc", "ncat"]
+    );
     let c = policy(&[("g.yaml", g)]).unwrap().candidates();
-    assert!(c.exec_all);
+    assert!(c.exec_all && c.exec_deny_names.is_empty());
     assert!(c.exec_setuid);
     assert!(c.exec_paths.contains("/usr/local/bin/deploy"));
     assert!(c.notes[0].contains("g/pip"), "{:?}", c.notes);

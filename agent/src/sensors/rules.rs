@@ -14,11 +14,17 @@ use ipnet::IpNet;
 use super::SensorError;
 use crate::policy::candidates::Candidates;
 
-/// Every candidate map entry says "hold and ask the daemon"; the daemon's
+/// A candidate map entry says "hold and ask the daemon"; the daemon's
 /// policy decides (rule id 1 stands for "the policy").
 const CANDIDATE: ExecRule = ExecRule {
     rule_id: 1,
     action: RuleAction::Hold as u32,
+};
+
+/// An executable a deny rule alone decides: refused in the kernel.
+const DENIED: ExecRule = ExecRule {
+    rule_id: 1,
+    action: RuleAction::Deny as u32,
 };
 
 /// Replaces the candidate maps' contents with `c`: new entries first, then
@@ -36,7 +42,12 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
         }
         let mut key = [0u8; EXEC_RULE_KEY];
         key[..bytes.len()].copy_from_slice(bytes);
-        exec.insert(key, CANDIDATE, 0)
+        let value = if c.exec_deny_paths.contains(p) {
+            DENIED
+        } else {
+            CANDIDATE
+        };
+        exec.insert(key, value, 0)
             .map_err(|e| SensorError::map("EXEC_RULES", e))?;
         want.insert(key);
     }
@@ -60,8 +71,13 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
         .map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
     for n in c.exec_names.iter().cloned().chain(long_paths) {
         let h = name_hash(n.as_bytes());
+        let value = if c.exec_deny_names.contains(&n) {
+            DENIED
+        } else {
+            CANDIDATE
+        };
         names
-            .insert(h, CANDIDATE, 0)
+            .insert(h, value, 0)
             .map_err(|e| SensorError::map("EXEC_NAMES", e))?;
         want.insert(h);
     }
