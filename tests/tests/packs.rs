@@ -101,7 +101,8 @@ fn an_agent_session_under_the_shipped_packs_holds_exactly_the_intended_actions()
     let port = http_server();
     let url = format!("http://127.0.0.1:{port}");
     // What an agent does: commit, build a package, fetch, try to upload a
-    // database dump, try sudo, clean up its build tree.
+    // database dump, try sudo, write a .env file and read it back (held
+    // where BPF LSM sees file opens), clean up its build tree.
     let script = format!(
         "cd {w} || exit 99
 git init -q . && git add -A && git -c user.name=agent -c user.email=agent@example.com commit -qm init; echo git=$?
@@ -109,6 +110,8 @@ make -s dist; echo make=$?
 curl -s -o /dev/null {url}/index.html; echo download=$?
 curl -s -o /dev/null -T dump.sql {url}/upload; echo upload=$?
 sudo -n true; echo sudo=$?
+echo KEY=1 > .env; echo write_env=$?
+cat .env >/dev/null; echo read_env=$?
 /bin/rm -rf build; echo rm=$?",
         w = w.display()
     );
@@ -159,11 +162,24 @@ sudo -n true; echo sudo=$?
     assert_ne!(value("upload"), "0", "the upload was denied: {out}");
     assert_ne!(value("sudo"), "0", "sudo was denied: {out}");
     let rules: Vec<&str> = held.iter().map(|(r, _)| r.as_str()).collect();
+    // File opens are seen where the BPF LSM file_open program is attached.
+    let opens = d.status()["programs"].as_array().is_some_and(|p| {
+        p.iter()
+            .any(|s| s.as_str().unwrap_or("").starts_with("lsm_file_open"))
+    });
+    let mut want = vec!["exfiltration/curl-upload", "privilege/escalate"];
+    if opens {
+        want.push("secrets/dotenv");
+        assert_ne!(value("read_env"), "0", "reading .env was denied: {out}");
+    } else {
+        assert_eq!(value("read_env"), "0", "no file hook here: {out}");
+    }
     assert_eq!(
-        rules,
-        vec!["exfiltration/curl-upload", "privilege/escalate"],
-        "exactly the upload and the sudo were held: {held:?}"
+        value("write_env"),
+        "0",
+        "writing .env is let through: {out}"
     );
+    assert_eq!(rules, want, "exactly these were held: {held:?}");
     assert!(w.join("build").exists() || value("rm") == "0");
 
     // Candidates no hold rule matched were resumed without a human, with
