@@ -307,6 +307,12 @@ impl EventKind {
         })
     }
 
+    /// The kind with this stable name (as the store keeps it). Kind ids
+    /// are below 1000 (see the ranges above).
+    pub fn from_name(name: &str) -> Option<Self> {
+        (0..1000).find_map(|v| Self::from_u32(v).filter(|k| k.name() == name))
+    }
+
     /// The stable name used in the store's views, the CLI and JSON.
     pub fn name(self) -> &'static str {
         match self {
@@ -354,6 +360,11 @@ impl LossReason {
             4 => Self::HoldUnpublished,
             _ => return None,
         })
+    }
+
+    /// The reason with this stable name (as loss records keep it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        (0..LOSS_REASONS).find_map(|v| Self::from_u32(v).filter(|r| r.name() == name))
     }
 
     /// The stable name shown by the CLI and stored in loss records.

@@ -95,25 +95,16 @@ fn holds_ended(
 
 /// What an earlier daemon already recorded of the pinned loss counters.
 fn recorded_losses(store: &Store) -> anyhow::Result<std::collections::HashMap<LossKey, u64>> {
-    let kinds: Vec<EventKind> = [1, 2, 3, 4, 100, 101, 102, 103, 900]
-        .into_iter()
-        .filter_map(EventKind::from_u32)
-        .collect();
-    let reasons: Vec<LossReason> = (1..airlock_common::LOSS_REASONS)
-        .filter_map(LossReason::from_u32)
-        .collect();
     let mut seen = std::collections::HashMap::new();
     for (session_id, kind, reason, count) in store.recorded_losses()? {
-        let (Some(k), Some(r)) = (
-            kinds.iter().find(|k| k.name() == kind),
-            reasons.iter().find(|r| r.name() == reason),
-        ) else {
+        let (Some(k), Some(r)) = (EventKind::from_name(&kind), LossReason::from_name(&reason))
+        else {
             continue;
         };
         let key = LossKey {
             session_id,
-            kind: *k as u32,
-            reason: *r as u32,
+            kind: k as u32,
+            reason: r as u32,
         };
         seen.insert(key, count);
     }
@@ -368,4 +359,27 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.socket_path);
     info!("airlock daemon stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_records_name_their_kind_and_reason_by_stable_names() {
+        for (name, kind) in [
+            ("exec", EventKind::Exec),
+            ("file_open", EventKind::FileOpen),
+            ("connect_held", EventKind::ConnectHeld),
+            ("loss", EventKind::Loss),
+        ] {
+            assert_eq!(EventKind::from_name(name), Some(kind));
+        }
+        assert_eq!(EventKind::from_name("nothing"), None);
+        assert_eq!(
+            LossReason::from_name("hold_unpublished"),
+            Some(LossReason::HoldUnpublished)
+        );
+        assert_eq!(LossReason::from_name("ringbuf"), None);
+    }
 }
