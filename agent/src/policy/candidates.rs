@@ -95,6 +95,20 @@ fn exec_set(c: &Cond) -> Option<ExecSet> {
     }
 }
 
+/// The file names an executable must have for `c` to hold, or None when
+/// any executable could do (the evaluation index and the kernel's name map
+/// rest on the same reading of `exe`).
+pub fn exec_names(c: &Cond) -> Option<BTreeSet<String>> {
+    let set = exec_set(c).filter(|s| !s.setuid)?;
+    let mut names = set.names;
+    names.extend(
+        set.paths
+            .iter()
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_string()),
+    );
+    Some(names)
+}
+
 /// File candidates of a condition: (name, FILE_CAND_* bit), or None when
 /// some path names nothing literally.
 pub fn file_names(c: &Cond) -> Option<Vec<(String, u32)>> {

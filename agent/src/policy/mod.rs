@@ -17,7 +17,7 @@ use std::{
 
 pub use eval::{Action, ExecAction, Outcome, Subject};
 pub use model::{Access, Decision, Example, HoldModel, Kind, Mode, Protocol};
-use model::{Cond, FileModel, Leaf};
+use model::{Cond, FileModel};
 
 /// A rule in force, with where it came from.
 #[derive(Debug, Clone)]
@@ -217,12 +217,13 @@ impl Policy {
                 examples: model.examples,
             });
         }
-        for r in &rules {
-            let too_long = candidates::file_names(&r.when)
-                .unwrap_or_default()
-                .into_iter()
+        for r in rules.iter().filter(|r| r.kind == Kind::File) {
+            let names = candidates::file_names(&r.when);
+            let too_long = names
+                .iter()
+                .flatten()
                 .find(|(n, _)| n.len() > airlock_common::FILE_NAME_HASHED);
-            if let (Kind::File, Some((name, _))) = (r.kind, too_long) {
+            if let Some((name, _)) = too_long {
                 errors.push(error(
                     &r.file,
                     None,
@@ -233,10 +234,7 @@ impl Policy {
                     ),
                 ));
             }
-            if r.kind == Kind::File
-                && r.decision != Decision::Record
-                && candidates::file_names(&r.when).is_none()
-            {
+            if r.decision != Decision::Record && names.is_none() {
                 errors.push(error(
                     &r.file,
                     None,
@@ -265,7 +263,7 @@ impl Policy {
             if r.kind != Kind::Exec {
                 continue;
             }
-            match literal_exe_names(&r.when) {
+            match candidates::exec_names(&r.when) {
                 Some(names) => {
                     for n in names {
                         let list = exec_by_name.entry(n).or_default();
@@ -390,34 +388,6 @@ impl Iterator for RuleIter<'_> {
                 Some(v)
             }
         }
-    }
-}
-
-/// File names a rule's executables must have, when its condition requires
-/// a literally named executable (top level `exe`, alone or in `all`).
-fn literal_exe_names(c: &Cond) -> Option<Vec<String>> {
-    let from_leaf = |l: &Leaf| -> Option<Vec<String>> {
-        let Leaf::Exe(pats) = l else { return None };
-        pats.iter()
-            .map(|p| {
-                p.glob.is_literal().then(|| {
-                    p.glob
-                        .pattern
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or(&p.glob.pattern)
-                        .to_string()
-                })
-            })
-            .collect()
-    };
-    match c {
-        Cond::Leaf(l) => from_leaf(l),
-        Cond::All(parts) => parts.iter().find_map(|p| match p {
-            Cond::Leaf(l) => from_leaf(l),
-            _ => None,
-        }),
-        _ => None,
     }
 }
 
