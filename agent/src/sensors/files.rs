@@ -8,11 +8,9 @@
 use std::collections::HashMap as StdHashMap;
 
 use airlock_common::{FILE_CAND_DIR, FILE_CAND_NAME, FILE_NAME_HASHED, name_hash};
-use aya::{Ebpf, maps::HashMap};
+use aya::Ebpf;
 
 use super::SensorError;
-
-const MAP: &str = "FILE_NAMES";
 
 /// The map entry for one name (a single path component): None when the
 /// kernel could never match it (empty, with a `/`, or longer than
@@ -26,26 +24,11 @@ pub fn candidate(name: &str, bits: u32) -> Option<(u64, u32)> {
 /// Makes `names` (name hash, `FILE_CAND_*` bits) the candidate set: entries
 /// not in it are removed, bits of a name given twice are merged.
 pub fn set_file_candidates(ebpf: &mut Ebpf, names: &[(u64, u32)]) -> Result<(), SensorError> {
-    let mut map: HashMap<_, u64, u32> =
-        HashMap::try_from(ebpf.map_mut(MAP).ok_or(SensorError::MissingMap(MAP))?)
-            .map_err(|e| SensorError::map(MAP, e))?;
     let mut want: StdHashMap<u64, u32> = StdHashMap::new();
     for &(hash, bits) in names {
         *want.entry(hash).or_default() |= bits;
     }
-    let stale: Vec<u64> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !want.contains_key(k))
-        .collect();
-    for k in stale {
-        map.remove(&k).map_err(|e| SensorError::map(MAP, e))?;
-    }
-    for (hash, bits) in want {
-        map.insert(hash, bits, 0)
-            .map_err(|e| SensorError::map(MAP, e))?;
-    }
-    Ok(())
+    super::rules::sync(ebpf, "FILE_NAMES", &want)
 }
 
 #[cfg(test)]

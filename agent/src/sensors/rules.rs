@@ -1,6 +1,6 @@
 //! Writes the policy's candidates into the kernel's pre-filter maps.
 
-use std::collections::HashSet;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
     EXEC_RULE_KEY, ExecRule, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
@@ -30,10 +30,8 @@ const DENIED: ExecRule = ExecRule {
 /// Replaces the candidate maps' contents with `c`: new entries first, then
 /// the stale ones removed, so no candidate of both policies is missed.
 pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
-    let mut exec: HashMap<&mut MapData, [u8; EXEC_RULE_KEY], ExecRule> =
-        HashMap::try_from(map(ebpf, "EXEC_RULES")?)
-            .map_err(|e| SensorError::map("EXEC_RULES", e))?;
-    let mut want = HashSet::new();
+    let verdict = |deny: bool| if deny { DENIED } else { CANDIDATE };
+    let mut paths = StdHashMap::new();
     for p in &c.exec_paths {
         let bytes = p.as_bytes();
         if bytes.len() >= EXEC_RULE_KEY {
@@ -42,53 +40,28 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
         }
         let mut key = [0u8; EXEC_RULE_KEY];
         key[..bytes.len()].copy_from_slice(bytes);
-        let value = if c.exec_deny_paths.contains(p) {
-            DENIED
-        } else {
-            CANDIDATE
-        };
-        exec.insert(key, value, 0)
-            .map_err(|e| SensorError::map("EXEC_RULES", e))?;
-        want.insert(key);
+        paths.insert(key, verdict(c.exec_deny_paths.contains(p)));
     }
-    let stale: Vec<_> = exec
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !want.contains(k))
-        .collect();
-    for k in stale {
-        let _ = exec.remove(&k);
-    }
+    sync(ebpf, "EXEC_RULES", &paths)?;
 
-    let mut names: HashMap<&mut MapData, u64, ExecRule> =
-        HashMap::try_from(map(ebpf, "EXEC_NAMES")?)
-            .map_err(|e| SensorError::map("EXEC_NAMES", e))?;
-    let mut want = HashSet::new();
     let long_paths = c
         .exec_paths
         .iter()
         .filter(|p| p.len() >= EXEC_RULE_KEY)
         .map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
-    for n in c.exec_names.iter().cloned().chain(long_paths) {
-        let h = name_hash(n.as_bytes());
-        let value = if c.exec_deny_names.contains(&n) {
-            DENIED
-        } else {
-            CANDIDATE
-        };
-        names
-            .insert(h, value, 0)
-            .map_err(|e| SensorError::map("EXEC_NAMES", e))?;
-        want.insert(h);
-    }
-    let stale: Vec<_> = names
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !want.contains(k))
+    let names: StdHashMap<u64, ExecRule> = c
+        .exec_names
+        .iter()
+        .cloned()
+        .chain(long_paths)
+        .map(|n| {
+            (
+                name_hash(n.as_bytes()),
+                verdict(c.exec_deny_names.contains(&n)),
+            )
+        })
         .collect();
-    for k in stale {
-        let _ = names.remove(&k);
-    }
+    sync(ebpf, "EXEC_NAMES", &names)?;
 
     let mut net: LpmTrie<&mut MapData, [u8; 16], NetRule> =
         LpmTrie::try_from(map(ebpf, "NET_RULES")?).map_err(|e| SensorError::map("NET_RULES", e))?;
@@ -126,6 +99,33 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
         .map_err(|e| SensorError::map("MODE", e))?;
     mode.set(MODE_EXEC_SETUID, u32::from(c.exec_setuid), 0)
         .map_err(|e| SensorError::map("MODE", e))?;
+    Ok(())
+}
+
+/// Makes the kernel hash map `name` hold exactly `want`: new entries
+/// first, then the stale ones removed (one gone meanwhile is as wanted).
+pub fn sync<K, V>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    want: &StdHashMap<K, V>,
+) -> Result<(), SensorError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let mut m: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(map(ebpf, name)?).map_err(|e| SensorError::map(name, e))?;
+    for (k, v) in want {
+        m.insert(k, v, 0).map_err(|e| SensorError::map(name, e))?;
+    }
+    let stale: Vec<K> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        let _ = m.remove(&k);
+    }
     Ok(())
 }
 
