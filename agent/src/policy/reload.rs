@@ -82,18 +82,18 @@ impl Reloader {
         let mut last = fingerprint(&self.dirs);
         let mut tick = tokio::time::interval(POLL);
         loop {
-            let trigger = tokio::select! {
-                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+            let (trigger, now) = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => ("SIGHUP", fingerprint(&self.dirs)),
                 _ = tick.tick() => {
                     let now = fingerprint(&self.dirs);
                     if now == last {
                         continue;
                     }
-                    "file change"
+                    ("file change", now)
                 }
                 _ = shutdown.changed() => return,
             };
-            last = fingerprint(&self.dirs);
+            last = now;
             self.reload(trigger).await;
         }
     }
