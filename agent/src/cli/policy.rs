@@ -8,7 +8,7 @@ use crate::{
     config::Config,
     policy::{
         Action, Decision, Policy, Subject,
-        check::{self, exec_action},
+        check::{self, connect_action, exec_action},
         reload::describe,
     },
 };
@@ -181,18 +181,12 @@ fn explain(a: ExplainArgs, config: &Config) -> anyhow::Result<()> {
         )
         .map_err(|e| anyhow::anyhow!(e))?
     } else if let Some(dest) = &a.connect {
-        let sa: std::net::SocketAddr = dest
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--connect {dest:?}: expected ADDR:PORT"))?;
-        Action::Connect {
-            addr: sa.ip(),
-            port: sa.port(),
-            protocol: Some(if a.protocol == "udp" {
-                crate::policy::Protocol::Udp
-            } else {
-                crate::policy::Protocol::Tcp
-            }),
-        }
+        let protocol = if a.protocol == "udp" {
+            crate::policy::Protocol::Udp
+        } else {
+            crate::policy::Protocol::Tcp
+        };
+        connect_action(dest, protocol).map_err(|e| anyhow::anyhow!("--{e}"))?
     } else if let Some(p) = &a.open {
         Action::File {
             path: p.display().to_string(),

@@ -181,19 +181,24 @@ pub fn example_action(e: &Example) -> Result<Action, String> {
         );
     }
     if let Some(dest) = &e.connect {
-        let sa: SocketAddr = dest
-            .parse()
-            .map_err(|_| format!("connect: {dest:?} is not ADDR:PORT ([v6]:port for IPv6)"))?;
-        return Ok(Action::Connect {
-            addr: sa.ip(),
-            port: sa.port(),
-            protocol: Some(e.protocol.unwrap_or(Protocol::Tcp)),
-        });
+        return connect_action(dest, e.protocol.unwrap_or(Protocol::Tcp));
     }
     let path = e.open.clone().unwrap_or_default();
     Ok(Action::File {
         path,
         write: e.access == Some(Access::Write),
+    })
+}
+
+/// A connect to `dest` (ADDR:PORT, [v6]:PORT).
+pub fn connect_action(dest: &str, protocol: Protocol) -> Result<Action, String> {
+    let sa: SocketAddr = dest
+        .parse()
+        .map_err(|_| format!("connect: {dest:?} is not ADDR:PORT ([v6]:port for IPv6)"))?;
+    Ok(Action::Connect {
+        addr: sa.ip(),
+        port: sa.port(),
+        protocol: Some(protocol),
     })
 }
 
