@@ -43,8 +43,6 @@ pub struct Record {
 /// What the broker needs to resume or refuse a held action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldInfo {
-    /// The rule (index in the config's rule list, plus one).
-    pub rule_id: u32,
     /// The verdict key's digest (0 for an exec stopped after the fact).
     pub digest: u64,
     /// Held inside the syscall: resumed through a verdict the retried
@@ -272,7 +270,6 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
             };
             let enforcement = if kind == EventKind::ConnectHeld {
                 hold = Some(HoldInfo {
-                    rule_id: n.rule_id,
                     digest: n.digest,
                     in_syscall: true,
                 });
@@ -377,14 +374,7 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
         enforcement,
         rule_id: (rule_id != 0).then_some(rule_id),
     };
-    Ok((
-        detail,
-        held.then_some(HoldInfo {
-            rule_id,
-            digest,
-            in_syscall,
-        }),
-    ))
+    Ok((detail, held.then_some(HoldInfo { digest, in_syscall })))
 }
 
 /// A candidate open: held (with what the broker needs), or decided.
@@ -419,8 +409,6 @@ fn decode_file(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
     Ok((
         detail,
         held.then_some(HoldInfo {
-            // No rule is named by the kernel: the policy decides by path.
-            rule_id: 0,
             digest: f.digest,
             in_syscall: true,
         }),
@@ -620,7 +608,6 @@ mod tests {
         assert_eq!(
             r.hold,
             Some(HoldInfo {
-                rule_id: 2,
                 digest: 0xfeed,
                 in_syscall: true,
             })
@@ -669,7 +656,6 @@ mod tests {
         assert_eq!(
             r.hold,
             Some(HoldInfo {
-                rule_id: 0,
                 digest: f.digest,
                 in_syscall: true,
             })

@@ -129,7 +129,6 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
             rule_id: Some(1),
         },
         hold: Some(HoldInfo {
-            rule_id: 1,
             digest: 0,
             in_syscall: false,
         }),
@@ -138,7 +137,6 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
         .send(BrokerMsg::Held {
             record,
             hold: HoldInfo {
-                rule_id: 1,
                 digest: 0,
                 in_syscall: false,
             },
