@@ -205,7 +205,6 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
     let machine = vm::Machine {
         cpus: if p.icount { 1 } else { 2 },
         icount_shift: p.icount.then_some(ICOUNT_SHIFT),
-        single_thread: false,
     };
     let console = vm::boot(
         "bench", KERNEL, &vmlinuz, &initrd, machine, limit, &mut show,
