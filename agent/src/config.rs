@@ -91,17 +91,6 @@ impl FailMode {
     }
 }
 
-/// How a held action ends when nobody decides in time.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnTimeout {
-    /// Refuse it (the default).
-    #[default]
-    Deny,
-    /// Let it through.
-    Allow,
-}
-
 /// An identity allowed to decide over the API.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -1,19 +1,39 @@
-//! Airlock: records (and, with BPF LSM, holds) what AI-agent processes do.
+//! Airlock: records (and holds) what AI-agent processes do.
 //!
 //! The binary is a thin shell over this library so the end-to-end tests and
 //! xtask can share its feature check and store reader.
+//!
+//! # Floors
+//!
+//! The modules stand on three floors, and imports only point down (or
+//! sideways within the middle, for plain data). `floors_hold` below reads
+//! every `crate::` path in the sources and fails on any other import.
+//!
+//! 1. **Bottom, pure data**: [`model`] (records, process identity,
+//!    approval requests, kinds, enforcement, time). Imports nothing of this
+//!    crate.
+//! 2. **Middle, engines without channels**: [`config`], [`policy`] (the
+//!    language, evaluation, kernel candidates), [`bpf`] (the one owner of
+//!    the `Ebpf` object: load, attach, pin, decode, candidate maps),
+//!    [`store`] (SQLite; imports [`model`] only), [`procfs`], [`features`],
+//!    [`ctl`] (the control socket's protocol and client). They import
+//!    [`model`] and each other, never [`daemon`] or [`cli`].
+//! 3. **Top**: [`daemon`], the only place with channels, tasks and
+//!    threads (assembly, typed handles, router, broker, recorder, reload,
+//!    control socket server, API). [`cli`] stands beside it: it talks to a
+//!    running daemon only through the control-socket and API clients, and
+//!    of [`daemon`] uses only `daemon::run` (to be it).
 
-pub mod api;
-pub mod broker;
-pub mod btf;
+pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
-pub mod event;
 pub mod features;
+pub mod model;
 pub mod policy;
-pub mod recorder;
-pub mod sensors;
-pub mod stats;
+pub mod procfs;
 pub mod store;
+
+#[cfg(test)]
+mod floors;

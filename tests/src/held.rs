@@ -49,7 +49,7 @@ pub fn last(out: &str) -> &str {
 
 /// The state letter of a process (`T` when stopped), `?` when gone.
 pub fn state_of(pid: u64) -> char {
-    airlock::broker::process::stat(pid as u32).map_or('?', |s| s.0)
+    airlock::procfs::stat(pid as u32).map_or('?', |s| s.state)
 }
 
 /// In the VM tier (AIRLOCK_EXPECT_LSM=1) the kernel runs BPF LSM: the

@@ -275,7 +275,7 @@ fn policy_reloads_on_file_change_and_sighup_and_a_bad_file_keeps_the_old_one() {
 }
 
 /// Waits until the store holds `n` policy loads.
-fn wait_loads(d: &Daemon, n: usize) -> Vec<airlock::store::PolicyLoad> {
+fn wait_loads(d: &Daemon, n: usize) -> Vec<airlock::model::PolicyLoad> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let loads = d.store().policy_loads().expect("policy loads");

@@ -3,7 +3,10 @@
 
 use clap::Args;
 
-use crate::{broker::ApprovalRequest, config::Config};
+use crate::{
+    config::Config,
+    model::{ActionKind, ApprovalRequest},
+};
 
 /// How to reach the API and who you are.
 #[derive(Debug, Args)]
@@ -100,7 +103,7 @@ pub fn list(args: ApprovalsArgs, config: &Config) -> anyhow::Result<()> {
             r.id,
             r.state.name(),
             r.session_id,
-            r.kind,
+            r.kind.name(),
             r.tgid,
             r.rule,
             super::time(r.deadline),
@@ -135,15 +138,24 @@ pub fn decide(args: DecideArgs, config: &Config, approve: bool) -> anyhow::Resul
 /// One line for the held action.
 pub fn describe(r: &ApprovalRequest) -> String {
     let a = &r.action;
-    match r.kind.as_str() {
-        "exec" => {
+    match r.kind {
+        ActionKind::Exec => {
             let argv: Vec<&str> = a["argv"]
                 .as_array()
                 .map(|v| v.iter().filter_map(|x| x.as_str()).collect())
                 .unwrap_or_default();
             format!("{} [{}]", a["path"].as_str().unwrap_or(""), argv.join(" "))
         }
-        _ => format!(
+        ActionKind::File => format!(
+            "{} {}",
+            if a["write"].as_bool() == Some(true) {
+                "write"
+            } else {
+                "read"
+            },
+            a["path"].as_str().unwrap_or("")
+        ),
+        ActionKind::Connect => format!(
             "{} {}:{}",
             a["protocol"].as_str().unwrap_or(""),
             a["addr"].as_str().unwrap_or(""),

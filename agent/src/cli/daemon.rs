@@ -35,8 +35,8 @@ pub fn run(args: DaemonArgs, config: Config) -> ExitCode {
     match crate::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("airlock daemon: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("airlock daemon: {e}");
+            ExitCode::from(if e.is_usage() { super::EXIT_USAGE } else { 1 })
         }
     }
 }

@@ -9,7 +9,6 @@ use crate::{
     policy::{
         Action, Decision, Policy, Subject,
         check::{self, connect_action, exec_action},
-        reload::describe,
     },
 };
 
@@ -138,7 +137,7 @@ fn check_files(files: &[PathBuf], config: &Config) -> ExitCode {
         eprintln!("{f}");
     }
     let c = policy.candidates();
-    println!("{}", describe(&policy));
+    println!("{}", policy.describe());
     println!(
         "kernel candidates: {} executables by path, {} by name{}{}; {} network prefixes; {} file or directory names",
         c.exec_paths.len(),
@@ -241,7 +240,7 @@ fn explain(a: ExplainArgs, config: &Config) -> anyhow::Result<()> {
                     "hold:      {} approval(s) from {who}; after {} s: {}",
                     h.approvals,
                     h.timeout_s,
-                    if h.on_timeout == crate::config::OnTimeout::Allow {
+                    if h.on_timeout == crate::model::OnTimeout::Allow {
                         "allow"
                     } else {
                         "deny"

@@ -3,9 +3,10 @@
 use clap::Args;
 
 use crate::{
-    broker::{State, process},
+    bpf::pins::PinDir,
     config::{Config, FailMode},
-    sensors::pins::PinDir,
+    model::{ApprovalRequest, State, wall_now_ns},
+    procfs,
     store::Store,
 };
 
@@ -38,12 +39,12 @@ pub fn run(_args: UnloadArgs, config: &Config) -> anyhow::Result<()> {
         None
     };
     let pending = match &store {
-        Some(s) => s.requests(Some("pending"))?,
+        Some(s) => s.requests(Some(State::Pending))?,
         None => Vec::new(),
     };
     let alive: Vec<bool> = pending
         .iter()
-        .map(|r| process::start_time(r.tgid) == Some(r.start_time))
+        .map(|r| procfs::start_time(r.tgid) == Some(r.start_time))
         .collect();
     let pins = PinDir::new(&config.pin_dir);
     if pins.root().exists() {
@@ -69,7 +70,7 @@ pub fn run(_args: UnloadArgs, config: &Config) -> anyhow::Result<()> {
 fn close_pending(
     config: &Config,
     store: &mut Store,
-    pending: Vec<crate::broker::ApprovalRequest>,
+    pending: Vec<ApprovalRequest>,
     alive: &[bool],
 ) -> anyhow::Result<()> {
     let open = config.fail_mode == FailMode::Open;
@@ -78,7 +79,7 @@ fn close_pending(
         let outcome = if !alive {
             req.state = State::Abandoned;
             "the process ended while no daemon ran".to_string()
-        } else if req.kind == "exec" && !req.in_syscall {
+        } else if req.stopped_after_exec() {
             req.state = State::Failed;
             let (sig, what) = if open {
                 (libc::SIGCONT, "resumed: the program runs")
@@ -88,7 +89,7 @@ fn close_pending(
                     "killed (SIGKILL) before its first instruction",
                 )
             };
-            match process::signal_if_same(req.tgid, req.start_time, sig) {
+            match procfs::signal_if_same(req.tgid, req.start_time, sig) {
                 Ok(()) => format!("airlock unload, fail {}: {what}", config.fail_mode.name()),
                 Err(e) => format!("airlock unload: {e}"),
             }
@@ -100,7 +101,7 @@ fn close_pending(
             )
         };
         req.outcome = Some(outcome);
-        req.decided_at = Some(crate::event::wall_now_ns());
+        req.decided_at = Some(wall_now_ns());
         req.decided_by = Some("unload".into());
         store.update_request(&req)?;
     }

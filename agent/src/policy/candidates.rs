@@ -9,11 +9,12 @@ use std::{
 };
 
 use airlock_common::{FILE_CAND_DIR, FILE_CAND_NAME};
+use ipnet::IpNet;
 
 use super::{
     Policy,
     matchers::is_literal,
-    model::{Cond, Decision, Kind, Leaf},
+    model::{ActionKind, Cond, Decision, Leaf},
 };
 
 /// Most network prefixes written into the kernel's trie; past it every
@@ -164,7 +165,7 @@ impl AddrSet {
         let mut v: Vec<(u128, u128)> = nets
             .iter()
             .map(|n| {
-                let (len, addr) = crate::sensors::trie_key(&n.0);
+                let (len, addr) = trie_key(&n.0);
                 let start = u128::from_be_bytes(addr);
                 let host = if len >= 128 { 0 } else { u128::MAX >> len };
                 (start, start | host)
@@ -356,7 +357,7 @@ impl Policy {
     fn kernel_denies(&self, c: &mut Candidates) {
         let mut paths = BTreeSet::new();
         let mut names = BTreeSet::new();
-        for r in self.rules.iter().filter(|r| r.kind == Kind::Exec) {
+        for r in self.rules.iter().filter(|r| r.kind == ActionKind::Exec) {
             let Some(set) = exec_set(&r.when) else {
                 // An earlier rule could match anything: nothing after it.
                 return;
@@ -397,7 +398,7 @@ impl Policy {
         // there, so they add no candidates there.
         let mut decided = AddrSet::empty();
         let mut monitored = AddrSet::empty();
-        for r in self.rules.iter().filter(|r| r.kind == Kind::Connect) {
+        for r in self.rules.iter().filter(|r| r.kind == ActionKind::Connect) {
             let acts = matches!(r.decision, Decision::Hold | Decision::Deny);
             let sure = must(&r.when);
             match r.mode {
@@ -425,7 +426,7 @@ impl Policy {
             .filter(|r| matches!(r.decision, Decision::Hold | Decision::Deny))
         {
             match r.kind {
-                Kind::Exec => match exec_set(&r.when) {
+                ActionKind::Exec => match exec_set(&r.when) {
                     Some(s) => {
                         c.exec_paths.extend(s.paths);
                         c.exec_names.extend(s.names);
@@ -439,8 +440,8 @@ impl Policy {
                         ));
                     }
                 },
-                Kind::Connect => {}
-                Kind::File => {
+                ActionKind::Connect => {}
+                ActionKind::File => {
                     for (name, bit) in file_names(&r.when).unwrap_or_default() {
                         *c.files.entry(name).or_default() |= bit;
                     }
@@ -460,9 +461,35 @@ impl Policy {
     }
 }
 
+/// IPv6 as is; IPv4 mapped into ::ffff:0:0/96, as the kernel side looks up.
+pub fn trie_key(n: &IpNet) -> (u32, [u8; 16]) {
+    match n.trunc() {
+        IpNet::V4(v4) => (
+            96 + v4.prefix_len() as u32,
+            v4.addr().to_ipv6_mapped().octets(),
+        ),
+        IpNet::V6(v6) => (v6.prefix_len() as u32, v6.addr().octets()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v4_networks_are_mapped() {
+        let (len, data) = trie_key(&"10.1.2.3/8".parse().unwrap());
+        assert_eq!(len, 104);
+        assert_eq!(
+            data,
+            "::ffff:10.0.0.0"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        let (len, data) = trie_key(&"::1/128".parse().unwrap());
+        assert_eq!((len, data[15]), (128, 1));
+    }
 
     fn set(nets: &[&str]) -> AddrSet {
         let nets: Vec<_> = nets

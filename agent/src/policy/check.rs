@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use super::{
     Action, ExecAction, Policy, Rule, Subject,
     candidates::may,
-    model::{Access, Cond, Decision, Example, Kind, Leaf, Mode, Protocol},
+    model::{Access, ActionKind, Cond, Decision, Example, Leaf, Mode, Protocol},
 };
 
 /// A rule that is legal but suspicious.
@@ -45,7 +45,7 @@ pub fn warnings(p: &Policy, approvers: Option<&[(String, Vec<String>)]>) -> Vec<
                 "a monitor rule that only records has no effect".into(),
             ));
         }
-        if r.kind == Kind::Connect && may(&r.when).is_empty() {
+        if r.kind == ActionKind::Connect && may(&r.when).is_empty() {
             out.push(warn(
                 r,
                 "no destination address can satisfy it: it never matches".into(),

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     Rule,
-    model::{Access, Cond, Decision, Kind, Leaf, Protocol},
+    model::{Access, ActionKind, Cond, Decision, Leaf, Protocol},
 };
 
 /// Who acts: the session's labels and the process's ids.
@@ -83,11 +83,11 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn kind(&self) -> Kind {
+    pub fn kind(&self) -> ActionKind {
         match self {
-            Self::Exec(_) => Kind::Exec,
-            Self::Connect { .. } => Kind::Connect,
-            Self::File { .. } => Kind::File,
+            Self::Exec(_) => ActionKind::Exec,
+            Self::Connect { .. } => ActionKind::Connect,
+            Self::File { .. } => ActionKind::File,
         }
     }
 

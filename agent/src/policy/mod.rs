@@ -7,7 +7,6 @@ pub mod check;
 mod eval;
 pub mod matchers;
 pub mod model;
-pub mod reload;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,7 +15,7 @@ use std::{
 };
 
 pub use eval::{Action, ExecAction, Outcome, Subject};
-pub use model::{Access, Decision, Example, HoldModel, Kind, Mode, Protocol};
+pub use model::{Access, ActionKind, Decision, Example, HoldModel, Mode, Protocol};
 use model::{Cond, FileModel};
 
 /// A rule in force, with where it came from.
@@ -27,7 +26,7 @@ pub struct Rule {
     pub pack: String,
     pub name: String,
     pub description: String,
-    pub kind: Kind,
+    pub kind: ActionKind,
     pub when: Cond,
     pub decision: Decision,
     pub priority: i64,
@@ -93,7 +92,7 @@ pub struct Policy {
     /// Files read, in load order.
     pub files: Vec<PathBuf>,
     /// Per kind, the rules of that kind (indexes into `rules`, in order).
-    by_kind: HashMap<Kind, Vec<u32>>,
+    by_kind: HashMap<ActionKind, Vec<u32>>,
     /// Exec rules that name their executables literally, by file name.
     exec_by_name: HashMap<String, Vec<u32>>,
     /// Exec rules that could match any executable.
@@ -101,6 +100,25 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// One line on the policy: how many rules of which kind, from how many
+    /// files.
+    pub fn describe(&self) -> String {
+        let count = |k: ActionKind| self.rules.iter().filter(|r| r.kind == k).count();
+        let monitor = self
+            .rules
+            .iter()
+            .filter(|r| r.mode == Mode::Monitor)
+            .count();
+        format!(
+            "{} rules ({} exec, {} connect, {} file; {monitor} in monitor mode) from {} files",
+            self.rules.len(),
+            count(ActionKind::Exec),
+            count(ActionKind::Connect),
+            count(ActionKind::File),
+            self.files.len()
+        )
+    }
+
     /// Reads every `*.yaml`/`*.yml` file of `dirs`, in order; a file in a
     /// later directory replaces the one of the same name in an earlier one.
     /// A directory that does not exist adds nothing.
@@ -217,7 +235,7 @@ impl Policy {
                 examples: model.examples,
             });
         }
-        for r in rules.iter().filter(|r| r.kind == Kind::File) {
+        for r in rules.iter().filter(|r| r.kind == ActionKind::File) {
             let names = candidates::file_names(&r.when);
             let too_long = names
                 .iter()
@@ -254,13 +272,13 @@ impl Policy {
 
     fn build(mut rules: Vec<Rule>, packs: Vec<Pack>, files: Vec<PathBuf>) -> Self {
         rules.sort_by_key(|r| (-r.priority, r.decision.severity_rank(), r.load_order));
-        let mut by_kind: HashMap<Kind, Vec<u32>> = HashMap::new();
+        let mut by_kind: HashMap<ActionKind, Vec<u32>> = HashMap::new();
         let mut exec_by_name: HashMap<String, Vec<u32>> = HashMap::new();
         let mut exec_any = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             let i = i as u32;
             by_kind.entry(r.kind).or_default().push(i);
-            if r.kind != Kind::Exec {
+            if r.kind != ActionKind::Exec {
                 continue;
             }
             match candidates::exec_names(&r.when) {

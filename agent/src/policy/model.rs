@@ -9,44 +9,8 @@ use super::matchers::{
     ExePattern, Exes, Globs, GroupId, Net, OneOrMany, PathPattern, Ports, Re, Regexes, TextGlob,
     UserId, parse_duration,
 };
-use crate::config::OnTimeout;
-
-/// What a rule decides.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Allow,
-    Record,
-    Hold,
-    Deny,
-}
-
-impl Decision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Record => "record",
-            Self::Hold => "hold",
-            Self::Deny => "deny",
-        }
-    }
-
-    /// Rank at equal priority: the more severe first.
-    pub fn severity_rank(self) -> u8 {
-        match self {
-            Self::Deny => 0,
-            Self::Hold => 1,
-            Self::Allow => 2,
-            Self::Record => 3,
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Allow, Self::Record, Self::Hold, Self::Deny]
-            .into_iter()
-            .find(|d| d.name() == s)
-    }
-}
+use crate::model::OnTimeout;
+pub use crate::model::{ActionKind, Decision};
 
 /// Whether a rule decides or only records what it would have decided.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -55,25 +19,6 @@ pub enum Mode {
     #[default]
     Enforce,
     Monitor,
-}
-
-/// The action kind a rule applies to.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Exec,
-    Connect,
-    File,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Exec => "exec",
-            Self::Connect => "connect",
-            Self::File => "file",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -109,7 +54,7 @@ pub struct FileModel {
 pub struct RuleModel {
     pub name: String,
     pub description: String,
-    pub on: Kind,
+    pub on: ActionKind,
     pub when: Cond,
     pub decision: Decision,
     pub priority: i64,
@@ -123,7 +68,7 @@ struct RuleRaw {
     name: String,
     #[serde(default)]
     description: String,
-    on: Kind,
+    on: ActionKind,
     when: Cond,
     decision: Decision,
     #[serde(default)]
@@ -300,7 +245,7 @@ impl Leaf {
     }
 
     /// The action kind the key belongs to; None for any kind.
-    fn kind(&self) -> Option<Kind> {
+    fn kind(&self) -> Option<ActionKind> {
         match self {
             Self::Labels(_) | Self::User(_) | Self::Group(_) => None,
             Self::Exe(_)
@@ -310,15 +255,15 @@ impl Leaf {
             | Self::CmdlineRegex(_)
             | Self::Args(_)
             | Self::ArgsRegex(_)
-            | Self::OutsideWorkdir(_) => Some(Kind::Exec),
-            Self::Dest(_) | Self::Port(_) | Self::Protocol(_) => Some(Kind::Connect),
-            Self::Path(_) | Self::Access(_) => Some(Kind::File),
+            | Self::OutsideWorkdir(_) => Some(ActionKind::Exec),
+            Self::Dest(_) | Self::Port(_) | Self::Protocol(_) => Some(ActionKind::Connect),
+            Self::Path(_) | Self::Access(_) => Some(ActionKind::File),
         }
     }
 }
 
 impl Cond {
-    fn keys_not_for(&self, kind: Kind, out: &mut Vec<&'static str>) {
+    fn keys_not_for(&self, kind: ActionKind, out: &mut Vec<&'static str>) {
         match self {
             Self::All(c) | Self::Any(c) => c.iter().for_each(|c| c.keys_not_for(kind, out)),
             Self::Not(c) => c.keys_not_for(kind, out),

@@ -84,7 +84,7 @@ fn first_match_by_priority_then_severity() {
     );
     let r = p.rule("uploads/curl-upload").unwrap();
     assert_eq!(r.hold.timeout_s, 120);
-    assert_eq!(r.hold.on_timeout, crate::config::OnTimeout::Allow);
+    assert_eq!(r.hold.on_timeout, crate::model::OnTimeout::Allow);
 }
 
 #[test]

@@ -14,10 +14,8 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use crate::model::Record;
 pub use query::{EventRow, SessionRow};
-pub use requests::PolicyLoad;
-
-use crate::event::Record;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -190,14 +188,14 @@ impl Store {
                 stmt.execute(params![
                     r.session_id,
                     r.ts_ns,
-                    r.kind.0 as u32,
-                    r.pid,
-                    r.tgid,
-                    r.ppid,
-                    r.uid,
-                    r.euid,
-                    r.gid,
-                    r.cgroup_id as i64,
+                    r.kind as u32,
+                    r.process.pid,
+                    r.process.tgid,
+                    r.process.ppid,
+                    r.process.uid,
+                    r.process.euid,
+                    r.process.gid,
+                    r.process.cgroup_id as i64,
                     detail
                 ])
                 .map_err(err)?;

@@ -3,7 +3,7 @@
 use rusqlite::params;
 
 use super::{Store, StoreError};
-use crate::broker::ApprovalRequest;
+use crate::model::{ApprovalRequest, PolicyLoad, State};
 
 impl Store {
     /// Stores a new request and returns its id (written into the body too).
@@ -47,13 +47,13 @@ impl Store {
     }
 
     /// Requests, newest last; only those in `state` when given.
-    pub fn requests(&self, state: Option<&str>) -> Result<Vec<ApprovalRequest>, StoreError> {
+    pub fn requests(&self, state: Option<State>) -> Result<Vec<ApprovalRequest>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT body FROM requests WHERE ?1 IS NULL OR state = ?1 ORDER BY id")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![state], |r| r.get::<_, String>(0))
+            .query_map(params![state.map(State::name)], |r| r.get::<_, String>(0))
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for body in rows {
@@ -90,20 +90,6 @@ impl Store {
     ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
         Ok(self.session(id)?.labels)
     }
-}
-
-/// One policy load or reload, as stored.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct PolicyLoad {
-    pub ts: i64,
-    /// "start", "SIGHUP" or "file change".
-    pub trigger: String,
-    /// The new policy is in force; when false the old one stayed.
-    pub ok: bool,
-    pub rules: usize,
-    pub files: Vec<String>,
-    /// Every error, one per line, when the load was refused.
-    pub error: Option<String>,
 }
 
 impl Store {

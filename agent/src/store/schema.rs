@@ -39,7 +39,7 @@ const MIGRATIONS: &[&str] = &[
         session_id   INTEGER NOT NULL,
         state        TEXT NOT NULL,            -- pending, approved, denied, timed_out, abandoned, failed
         requested_at INTEGER NOT NULL,         -- ns since the epoch
-        body         TEXT NOT NULL             -- JSON: broker::ApprovalRequest
+        body         TEXT NOT NULL             -- JSON: model::ApprovalRequest
     );
     CREATE INDEX requests_state ON requests (state, id);
     CREATE INDEX requests_session ON requests (session_id, id);",
@@ -49,10 +49,18 @@ const MIGRATIONS: &[&str] = &[
         ts      INTEGER NOT NULL,              -- ns since the epoch
         trigger TEXT NOT NULL,                 -- start, SIGHUP, file change
         ok      INTEGER NOT NULL,              -- 1: in force; 0: refused, the old one stayed
-        body    TEXT NOT NULL                  -- JSON: store::PolicyLoad
+        body    TEXT NOT NULL                  -- JSON: model::PolicyLoad
     );",
+    // 4: the kernel's rule id left the events (always 1 once the policy
+    // decided): drop it from stored exec and network details and from the
+    // held actions inside requests.
+    "UPDATE events SET detail = json_remove(detail, '$.rule_id')
+        WHERE json_valid(detail) AND json_type(detail, '$.rule_id') IS NOT NULL;
+    UPDATE requests SET body = json_remove(body, '$.action.rule_id')
+        WHERE json_valid(body) AND json_type(body, '$.action.rule_id') IS NOT NULL;",
 ];
 
+#[derive(Debug)]
 pub enum MigrateError {
     Sqlite(rusqlite::Error),
     TooNew(i64),
@@ -70,11 +78,22 @@ pub fn version(conn: &Connection) -> rusqlite::Result<i64> {
 
 /// Brings the store to [`VERSION`], one transaction per step.
 pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    migrate_to(conn, VERSION)
+}
+
+/// Brings the store to `target` (tests build older stores with it).
+pub fn migrate_to(conn: &mut Connection, target: i64) -> Result<(), MigrateError> {
     let current = version(conn)?;
     if current > VERSION {
         return Err(MigrateError::TooNew(current));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    let steps = (target - current).max(0) as usize;
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(current as usize)
+        .take(steps)
+    {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use airlock_common::{EventKind, LossReason};
 
 use super::*;
-use crate::event::{Detail, EventKindName, ExitStatus, Record, loss_record};
+use crate::model::{ActionKind, ApprovalRequest, Detail, ExitStatus, Process, Record, State};
 
 fn session(store: &mut Store) -> u64 {
     let mut labels = BTreeMap::new();
@@ -23,14 +23,16 @@ fn exec(session_id: u64, ts: i64) -> Record {
     Record {
         session_id,
         ts_ns: ts,
-        kind: EventKindName(EventKind::Exec),
-        pid: 5,
-        tgid: 5,
-        ppid: 4,
-        uid: 1000,
-        euid: 1000,
-        gid: 1000,
-        cgroup_id: u64::MAX - 1,
+        kind: EventKind::Exec,
+        process: Process {
+            pid: 5,
+            tgid: 5,
+            ppid: 4,
+            uid: 1000,
+            euid: 1000,
+            gid: 1000,
+            cgroup_id: u64::MAX - 1,
+        },
         hold: None,
         detail: Detail::Exec {
             path: "/usr/bin/git".into(),
@@ -39,7 +41,6 @@ fn exec(session_id: u64, ts: i64) -> Record {
             path_truncated: false,
             argv_unreadable: false,
             enforcement: None,
-            rule_id: None,
         },
     }
 }
@@ -51,13 +52,13 @@ fn round_trip() {
     let mut store = Store::open(&path).unwrap();
     let id = session(&mut store);
     let mut exit = exec(id, 300);
-    exit.kind = EventKindName(EventKind::Exit);
+    exit.kind = EventKind::Exit;
     exit.detail = Detail::Exit(ExitStatus::from_wait_status(2 << 8));
     store
         .insert(&[
             exec(id, 200),
             exit,
-            loss_record(id, EventKind::Exec, LossReason::RingbufFull, 3),
+            Record::loss(id, 350, EventKind::Exec, LossReason::RingbufFull, 3),
         ])
         .unwrap();
     store.end_session(id, 400).unwrap();
@@ -124,4 +125,65 @@ fn missing_store_says_what_to_do() {
         e.to_string(),
         "store /nonexistent/airlock.db does not exist: start the daemon (`airlock daemon`) first"
     );
+}
+
+/// A store written by every earlier schema version, with the rows of its
+/// time, opens at the current version with nothing lost; version 4 drops
+/// the kernel's vestigial `rule_id` from stored details.
+#[test]
+fn every_older_schema_migrates_to_the_current_one() {
+    for from in 1..super::schema::VERSION {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            super::schema::migrate_to(&mut conn, from).unwrap();
+            assert_eq!(super::schema::version(&conn).unwrap(), from);
+            conn.execute_batch(
+                "INSERT INTO sessions (started_at, root_pid, command, labels)
+                     VALUES (1, 42, '[\"sh\"]', '{\"agent\":\"a\"}');
+                 INSERT INTO events (session_id, ts, kind, pid, tgid, ppid, uid, euid, gid, cgroup_id, detail)
+                     VALUES (1, 2, 2, 5, 5, 4, 0, 0, 0, 9,
+                     '{\"path\":\"/bin/sh\",\"argv\":[\"sh\"],\"argv_truncated\":false,\"path_truncated\":false,\"argv_unreadable\":false,\"enforcement\":\"held\",\"rule_id\":1}');
+                 INSERT INTO events (session_id, ts, kind, pid, tgid, ppid, uid, euid, gid, cgroup_id, detail)
+                     VALUES (1, 3, 100, 5, 5, 4, 0, 0, 0, 9,
+                     '{\"protocol\":\"tcp\",\"addr\":\"10.0.0.1\",\"port\":443,\"ret\":0}');",
+            )
+            .unwrap();
+            if from >= 2 {
+                let body = serde_json::json!({
+                    "id": 1, "state": "pending", "session_id": 1, "labels": {"agent": "a"},
+                    "kind": "exec", "pid": 5, "tgid": 5, "uid": 0, "ancestry": [],
+                    "action": {"path": "/bin/sh", "argv": ["sh"], "enforcement": "held", "rule_id": 1},
+                    "rule": "p/r", "requested_at": 2, "deadline": 3, "on_timeout": "deny",
+                    "decided_at": null, "decided_by": null, "reason": null, "outcome": null,
+                    "digest": 7, "start_time": 8
+                });
+                conn.execute(
+                    "INSERT INTO requests (session_id, state, requested_at, body) VALUES (1, 'pending', 2, ?1)",
+                    [body.to_string()],
+                )
+                .unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            super::schema::version(&store.conn).unwrap(),
+            super::schema::VERSION,
+            "from version {from}"
+        );
+        let events = store.events(1).unwrap();
+        assert_eq!(events.len(), 2, "from version {from}");
+        assert_eq!(events[0].detail.get("rule_id"), None, "from version {from}");
+        assert_eq!(events[0].detail["enforcement"], "held");
+        assert_eq!(events[1].detail["port"], 443);
+        if from >= 2 {
+            let reqs = store.requests(Some(State::Pending)).unwrap();
+            assert_eq!(reqs.len(), 1, "from version {from}");
+            let r: &ApprovalRequest = &reqs[0];
+            assert_eq!(r.kind, ActionKind::Exec);
+            assert_eq!(r.action.get("rule_id"), None);
+            assert_eq!(r.approvals_needed, 1, "defaults of later fields");
+        }
+    }
 }

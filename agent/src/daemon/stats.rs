@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use airlock_common::EventKind;
-use serde::Serialize;
+
+use crate::ctl::KindCount;
 
 const KINDS: [EventKind; 7] = [
     EventKind::Fork,
@@ -25,16 +26,16 @@ pub struct Stats {
     pub sessions_registered: AtomicU64,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct KindCount {
-    pub kind: String,
-    pub count: u64,
-}
-
 impl Stats {
     pub fn count_event(&self, kind: EventKind) {
         if let Some(i) = KINDS.iter().position(|k| *k == kind) {
             self.by_kind[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn count_undecodable(&self, n: u64) {
+        if n > 0 {
+            self.decode_errors.fetch_add(n, Relaxed);
         }
     }
 

@@ -17,18 +17,19 @@ use axum::{
     routing::{get, post},
 };
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::BroadcastStream};
 
+use super::handles::BrokerHandle;
 use crate::{
-    broker::{ApprovalRequest, BrokerMsg, DecideError, State as ReqState},
     config::Approver,
-    store::Store,
+    model::{ApprovalRequest, DecideError, State as ReqState},
+    store::{Store, StoreError},
 };
 
 /// What the handlers share.
 pub struct ApiState {
-    pub broker: mpsc::Sender<BrokerMsg>,
+    pub broker: BrokerHandle,
     /// token -> approver name
     pub tokens: HashMap<String, String>,
     pub db: PathBuf,
@@ -37,7 +38,7 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(
-        broker: mpsc::Sender<BrokerMsg>,
+        broker: BrokerHandle,
         approvers: &[Approver],
         db: PathBuf,
         updates: broadcast::Sender<ApprovalRequest>,
@@ -120,7 +121,7 @@ fn approver(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
 
 async fn read_store<T: Send + 'static>(
     state: &ApiState,
-    f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let db = state.db.clone();
     tokio::task::spawn_blocking(move || Store::open_read_only(&db).and_then(|s| f(&s)))
@@ -149,17 +150,19 @@ async fn list(
             "the only query parameter is state=pending|approved|denied|timed_out|abandoned|failed",
         );
     };
-    if let Some(s) = &q.state
-        && ReqState::parse(s).is_none()
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "unknown state {s:?}: use pending, approved, denied, timed_out, abandoned or failed"
-            ),
-        );
-    }
-    match read_store(&state, move |s| s.requests(q.state.as_deref())).await {
+    let wanted = match q.state.as_deref().map(|s| (s, ReqState::parse(s))) {
+        None => None,
+        Some((_, Some(st))) => Some(st),
+        Some((s, None)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown state {s:?}: use pending, approved, denied, timed_out, abandoned or failed"
+                ),
+            );
+        }
+    };
+    match read_store(&state, move |s| s.requests(wanted)).await {
         Ok(v) => Json(v).into_response(),
         Err(r) => r.into_response(),
     }
@@ -193,7 +196,7 @@ async fn session_events(
         Err(r) => return r.into_response(),
     };
     match read_store(&state, move |s| match s.events(id) {
-        Err(crate::store::StoreError::NoSession(_)) => Ok(None),
+        Err(StoreError::NoSession(_)) => Ok(None),
         r => r.map(Some),
     })
     .await
@@ -249,11 +252,9 @@ async fn decide(
         Ok(by) => by,
         Err(r) => return r.into_response(),
     };
-    let Ok(id) = id.parse::<u64>() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("request id must be a number, got {id:?}"),
-        );
+    let id = match number(&id, "request") {
+        Ok(id) => id,
+        Err(r) => return r.into_response(),
     };
     let body: DecideBody = if body.iter().all(u8::is_ascii_whitespace) {
         DecideBody::default()
@@ -268,26 +269,23 @@ async fn decide(
             }
         }
     };
-    let (tx, rx) = oneshot::channel();
-    let msg = BrokerMsg::Decide {
-        id,
-        approve,
-        by,
-        reason: body.reason,
-        reply: tx,
-    };
-    if state.broker.send(msg).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the broker has stopped");
-    }
-    match rx.await.unwrap_or(Err(DecideError::Stopped)) {
+    match state.broker.decide(id, approve, by, body.reason).await {
         Ok(r) => Json(r).into_response(),
-        Err(e @ DecideError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ DecideError::AlreadyDecided { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e @ (DecideError::SelfApproval { .. } | DecideError::NotAnApprover { .. })) => {
-            error(StatusCode::FORBIDDEN, e.to_string())
+        Err(e) => {
+            let status = match e {
+                DecideError::NotFound(_) => StatusCode::NOT_FOUND,
+                DecideError::AlreadyDecided { .. } | DecideError::AlreadyApproved { .. } => {
+                    StatusCode::CONFLICT
+                }
+                DecideError::SelfApproval { .. } | DecideError::NotAnApprover { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                DecideError::LabelsUnread { .. } | DecideError::Stopped => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            error(status, e.to_string())
         }
-        Err(e @ DecideError::AlreadyApproved { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e @ DecideError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
@@ -320,6 +318,3 @@ async fn openapi() -> Response {
 
 /// The OpenAPI document, checked to be valid JSON by a test.
 pub const OPENAPI: &str = include_str!("openapi.json");
-
-#[cfg(test)]
-mod tests;

@@ -11,12 +11,15 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, oneshot, watch},
+    sync::watch,
 };
 use tracing::{error, info};
 
-use super::{Kind, Policy};
-use crate::{event::wall_now_ns, recorder::RecorderMsg, sensors::Command, store::PolicyLoad};
+use super::handles::{HandleError, RecorderHandle, SensorHandle};
+use crate::{
+    model::{PolicyLoad, wall_now_ns},
+    policy::{Policy, PolicyErrors},
+};
 
 /// How often the policy directories are looked at for changes.
 const POLL: Duration = Duration::from_secs(1);
@@ -24,32 +27,14 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct Reloader {
     pub dirs: Vec<PathBuf>,
     pub policy: watch::Sender<Arc<Policy>>,
-    pub sensor: mpsc::Sender<Command>,
-    pub recorder: mpsc::Sender<RecorderMsg>,
+    pub sensor: SensorHandle,
+    pub recorder: RecorderHandle,
     /// One line on the policy in force, for `airlock status`.
     pub summary: Arc<Mutex<String>>,
 }
 
-/// A line on a policy: how many rules of which kind, from how many files.
-pub fn describe(p: &Policy) -> String {
-    let count = |k: Kind| p.rules.iter().filter(|r| r.kind == k).count();
-    let monitor = p
-        .rules
-        .iter()
-        .filter(|r| r.mode == super::Mode::Monitor)
-        .count();
-    format!(
-        "{} rules ({} exec, {} connect, {} file; {monitor} in monitor mode) from {} files",
-        p.rules.len(),
-        count(Kind::Exec),
-        count(Kind::Connect),
-        count(Kind::File),
-        p.files.len()
-    )
-}
-
 /// The stored record of a load.
-pub fn load_record(trigger: &str, r: Result<&Policy, &super::PolicyErrors>) -> PolicyLoad {
+pub fn load_record(trigger: &str, r: Result<&Policy, &PolicyErrors>) -> PolicyLoad {
     match r {
         Ok(p) => PolicyLoad {
             ts: wall_now_ns(),
@@ -111,7 +96,7 @@ impl Reloader {
         match loaded {
             Ok(policy) => match self.install(&policy).await {
                 Ok(()) => {
-                    let line = describe(&policy);
+                    let line = policy.describe();
                     info!(trigger, "policy reloaded: {line}");
                     self.set_summary(format!("{line}; reloaded ({trigger})"));
                     let _ = self.policy.send(Arc::new(policy));
@@ -121,7 +106,7 @@ impl Reloader {
                     let old = self.policy.borrow().clone();
                     let _ = self.install(&old).await;
                     record.ok = false;
-                    record.error = Some(e);
+                    record.error = Some(e.to_string());
                 }
             },
             Err(errors) => {
@@ -141,22 +126,13 @@ impl Reloader {
                 ));
             }
         }
-        let _ = self
-            .recorder
-            .send(RecorderMsg::PolicyLoad(Box::new(record)))
-            .await;
+        if let Err(e) = self.recorder.policy_load(record).await {
+            error!("{e}: a policy load was not stored");
+        }
     }
 
-    async fn install(&self, policy: &Policy) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        self.sensor
-            .send(Command::Candidates {
-                candidates: Box::new(policy.candidates()),
-                reply: tx,
-            })
-            .await
-            .map_err(|_| "the sensor has stopped".to_string())?;
-        rx.await.map_err(|_| "the sensor has stopped".to_string())?
+    async fn install(&self, policy: &Policy) -> Result<(), HandleError> {
+        self.sensor.candidates(policy.candidates()).await
     }
 
     fn set_summary(&self, s: String) {

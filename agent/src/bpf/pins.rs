@@ -25,11 +25,12 @@ use airlock_common::{
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo},
-    programs::links::FdLink,
+    programs::{ProgramError, links::FdLink},
 };
 use tracing::{info, warn};
 
-use super::SensorError;
+use super::BpfError;
+use crate::model::monotonic_ns;
 
 /// Maps shared by every generation; the rest belong to one load.
 pub const PINNED: &[&str] = &[
@@ -62,6 +63,8 @@ pub enum PinError {
     InUse { pid: u32, dir: PathBuf },
     #[error("pinned map {path}: {message}")]
     Map { path: PathBuf, message: String },
+    #[error("writing slot {slot} of the pinned control array: {message}")]
+    Control { slot: u32, message: String },
 }
 
 /// What an earlier daemon left in the pin directory.
@@ -185,7 +188,10 @@ impl PinDir {
             path: dir.clone(),
             error,
         })?;
-        Ok(LinkPins { dir })
+        Ok(LinkPins {
+            dir,
+            attached: Vec::new(),
+        })
     }
 
     /// Removes a generation's links after its load failed half way.
@@ -277,10 +283,12 @@ pub fn activate(
     stale_ns: u64,
     fail_open: bool,
     pid: u32,
-) -> Result<(), String> {
+) -> Result<(), PinError> {
     let set = |c: &mut Array<MapData, u64>, slot: u32, v: u64| {
-        c.set(slot, v, 0)
-            .map_err(|e| format!("control slot {slot}: {e}"))
+        c.set(slot, v, 0).map_err(|e| PinError::Control {
+            slot,
+            message: e.to_string(),
+        })
     };
     set(control, CTL_LAYOUT, PIN_LAYOUT)?;
     set(control, CTL_STALE_NS, stale_ns)?;
@@ -290,52 +298,39 @@ pub fn activate(
     set(control, CTL_GENERATION, generation)
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Beats every `period` until the process ends: the kernel side holds
+/// Writes a heartbeat into the control array: the kernel side holds
 /// flagged actions only while the last beat is fresh.
-pub fn spawn_heartbeat(
-    mut control: Array<MapData, u64>,
-    period: std::time::Duration,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("airlock-heartbeat".into())
-        .spawn(move || {
-            loop {
-                if let Err(e) = control.set(CTL_HEARTBEAT_NS, monotonic_ns(), 0) {
-                    warn!("heartbeat: {e}");
-                }
-                std::thread::sleep(period);
-            }
-        })
-        .map(|_| ())
+pub fn beat(control: &mut Array<MapData, u64>) -> Result<(), aya::maps::MapError> {
+    control.set(CTL_HEARTBEAT_NS, monotonic_ns(), 0)
 }
 
-/// Pins one generation's links as they are attached.
+/// Pins one generation's links as they are attached, and says what was.
 pub struct LinkPins {
     dir: PathBuf,
+    /// Programs attached, in words (for `airlock status`).
+    pub attached: Vec<String>,
 }
 
 impl LinkPins {
-    /// Pins `link` under the program's name; from then on it stays
-    /// attached until its pin is removed.
-    pub fn keep<L>(&self, name: &'static str, link: L) -> Result<(), SensorError>
+    /// Pins a link just taken from program `name` under its name; from
+    /// then on it stays attached until its pin is removed.
+    pub fn keep<L>(
+        &mut self,
+        name: &'static str,
+        link: Result<L, ProgramError>,
+        what: String,
+    ) -> Result<(), BpfError>
     where
         L: TryInto<FdLink>,
         L::Error: std::error::Error,
     {
-        let link: FdLink = link.try_into().map_err(|e| SensorError::program(name, e))?;
+        let link: FdLink = link
+            .map_err(|e| BpfError::program(name, e))?
+            .try_into()
+            .map_err(|e| BpfError::program(name, e))?;
         link.pin(self.dir.join(name))
-            .map_err(|e| SensorError::program(name, e))?;
+            .map_err(|e| BpfError::program(name, e))?;
+        self.attached.push(what);
         Ok(())
     }
 }

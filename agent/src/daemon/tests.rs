@@ -1,18 +1,21 @@
-//! The API against a real broker, store and recorder, holding a real
-//! (stopped) process; no kernel programs needed.
+//! The daemon's assembly (recorder, broker, API) against a real store,
+//! holding a real (stopped) process; no kernel programs needed.
 
-use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use airlock_common::EventKind;
 use reqwest::StatusCode;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::watch;
 
-use super::*;
+use super::{
+    api::{OPENAPI, serve},
+    assemble::{Assembly, Parts, assemble},
+    handles::{SensorHandle, SensorMsg},
+};
 use crate::{
-    broker::Broker,
-    event::{Detail, EventKindName, HoldInfo, Record},
-    stats::Stats,
-    store::NewSession,
+    config::Approver,
+    model::{Detail, Enforcement, HoldInfo, Process, Record},
+    store::{NewSession, Store},
 };
 
 const ALICE: &str = "alice-token-0123456789";
@@ -21,10 +24,13 @@ const CAROL: &str = "carol-token-0123456789";
 
 struct Harness {
     base: String,
-    broker: mpsc::Sender<BrokerMsg>,
+    assembly: Assembly,
     child: std::process::Child,
     _dir: tempfile::TempDir,
     _shutdown: watch::Sender<bool>,
+    /// Nobody serves the sensor: these tests hold execs stopped after the
+    /// fact (resumed by signals), which need no kernel program.
+    _sensor: tokio::sync::mpsc::Receiver<SensorMsg>,
 }
 
 async fn harness(timeout_s: u64) -> Harness {
@@ -34,9 +40,23 @@ async fn harness(timeout_s: u64) -> Harness {
     harness_with(&policy, "30").await
 }
 
-/// A broker and API under `policy`, with `/bin/sleep ARG` stopped and
-/// handed to the broker as a held exec.
-async fn harness_with(policy: &str, arg: &str) -> Harness {
+fn approvers() -> Vec<Approver> {
+    let a = |name: &str, token: &str, groups: &[&str]| Approver {
+        name: name.into(),
+        token: token.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    };
+    vec![
+        a("alice", ALICE, &["security"]),
+        a("bob", BOB, &[]),
+        a("carol", CAROL, &["security"]),
+    ]
+}
+
+/// The daemon's assembly (recorder, broker, API) under `policy`, with
+/// `/bin/sleep ARG` stopped and handed to the broker as a held exec of
+/// session `session` (1 is registered with labels; others are not).
+async fn harness_in(policy: &str, arg: &str, session: Option<u64>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("airlock.db");
     let mut store = Store::open(&db).unwrap();
@@ -45,7 +65,7 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
         ("agent".to_string(), "codex".to_string()),
     ]
     .into();
-    let session = store
+    let registered = store
         .create_session(&NewSession {
             started_at: 1,
             root_pid: 1,
@@ -53,107 +73,71 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
             labels,
         })
         .unwrap();
-    let (rec_tx, rec_rx) = mpsc::channel(16);
-    std::thread::spawn(move || {
-        crate::recorder::run(
-            store,
-            rec_rx,
-            64,
-            Arc::new(Stats::default()),
-            Default::default(),
-        )
-    });
-    let (sensor_tx, _sensor_rx) = mpsc::channel(16);
-    let (updates, _) = broadcast::channel(16);
+    let (sensor, sensor_rx) = SensorHandle::channel();
     let policy =
         crate::policy::Policy::from_sources(&[("t.yaml".into(), policy.to_string())]).unwrap();
-    let (_policy_tx, policy_rx) = watch::channel(Arc::new(policy));
-    let approvers = [
-        Approver {
-            name: "alice".into(),
-            token: ALICE.into(),
-            groups: vec!["security".into()],
-        },
-        Approver {
-            name: "bob".into(),
-            token: BOB.into(),
-            groups: vec![],
-        },
-        Approver {
-            name: "carol".into(),
-            token: CAROL.into(),
-            groups: vec!["security".into()],
-        },
-    ];
-    let broker = Broker::new(
-        policy_rx,
-        approvers.to_vec(),
-        rec_tx,
-        sensor_tx,
-        updates.clone(),
-        db.clone(),
-        vec![],
-        Default::default(),
-    );
-    let (broker_tx, broker_rx) = mpsc::channel(16);
-    tokio::spawn(broker.run(broker_rx));
-    let state = Arc::new(ApiState::new(broker_tx.clone(), &approvers, db, updates));
+    let assembly = assemble(Parts {
+        store,
+        batch_max: 64,
+        policy,
+        approvers: approvers(),
+        pending: vec![],
+        ended: Default::default(),
+        roots: Default::default(),
+        sensor,
+    })
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (shutdown, rx) = watch::channel(false);
-    tokio::spawn(serve(listener, state, rx));
+    tokio::spawn(serve(listener, assembly.api.clone(), rx));
 
     // A real process, stopped as the kernel program stops a held exec.
     let child = Command::new("/bin/sleep").arg(arg).spawn().unwrap();
     let pid = child.id();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let hold = HoldInfo {
+        digest: 0,
+        in_syscall: false,
+    };
     let record = Record {
-        session_id: session,
+        session_id: session.unwrap_or(registered),
         ts_ns: 1,
-        kind: EventKindName(EventKind::Exec),
-        pid,
-        tgid: pid,
-        ppid: std::process::id(),
-        uid: 0,
-        euid: 0,
-        gid: 0,
-        cgroup_id: 0,
+        kind: EventKind::Exec,
+        process: Process {
+            pid,
+            tgid: pid,
+            ppid: std::process::id(),
+            ..Process::default()
+        },
         detail: Detail::Exec {
             path: "/bin/sleep".into(),
             argv: vec!["/bin/sleep".into(), arg.into()],
             argv_truncated: false,
             path_truncated: false,
             argv_unreadable: false,
-            enforcement: Some("held"),
-            rule_id: Some(1),
+            enforcement: Some(Enforcement::Held),
         },
-        hold: Some(HoldInfo {
-            digest: 0,
-            in_syscall: false,
-        }),
+        hold: Some(hold),
     };
-    broker_tx
-        .send(BrokerMsg::Held {
-            record,
-            hold: HoldInfo {
-                digest: 0,
-                in_syscall: false,
-            },
-        })
-        .await
-        .unwrap();
+    assembly.broker.held(record, hold).await.unwrap();
     Harness {
         base,
-        broker: broker_tx,
+        assembly,
         child,
         _dir: dir,
         _shutdown: shutdown,
+        _sensor: sensor_rx,
     }
 }
 
+async fn harness_with(policy: &str, arg: &str) -> Harness {
+    harness_in(policy, arg, None).await
+}
+
 fn state_of(pid: u32) -> char {
-    crate::broker::process::stat(pid).map_or('?', |s| s.0)
+    crate::procfs::stat(pid).map_or('?', |s| s.state)
 }
 
 async fn pending(h: &Harness) -> Vec<serde_json::Value> {
@@ -353,7 +337,7 @@ async fn deny_kills_and_timeout_applies_default() {
         (Some("timed_out"), Some("timeout"))
     );
     assert!(r["outcome"].as_str().unwrap().contains("SIGKILL"), "{r}");
-    drop(h.broker);
+    drop(h.assembly);
 }
 
 #[tokio::test]
@@ -527,4 +511,51 @@ async fn candidates_no_hold_rule_matches_are_resumed_at_once_and_recorded() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let _ = h.child.kill();
+}
+
+/// A request whose session's labels cannot be read has no self-approval
+/// check: nobody may decide it, not even an approver who would otherwise
+/// qualify, and its timeout ends it with the rule's default.
+#[tokio::test]
+async fn a_request_whose_labels_cannot_be_read_is_decided_by_nobody() {
+    let policy = "pack: t\nrules:\n  - name: hold-sleep\n    on: exec\n    when: {exe: sleep}\n    decision: hold\n    hold: {timeout: 2}\n";
+    let mut h = harness_in(policy, "35", Some(999)).await;
+    let reqs = pending(&h).await;
+    assert_eq!(reqs.len(), 1, "the hold is filed");
+    assert_eq!(reqs[0]["labels_unread"], true, "{:?}", reqs[0]);
+    for token in [ALICE, BOB, CAROL] {
+        for verb in ["approve", "deny"] {
+            let (status, body) = decide(&h, token, verb).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{verb}: {body}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("labels could not be read"),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(state_of(h.child.id()), 'T', "still held");
+    let st = tokio::task::spawn_blocking(move || {
+        let st = h.child.wait().unwrap();
+        (st, h)
+    })
+    .await
+    .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.0.signal(), Some(libc::SIGKILL), "the default (deny)");
+    let r: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/requests/1", st.1.base))
+        .bearer_auth(ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["decided_by"].as_str()),
+        (Some("timed_out"), Some("timeout"))
+    );
 }

@@ -1,0 +1,381 @@
+//! The kernel programs' userspace half: the one owner of the loaded `Ebpf`
+//! object and its maps. It loads and attaches the programs (pinned, so
+//! they outlive the daemon), decodes what they send, writes the policy's
+//! candidates into their maps, and reads their loss counters. It has no
+//! channels and knows nothing of who consumes its records: the daemon's
+//! sensor task drives it.
+
+mod attach;
+pub mod btf;
+pub mod candidates;
+pub mod decode;
+pub mod pins;
+
+use std::collections::HashMap as StdHashMap;
+
+use airlock_common::{
+    AgentConfig, EventKind, HoldKey, LOSS_REASONS, LossKey, LossReason, MODE_LSM_CONNECT,
+    MODE_LSM_EXEC, SessionEntry, Verdict, VerdictEntry,
+};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, FailMode},
+    features::Features,
+    model::{Clock, Record, wall_now_ns},
+    policy::candidates::Candidates,
+};
+
+/// The kernel programs, built by build.rs and embedded in the binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/airlock"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("{0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("reading kernel BTF for the loader: {0}")]
+    LoaderBtf(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(String),
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("program {name}: {message}")]
+    Program { name: &'static str, message: String },
+    #[error("map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Pins(#[from] pins::PinError),
+}
+
+impl BpfError {
+    /// Keeps the verifier log, which aya puts in the error's source chain.
+    fn program(name: &'static str, e: impl std::error::Error) -> Self {
+        Self::Program {
+            name,
+            message: chain(&e),
+        }
+    }
+
+    fn map(name: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::Map {
+            name,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What this load can hold, by hook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// Connects can be held (the LSM hook, or the cgroup hook on 6.18+).
+    pub connect: bool,
+    /// BPF LSM `socket_connect` holds them.
+    pub lsm_connect: bool,
+    /// BPF LSM `bprm_creds_for_exec` holds execs inside execve.
+    pub lsm_exec: bool,
+    /// BPF LSM `file_open` holds candidate opens.
+    pub lsm_file: bool,
+}
+
+/// Events read from the ring buffer in one go.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub records: Vec<Record>,
+    /// Events that could not be decoded (each logged).
+    pub undecodable: u64,
+}
+
+/// The loaded programs and the maps the daemon uses.
+pub struct Bpf {
+    // Dropping the Ebpf object detaches nothing (the links are pinned), but
+    // it owns the maps: keep it alive.
+    ebpf: Ebpf,
+    ring: Option<RingBuf<MapData>>,
+    sessions: HashMap<MapData, u32, SessionEntry>,
+    losses: PerCpuHashMap<MapData, LossKey, u64>,
+    loss_totals: PerCpuArray<MapData, u64>,
+    verdicts: HashMap<MapData, u32, VerdictEntry>,
+    hold_pending: HashMap<MapData, HoldKey, u8>,
+    /// Programs attached, in words.
+    pub attached: Vec<String>,
+    pub holds: Holds,
+    /// This load's generation, and whether it took over pinned maps (and
+    /// so sessions, holds and unread events) from an earlier daemon.
+    pub generation: u64,
+    pub took_over: bool,
+    clock: Clock,
+    /// Loss counts already recorded, so none is recorded twice.
+    seen_losses: StdHashMap<LossKey, u64>,
+}
+
+impl Bpf {
+    /// Loads every program as the next generation on the pinned maps,
+    /// attaches and pins them, then makes them the active generation (the
+    /// previous daemon's programs, if any, fall silent and are detached).
+    /// `daemon_tgid` is never recorded.
+    pub fn load(
+        features: &Features,
+        daemon_tgid: u32,
+        settings: &Config,
+        candidates: &Candidates,
+        pins: &pins::PinDir,
+    ) -> Result<Self, BpfError> {
+        let ring_bytes = settings.ring_buffer_kib * 1024;
+        let (previous, last) = pins.prepare(ring_bytes, daemon_tgid)?;
+        let generation = last + 1;
+        let mut bpf = Self::load_generation(
+            features,
+            daemon_tgid,
+            ring_bytes,
+            candidates,
+            pins,
+            generation,
+        )
+        .inspect_err(|_| pins.drop_links(generation))?;
+        pins::activate(
+            &mut pins.control()?,
+            generation,
+            settings.heartbeat_timeout_ms * 1_000_000,
+            settings.fail_mode == FailMode::Open,
+            daemon_tgid,
+        )?;
+        pins.retire_links(generation);
+        bpf.took_over = previous != pins::Previous::Nothing;
+        Ok(bpf)
+    }
+
+    fn load_generation(
+        features: &Features,
+        daemon_tgid: u32,
+        ring_bytes: u32,
+        candidates: &Candidates,
+        pins: &pins::PinDir,
+        generation: u64,
+    ) -> Result<Self, BpfError> {
+        let offsets = btf::kernel_offsets()?;
+        // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
+        let wakeup_bytes = (ring_bytes / 4).min(256 * 1024);
+        let config = AgentConfig {
+            daemon_tgid,
+            wakeup_bytes,
+            offsets,
+            generation,
+        };
+        let btf = Btf::from_sys_fs().map_err(|e| BpfError::LoaderBtf(e.to_string()))?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(Some(&btf))
+            .override_global("AGENT_CONFIG", &config, true)
+            .map_max_entries("EVENTS", ring_bytes);
+        for name in pins::PINNED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| BpfError::Load(chain(&e)))?;
+        let mut links = pins.link_pins(generation)?;
+        attach::process(&mut ebpf, &btf, &mut links)?;
+        let cgroup2 = features.cgroup2.as_deref().unwrap_or("/sys/fs/cgroup");
+        let mut holds = Holds {
+            connect: attach::network(&mut ebpf, cgroup2, &mut links)?,
+            ..Holds::default()
+        };
+        // BPF LSM where the kernel runs it; each hook that attaches tells
+        // its fallback (the cgroup hook, sched_process_exec) to stand back.
+        match attach::lsm(
+            &mut ebpf,
+            &btf,
+            &mut links,
+            "lsm_socket_connect",
+            "socket_connect",
+        ) {
+            Ok(()) => {
+                candidates::set_mode(&mut ebpf, MODE_LSM_CONNECT, true)?;
+                holds.lsm_connect = true;
+                holds.connect = true;
+            }
+            Err(why) => info!("BPF LSM socket_connect not attached: {why}"),
+        }
+        if holds.lsm_connect {
+            match attach::lsm_exec(&mut ebpf, &btf, &mut links) {
+                Ok(()) => {
+                    candidates::set_mode(&mut ebpf, MODE_LSM_EXEC, true)?;
+                    holds.lsm_exec = true;
+                }
+                Err(why) => warn!("BPF LSM bprm_creds_for_exec not attached: {why}"),
+            }
+            match attach::lsm(&mut ebpf, &btf, &mut links, "lsm_file_open", "file_open") {
+                Ok(()) => holds.lsm_file = true,
+                Err(why) => warn!("BPF LSM file_open not attached: {why}"),
+            }
+        }
+
+        let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let sessions = take(&mut ebpf, "SESSIONS", HashMap::try_from)?;
+        let losses = take(&mut ebpf, "LOSSES", PerCpuHashMap::try_from)?;
+        let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
+        let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
+        let hold_pending = take(&mut ebpf, "HOLD_PENDING", HashMap::try_from)?;
+        candidates::apply(&mut ebpf, candidates)?;
+        Ok(Self {
+            ebpf,
+            ring: Some(ring),
+            sessions,
+            losses,
+            loss_totals,
+            verdicts,
+            hold_pending,
+            attached: links.attached,
+            holds,
+            generation,
+            took_over: false,
+            clock: Clock::now(),
+            seen_losses: StdHashMap::new(),
+        })
+    }
+
+    /// The ring buffer, once: its reader polls it for readiness.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Decodes every event waiting in `ring`.
+    pub fn drain(&self, ring: &mut RingBuf<MapData>) -> Drained {
+        let mut out = Drained::default();
+        while let Some(item) = ring.next() {
+            match decode::decode(&item, &self.clock) {
+                Ok(r) => out.records.push(r),
+                Err(e) => {
+                    out.undecodable += 1;
+                    warn!(error = %e, "undecodable event");
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `tgid` is still a member of `session_id` (sessions survive
+    /// a daemon restart in the pinned map).
+    pub fn is_member(&self, tgid: u32, session_id: u64) -> bool {
+        self.sessions
+            .get(&tgid, 0)
+            .is_ok_and(|e| e.session_id == session_id)
+    }
+
+    /// Whether the kernel still holds this action inside its syscall (a
+    /// hold ended by the fail mode while no daemon ran is gone from the map).
+    pub fn hold_pending(&self, tgid: u32, digest: u64) -> bool {
+        let key = HoldKey {
+            tgid,
+            _pad: 0,
+            digest,
+        };
+        self.hold_pending.get(&key, 0).is_ok()
+    }
+
+    /// Puts `tgid` (and so its future children) into `session_id`.
+    pub fn watch(&mut self, tgid: u32, session_id: u64) -> Result<(), BpfError> {
+        self.sessions
+            .insert(tgid, SessionEntry { session_id }, 0)
+            .map_err(|e| BpfError::map("SESSIONS", e))
+    }
+
+    /// Stores a one-shot verdict for the held thread `pid`: its re-issued
+    /// syscall consumes it if it is still the action `digest` names.
+    pub fn set_verdict(&mut self, pid: u32, digest: u64, allow: bool) -> Result<(), BpfError> {
+        let v = VerdictEntry {
+            digest,
+            verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u32,
+            _pad: 0,
+        };
+        self.verdicts
+            .insert(pid, v, 0)
+            .map_err(|e| BpfError::map("VERDICTS", e))
+    }
+
+    /// Replaces the candidate maps with a new policy's.
+    pub fn apply_candidates(&mut self, c: &Candidates) -> Result<(), BpfError> {
+        candidates::apply(&mut self.ebpf, c)
+    }
+
+    /// The kernel-side loss counters, by reason, summed over CPUs.
+    pub fn loss_totals(&self) -> Vec<(LossReason, u64)> {
+        (1..LOSS_REASONS)
+            .filter_map(|i| {
+                let reason = LossReason::from_u32(i)?;
+                let n = self
+                    .loss_totals
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                Some((reason, n))
+            })
+            .collect()
+    }
+
+    /// Loss counts already recorded (by an earlier daemon, on the same
+    /// pinned counters), so they are not recorded twice.
+    pub fn set_recorded_losses(&mut self, seen: StdHashMap<LossKey, u64>) {
+        self.seen_losses = seen;
+    }
+
+    /// Turns growth of the per-session loss counters into loss records.
+    pub fn poll_losses(&mut self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for entry in self.losses.iter() {
+            let Ok((key, values)) = entry else { continue };
+            let total: u64 = values.iter().sum();
+            let seen = self.seen_losses.entry(key).or_insert(0);
+            if total <= *seen {
+                continue;
+            }
+            let (Some(kind), Some(reason)) = (
+                EventKind::from_u32(key.kind),
+                LossReason::from_u32(key.reason),
+            ) else {
+                continue;
+            };
+            let n = total - *seen;
+            warn!(
+                session = key.session_id,
+                kind = kind.name(),
+                reason = reason.name(),
+                count = n,
+                "events lost"
+            );
+            records.push(Record::loss(key.session_id, wall_now_ns(), kind, reason, n));
+            *seen = total;
+        }
+        records
+    }
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    conv(map).map_err(|e| BpfError::map(name, e))
+}
+
+/// An error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}

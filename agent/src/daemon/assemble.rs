@@ -1,0 +1,132 @@
+//! Builds the daemon's actors (recorder thread, broker task) and the state
+//! the API serves from, and returns their typed handles. `daemon::run`
+//! adds the kernel side (the sensor task) and the servers; the API's unit
+//! tests use the same assembly with no kernel programs.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use tokio::sync::{broadcast, watch};
+use tracing::warn;
+
+use super::{
+    api::ApiState,
+    broker::{Broker, BrokerParts},
+    handles::{BrokerHandle, RecorderHandle, SensorHandle},
+    recorder,
+    router::Router,
+    stats::Stats,
+};
+use crate::{config::Approver, model::ApprovalRequest, policy::Policy, store::Store};
+
+/// What the actors start from.
+pub struct Parts {
+    /// The store's write connection (the recorder's from now on).
+    pub store: Store,
+    pub batch_max: usize,
+    pub policy: Policy,
+    pub approvers: Vec<Approver>,
+    /// Requests still pending from an earlier daemon, and those of them
+    /// whose hold ended while none ran.
+    pub pending: Vec<ApprovalRequest>,
+    pub ended: HashSet<u64>,
+    /// Root process of each session still open.
+    pub roots: HashMap<u64, u32>,
+    /// The kernel side (the sensor task, started by the caller).
+    pub sensor: SensorHandle,
+}
+
+/// The running actors and their handles.
+pub struct Assembly {
+    pub recorder: RecorderHandle,
+    pub broker: BrokerHandle,
+    pub sensor: SensorHandle,
+    /// The policy in force; the reloader replaces it.
+    pub policy: watch::Sender<Arc<Policy>>,
+    pub api: Arc<ApiState>,
+    pub stats: Arc<Stats>,
+    recorder_thread: JoinHandle<()>,
+    broker_task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the recorder and the broker (inside a tokio runtime).
+pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
+    let db: PathBuf = p.store.path().to_path_buf();
+    let stats = Arc::new(Stats::default());
+    let (recorder, recorder_rx) = RecorderHandle::channel();
+    let recorder_thread = {
+        let stats = stats.clone();
+        let (store, batch_max, roots) = (p.store, p.batch_max, p.roots);
+        std::thread::Builder::new()
+            .name("airlock-recorder".into())
+            .spawn(move || recorder::run(store, recorder_rx, batch_max, stats, roots))?
+    };
+    let (policy, policy_rx) = watch::channel(Arc::new(p.policy));
+    let (updates, _) = broadcast::channel(256);
+    let (broker, broker_rx) = BrokerHandle::channel();
+    let broker_task = tokio::spawn(
+        Broker::new(BrokerParts {
+            policy: policy_rx,
+            approvers: p.approvers.clone(),
+            recorder: recorder.clone(),
+            sensor: p.sensor.clone(),
+            updates: updates.clone(),
+            db: db.clone(),
+            pending: p.pending,
+            ended: p.ended,
+        })
+        .run(broker_rx),
+    );
+    let api = Arc::new(ApiState::new(broker.clone(), &p.approvers, db, updates));
+    Ok(Assembly {
+        recorder,
+        broker,
+        sensor: p.sensor,
+        policy,
+        api,
+        stats,
+        recorder_thread,
+        broker_task,
+    })
+}
+
+impl Assembly {
+    /// Where the sensor task sends what the kernel reports.
+    pub fn router(&self) -> Router {
+        Router {
+            recorder: self.recorder.clone(),
+            broker: self.broker.clone(),
+        }
+    }
+
+    /// Lets the broker finish once every other sender is gone (the sensor
+    /// and the API have stopped), by `deadline`. Returns the recorder
+    /// thread, which ends once the last recorder handle is dropped (with
+    /// the runtime that holds the rest) after writing its last batch.
+    pub async fn stop(self, deadline: Instant) -> JoinHandle<()> {
+        let Self {
+            recorder,
+            broker,
+            sensor,
+            policy,
+            api,
+            stats,
+            recorder_thread,
+            broker_task,
+        } = self;
+        drop((recorder, broker, sensor, policy, api, stats));
+        // The broker ends once its queue's last sender is gone.
+        if tokio::time::timeout_at(deadline.into(), broker_task)
+            .await
+            .is_err()
+        {
+            warn!("the broker did not finish in time");
+        }
+        recorder_thread
+    }
+}

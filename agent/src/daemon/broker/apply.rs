@@ -1,0 +1,70 @@
+//! Carrying out a decision on a held task: a verdict the re-issued
+//! syscall consumes, then SIGCONT (held inside a syscall); or SIGCONT /
+//! SIGKILL (an exec stopped before its first instruction, without BPF LSM).
+
+use super::Broker;
+use crate::{
+    daemon::handles::HandleError,
+    model::{ActionKind, ApprovalRequest},
+    procfs::{self, SignalError},
+};
+
+/// What resuming or refusing a held task needs.
+pub(super) struct Target {
+    pub kind: ActionKind,
+    /// The held thread.
+    pub pid: u32,
+    pub tgid: u32,
+    pub start_time: u64,
+    pub digest: u64,
+    pub in_syscall: bool,
+}
+
+impl Target {
+    pub fn of(req: &ApprovalRequest) -> Self {
+        Self {
+            kind: req.kind,
+            pid: req.pid,
+            tgid: req.tgid,
+            start_time: req.start_time,
+            digest: req.digest,
+            in_syscall: req.in_syscall,
+        }
+    }
+}
+
+/// Why a decision could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApplyError {
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error(transparent)]
+    Verdict(#[from] HandleError),
+}
+
+impl Broker {
+    /// Resumes or refuses the held task; returns what the process sees.
+    pub(super) async fn apply(&self, t: &Target, allow: bool) -> Result<String, ApplyError> {
+        if t.kind == ActionKind::Exec && !t.in_syscall {
+            // Held at sched_process_exec: the new image has not run yet.
+            let (sig, seen) = if allow {
+                (libc::SIGCONT, "resumed: the program runs")
+            } else {
+                (
+                    libc::SIGKILL,
+                    "killed (SIGKILL) before its first instruction",
+                )
+            };
+            procfs::signal_if_same(t.tgid, t.start_time, sig)?;
+            return Ok(seen.into());
+        }
+        self.sensor.verdict(t.pid, t.digest, allow).await?;
+        procfs::signal_if_same(t.tgid, t.start_time, libc::SIGCONT)?;
+        let call = t.kind.syscall();
+        Ok(if allow {
+            format!("resumed: {call} re-issued")
+        } else {
+            format!("resumed: {call} fails with EPERM")
+        })
+    }
+}

@@ -1,0 +1,250 @@
+//! Typed handles to the daemon's actors. Each actor (sensor, recorder,
+//! broker) serves one message enum defined here; everyone else holds a
+//! cloneable handle whose async methods send a message and, where an
+//! answer is due, await it through [`ask`]. A call site reads like a method
+//! call, and its handler is the match arm of the same name in the actor.
+
+use airlock_common::LossReason;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    bpf::BpfError,
+    model::{ApprovalRequest, DecideError, HoldInfo, PolicyLoad, Record},
+    policy::candidates::Candidates,
+    store::{NewSession, StoreError},
+};
+
+/// Why a call to an actor did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("the {0} has stopped")]
+    Stopped(&'static str),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Sends a message built around a reply channel and awaits the reply.
+async fn ask<M, T>(
+    tx: &mpsc::Sender<M>,
+    actor: &'static str,
+    make: impl FnOnce(oneshot::Sender<T>) -> M,
+) -> Result<T, HandleError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply))
+        .await
+        .map_err(|_| HandleError::Stopped(actor))?;
+    rx.await.map_err(|_| HandleError::Stopped(actor))
+}
+
+/// What the sensor task (the owner of the kernel programs) is asked.
+pub enum SensorMsg {
+    Watch {
+        tgid: u32,
+        session_id: u64,
+        reply: oneshot::Sender<Result<(), BpfError>>,
+    },
+    Verdict {
+        pid: u32,
+        digest: u64,
+        allow: bool,
+        reply: oneshot::Sender<Result<(), BpfError>>,
+    },
+    Candidates {
+        candidates: Box<Candidates>,
+        reply: oneshot::Sender<Result<(), BpfError>>,
+    },
+    LossTotals {
+        reply: oneshot::Sender<Vec<(LossReason, u64)>>,
+    },
+}
+
+/// The kernel programs' maps, through the sensor task.
+#[derive(Clone)]
+pub struct SensorHandle(mpsc::Sender<SensorMsg>);
+
+impl SensorHandle {
+    pub fn channel() -> (Self, mpsc::Receiver<SensorMsg>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Self(tx), rx)
+    }
+
+    /// Puts `tgid` (and so its future children) into `session_id`.
+    pub async fn watch(&self, tgid: u32, session_id: u64) -> Result<(), HandleError> {
+        Ok(ask(&self.0, "sensor", |reply| SensorMsg::Watch {
+            tgid,
+            session_id,
+            reply,
+        })
+        .await??)
+    }
+
+    /// Stores a one-shot verdict for a thread held inside a syscall (the
+    /// caller then resumes the task, whose retried syscall consumes it).
+    pub async fn verdict(&self, pid: u32, digest: u64, allow: bool) -> Result<(), HandleError> {
+        Ok(ask(&self.0, "sensor", |reply| SensorMsg::Verdict {
+            pid,
+            digest,
+            allow,
+            reply,
+        })
+        .await??)
+    }
+
+    /// Replaces the kernel's candidate maps with a new policy's.
+    pub async fn candidates(&self, c: Candidates) -> Result<(), HandleError> {
+        Ok(ask(&self.0, "sensor", |reply| SensorMsg::Candidates {
+            candidates: Box::new(c),
+            reply,
+        })
+        .await??)
+    }
+
+    /// The kernel-side loss counters by reason.
+    pub async fn loss_totals(&self) -> Result<Vec<(LossReason, u64)>, HandleError> {
+        ask(&self.0, "sensor", |reply| SensorMsg::LossTotals { reply }).await
+    }
+}
+
+/// What the recorder thread (the store's one writer) is asked.
+pub enum RecorderMsg {
+    Records(Vec<Record>),
+    CreateSession {
+        session: NewSession,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    CreateRequest {
+        req: Box<ApprovalRequest>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    UpdateRequest {
+        req: Box<ApprovalRequest>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    PolicyLoad(Box<PolicyLoad>),
+}
+
+/// The store's writer, through the recorder thread.
+#[derive(Clone)]
+pub struct RecorderHandle(mpsc::Sender<RecorderMsg>);
+
+impl RecorderHandle {
+    pub fn channel() -> (Self, mpsc::Receiver<RecorderMsg>) {
+        let (tx, rx) = mpsc::channel(256);
+        (Self(tx), rx)
+    }
+
+    /// Queues records for the next batch.
+    pub async fn records(&self, batch: Vec<Record>) -> Result<(), HandleError> {
+        self.0
+            .send(RecorderMsg::Records(batch))
+            .await
+            .map_err(|_| HandleError::Stopped("recorder"))
+    }
+
+    /// Registers a session (earlier records are written first).
+    pub async fn create_session(&self, session: NewSession) -> Result<u64, HandleError> {
+        Ok(
+            ask(&self.0, "recorder", |reply| RecorderMsg::CreateSession {
+                session,
+                reply,
+            })
+            .await??,
+        )
+    }
+
+    /// Stores a new request (after the held action's own record); its id.
+    pub async fn create_request(&self, req: ApprovalRequest) -> Result<u64, HandleError> {
+        Ok(
+            ask(&self.0, "recorder", |reply| RecorderMsg::CreateRequest {
+                req: Box::new(req),
+                reply,
+            })
+            .await??,
+        )
+    }
+
+    /// Stores a request's new state; returns once it is written, so an
+    /// API client reads its own decision back.
+    pub async fn update_request(&self, req: ApprovalRequest) -> Result<(), HandleError> {
+        Ok(
+            ask(&self.0, "recorder", |reply| RecorderMsg::UpdateRequest {
+                req: Box::new(req),
+                reply,
+            })
+            .await??,
+        )
+    }
+
+    /// Stores a policy load or reload.
+    pub async fn policy_load(&self, load: PolicyLoad) -> Result<(), HandleError> {
+        self.0
+            .send(RecorderMsg::PolicyLoad(Box::new(load)))
+            .await
+            .map_err(|_| HandleError::Stopped("recorder"))
+    }
+}
+
+/// What the approval broker is told or asked.
+pub enum BrokerMsg {
+    /// The kernel stopped an action.
+    Held { record: Record, hold: HoldInfo },
+    /// A watched process exited.
+    Exited { tgid: u32 },
+    /// A human's decision.
+    Decide {
+        id: u64,
+        approve: bool,
+        by: String,
+        reason: Option<String>,
+        reply: oneshot::Sender<Result<ApprovalRequest, DecideError>>,
+    },
+}
+
+/// The approval broker.
+#[derive(Clone)]
+pub struct BrokerHandle(mpsc::Sender<BrokerMsg>);
+
+impl BrokerHandle {
+    pub fn channel() -> (Self, mpsc::Receiver<BrokerMsg>) {
+        let (tx, rx) = mpsc::channel(1024);
+        (Self(tx), rx)
+    }
+
+    /// A held action to decide (by policy, or by a human).
+    pub async fn held(&self, record: Record, hold: HoldInfo) -> Result<(), HandleError> {
+        self.tell(BrokerMsg::Held { record, hold }).await
+    }
+
+    /// A watched process exited: its pending requests are abandoned.
+    pub async fn exited(&self, tgid: u32) -> Result<(), HandleError> {
+        self.tell(BrokerMsg::Exited { tgid }).await
+    }
+
+    /// An approver's decision on request `id`.
+    pub async fn decide(
+        &self,
+        id: u64,
+        approve: bool,
+        by: String,
+        reason: Option<String>,
+    ) -> Result<ApprovalRequest, DecideError> {
+        ask(&self.0, "broker", |reply| BrokerMsg::Decide {
+            id,
+            approve,
+            by,
+            reason,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(DecideError::Stopped))
+    }
+
+    async fn tell(&self, msg: BrokerMsg) -> Result<(), HandleError> {
+        self.0
+            .send(msg)
+            .await
+            .map_err(|_| HandleError::Stopped("broker"))
+    }
+}
