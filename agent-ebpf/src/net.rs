@@ -436,6 +436,7 @@ fn on_accept_exit(ctx: &TracePointContext) {
     if peer != 0 {
         // SAFETY: user memory reads that fail cleanly.
         let family: u16 = unsafe { bpf_probe_read_user(peer as *const u16) }.unwrap_or(0);
+        // SAFETY: as above; sockaddr.sa_data starts with the port.
         let port: u16 = unsafe { bpf_probe_read_user((peer + 2) as *const u16) }.unwrap_or(0);
         event.port = u16::from_be(port);
         if family == AF_INET {

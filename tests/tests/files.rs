@@ -1,6 +1,10 @@
 //! Candidate file opens held inside open(2) by the BPF LSM `file_open`
 //! hook (in the VMs), decided over the API; other opens are not recorded.
 //! Without BPF LSM (this project's host) nothing is held.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions: a panic is the failure"
+)]
 
 use std::{
     path::Path,

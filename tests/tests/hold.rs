@@ -1,5 +1,9 @@
 //! Held execs and connects, decided over the API, by timeout, or by the
 //! process's end: on the host (no BPF LSM) and in the VMs (BPF LSM).
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions: a panic is the failure"
+)]
 
 use std::{
     net::TcpListener,

@@ -1,4 +1,8 @@
 //! Root tests on the host: the real daemon records real sessions.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions: a panic is the failure"
+)]
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,10 @@
 //! What outlives the daemon: pinned programs keep enforcing, a dead
 //! daemon's holds meet the fail mode, sessions and their events survive a
 //! restart, and `airlock unload` ends it all. Host and VM.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions: a panic is the failure"
+)]
 
 use std::{
     io::Read,

@@ -168,3 +168,30 @@ pub fn apt(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("apt-get install {} failed", missing.join(" ")))
 }
+
+/// The programs the shipped-packs session runs (host and VM): git, make,
+/// tar, curl and sudo, installed when missing.
+pub fn workload_tools() -> anyhow::Result<Vec<std::path::PathBuf>> {
+    const TOOLS: &[(&str, &str)] = &[
+        ("git", "git"),
+        ("make", "make"),
+        ("tar", "tar"),
+        ("curl", "curl"),
+        ("sudo", "sudo"),
+    ];
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(bin, _)| crate::util::which(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        apt(&missing)?;
+    }
+    TOOLS
+        .iter()
+        .map(|(bin, _)| {
+            crate::util::which(bin)
+                .ok_or_else(|| anyhow::anyhow!("{bin} is still missing after apt-get install"))
+        })
+        .collect()
+}

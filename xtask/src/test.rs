@@ -44,7 +44,7 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
 
     eprintln!("\n== tier: root tests on this host (real kernel)");
     if is_root() {
-        workload_tools()?;
+        crate::bootstrap::workload_tools()?;
         cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
         let bin = workspace_root().join("target/debug/airlock");
         let env = [("AIRLOCK_BIN", bin.display().to_string())];
@@ -140,31 +140,4 @@ fn cargo_test(args: &[&str], env: &[(&str, String)], totals: &mut Totals) -> any
         bail!("cargo test {} failed with {st}", args.join(" "));
     }
     Ok(())
-}
-
-/// The programs the shipped-packs session runs (host and VM): git, make,
-/// tar, curl and sudo, installed when missing.
-pub fn workload_tools() -> anyhow::Result<Vec<std::path::PathBuf>> {
-    const TOOLS: &[(&str, &str)] = &[
-        ("git", "git"),
-        ("make", "make"),
-        ("tar", "tar"),
-        ("curl", "curl"),
-        ("sudo", "sudo"),
-    ];
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(bin, _)| crate::util::which(bin).is_none())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        crate::bootstrap::apt(&missing)?;
-    }
-    TOOLS
-        .iter()
-        .map(|(bin, _)| {
-            crate::util::which(bin)
-                .ok_or_else(|| anyhow::anyhow!("{bin} is still missing after apt-get install"))
-        })
-        .collect()
 }

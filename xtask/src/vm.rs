@@ -629,7 +629,7 @@ pub fn tier() -> anyhow::Result<Vec<VmResult>> {
     ];
     // The shipped-packs session runs real tools and reads the packs where
     // the test binary expects them (the checkout's path).
-    for tool in crate::test::workload_tools()? {
+    for tool in crate::bootstrap::workload_tools()? {
         files.push((tool.clone(), tool));
     }
     let packs = workspace_root().join("policies");
