@@ -17,16 +17,52 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// How much slower than this host the machine under test is: the VM tier
+/// sets `AIRLOCK_TIME_SCALE` (emulated CPUs), the host leaves it unset (1).
+/// Every deadline and timeout the tests set goes through [`scaled`].
+pub fn time_scale() -> u32 {
+    std::env::var("AIRLOCK_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d` on this host, longer under emulation (see [`time_scale`]).
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
+/// Where skipped tests are listed, one line each (`AIRLOCK_SKIP_LOG`,
+/// set by `cargo xtask test`, which counts and shows them).
+pub const SKIP_LOG: &str = "AIRLOCK_SKIP_LOG";
+
+/// Records that `test` cannot run here and why: loudly, in the skip log;
+/// panics instead in CI, where nothing passes by skipping.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{test}: cannot run and CI=true forbids skipping: {why}"
+    );
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os(SKIP_LOG) {
+        use std::io::Write as _;
+        let line = format!("{test}: {why}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
 /// Returns false (and says why, loudly) when this test cannot run here;
 /// panics instead in CI.
 pub fn can_run(test: &str) -> bool {
-    let f = airlock::features::detect();
-    let why = f.missing();
-    match why {
+    match airlock::features::detect().missing() {
         None => true,
-        Some(why) if in_ci() => panic!("{test}: cannot run and CI=true forbids skipping: {why}"),
         Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
+            skip(test, &why);
             false
         }
     }
@@ -103,7 +139,7 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
         while Instant::now() < deadline {
             if self.airlock(&["status"]).status.success() {
                 return;
@@ -118,7 +154,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("daemon not ready within 60 s:\n{}", self.log());
+        panic!(
+            "daemon not ready within {:?}:\n{}",
+            scaled(Duration::from_secs(30)),
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -208,18 +248,36 @@ impl Daemon {
         self.airlock(&full)
     }
 
-    /// Waits until `n` requests are pending and returns them.
+    /// The requests (all, or only the pending ones) as the CLI lists
+    /// them. A CLI that fails, or prints no JSON list, fails the test: it
+    /// never reads as "none".
+    pub fn requests(&self, token: &str, pending: bool) -> Vec<serde_json::Value> {
+        let mut args = vec!["approvals", "--json"];
+        if pending {
+            args.push("--pending");
+        }
+        let out = self.approvals(token, &args);
+        assert!(
+            out.status.success(),
+            "airlock approvals failed: {out:?}\ndaemon log:\n{}",
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("airlock approvals printed no JSON list ({e}): {out:?}"))
+    }
+
+    /// Waits until at least `n` requests are pending and returns them.
     pub fn wait_pending(&self, token: &str, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let limit = scaled(Duration::from_secs(30));
+        let deadline = Instant::now() + limit;
         loop {
-            let out = self.approvals(token, &["approvals", "--pending", "--json"]);
-            let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let v = self.requests(token, true);
             if v.len() >= n {
                 return v;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{} of {n} requests pending after 30 s: {out:?}\ndaemon log:\n{}",
+                    "{} of {n} requests pending after {limit:?}: {v:#?}\ndaemon log:\n{}",
                     v.len(),
                     self.log()
                 );
@@ -273,7 +331,7 @@ impl Daemon {
     /// Waits until the session has ended in the store (its root's exit was
     /// recorded) and returns its events.
     pub fn events(&self, session: u64) -> Vec<EventRow> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
             let s = self.session(session);
             if s.ended_at.is_some() {

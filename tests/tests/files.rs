@@ -13,7 +13,7 @@ use std::{
 
 use airlock_tests::{
     Daemon, can_run,
-    held::{expect_lsm, finish, last, state_of},
+    held::{expect_lsm, finish, last, lsm_expected, state_of},
 };
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
@@ -35,21 +35,21 @@ fn daemon() -> Daemon {
     d
 }
 
-/// Whether the daemon attached the BPF LSM file_open program.
+/// Whether opens are held here (BPF LSM, from the environment); the
+/// daemon's attached programs must agree.
 fn holds_opens(d: &Daemon) -> bool {
     let status = d.status();
     let attached = status["programs"].as_array().is_some_and(|p| {
         p.iter()
             .any(|s| s.as_str().unwrap_or("").starts_with("lsm_file_open"))
     });
-    if std::env::var("AIRLOCK_EXPECT_LSM").as_deref() == Ok("1") {
-        assert!(
-            attached,
-            "BPF LSM is active but lsm_file_open is not attached: {status:#}\n{}",
-            d.log()
-        );
-    }
-    attached
+    assert_eq!(
+        attached,
+        lsm_expected(),
+        "lsm_file_open attached where BPF LSM is active, and only there: {status:#}\n{}",
+        d.log()
+    );
+    lsm_expected()
 }
 
 fn decide(d: &Daemon, verb: &str, id: u64) {
@@ -65,7 +65,7 @@ fn next_pending(d: &Daemon, seen: &[u64]) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let fresh = d
-            .wait_pending(ALICE, 0)
+            .requests(ALICE, true)
             .into_iter()
             .find(|r| !seen.contains(&r["id"].as_u64().unwrap_or(0)));
         if let Some(r) = fresh {
@@ -132,7 +132,7 @@ fn file_open_of_candidates_is_held_then_approved_or_denied() {
             vec![],
             "nothing recorded without the hook"
         );
-        assert_eq!(d.wait_pending(ALICE, 0).len(), 0, "no request");
+        assert_eq!(d.requests(ALICE, true).len(), 0, "no request");
         eprintln!("{TEST}: no BPF LSM file_open here: checked that opens go through unheld");
         return;
     }

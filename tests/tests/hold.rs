@@ -13,7 +13,10 @@ use std::{
 
 use airlock_tests::{
     Daemon, can_run,
-    held::{connects_held, exec_held_in_syscall, expect_lsm, finish, last, state_of},
+    held::{
+        connect_hold_expected, connects_held, exec_held_in_syscall, expect_lsm, finish, last,
+        refused_exec, state_of,
+    },
 };
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
@@ -37,15 +40,6 @@ fn daemon(t: u64, default: &str) -> Daemon {
     );
     expect_lsm(&d);
     d
-}
-
-/// What the actor prints for a refused exec in this mode.
-fn refused(d: &Daemon) -> &'static str {
-    if exec_held_in_syscall(d) {
-        "error:1"
-    } else {
-        "signal:9"
-    }
 }
 
 fn decide(d: &Daemon, verb: &str, id: u64, token: &str) -> std::process::Output {
@@ -143,7 +137,7 @@ fn exec_held_then_denied_is_killed_and_deny_rules_kill_at_once() {
     let reqs = d.wait_pending(ALICE, 1);
     let out = decide(&d, "deny", reqs[0]["id"].as_u64().unwrap(), ALICE);
     let decided: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (outcome, refused) = if exec_held_in_syscall(&d) {
+    let (outcome, refused) = if exec_held_in_syscall() {
         ("resumed: execve fails with EPERM", "error:1")
     } else {
         ("killed (SIGKILL) before its first instruction", "signal:9")
@@ -155,7 +149,7 @@ fn exec_held_then_denied_is_killed_and_deny_rules_kill_at_once() {
     assert!(lines[1].ends_with(refused), "deny rule: {out}");
     assert_eq!(lines[2], "after", "the caller continues");
     assert_eq!(
-        d.wait_pending(ALICE, 0).len(),
+        d.requests(ALICE, true).len(),
         0,
         "a deny rule makes no request"
     );
@@ -169,21 +163,14 @@ fn connect_held_then_allowed_or_denied_without_leaking_restart_codes() {
     let d = daemon(60, "deny");
     let listener = TcpListener::bind("127.0.0.2:0").unwrap();
     let target = listener.local_addr().unwrap().to_string();
-    let status: serde_json::Value =
-        serde_json::from_slice(&d.airlock(&["status", "--json"]).stdout).unwrap();
-    let can_hold = status["can_enforce"].as_array().unwrap().iter().any(|s| {
-        s.as_str()
-            .unwrap()
-            .starts_with("connect hold: the syscall waits")
-    });
-    if !can_hold {
+    if !connect_hold_expected() {
         // Before Linux 6.18 the cgroup hook cannot stop the task: the daemon
         // says so, and a flagged connect is refused at once, never let through.
         let (id, out) = d.run(&[], &[ACTOR, "connect-timed", &target]);
         let (_, errno) = out_line(&out);
         assert_eq!(errno.parse::<i32>().unwrap(), libc::EPERM);
         assert_eq!(
-            d.wait_pending(ALICE, 0).len(),
+            d.requests(ALICE, true).len(),
             0,
             "no request without a hold"
         );
@@ -217,7 +204,7 @@ fn connect_held_then_allowed_or_denied_without_leaking_restart_codes() {
     assert_eq!(state_of(tgid), 'T');
     // A stray SIGCONT only re-runs the check: held again, no second request.
     // SAFETY: signalling a test process.
-    unsafe { libc::kill(tgid as i32, libc::SIGCONT) };
+    assert_eq!(unsafe { libc::kill(tgid as i32, libc::SIGCONT) }, 0);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(state_of(tgid), 'T', "re-held after a stray SIGCONT");
     assert_eq!(d.wait_pending(ALICE, 1).len(), 1, "no duplicate request");
@@ -269,8 +256,7 @@ fn timeout_applies_the_rule_default() {
     let (ms, status) = out_line(&out);
     assert_eq!(status, "exit:0", "on_timeout = allow lets it run");
     assert!(ms >= 1000, "after the 1 s timeout: {ms} ms");
-    let reqs: Vec<serde_json::Value> =
-        serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+    let reqs = d.requests(ALICE, false);
     assert_eq!(
         (reqs[0]["state"].as_str(), reqs[0]["decided_by"].as_str()),
         (Some("timed_out"), Some("timeout"))
@@ -281,7 +267,7 @@ fn timeout_applies_the_rule_default() {
     let (_, out) = d.run(&[], &[ACTOR, "run-timed", "/usr/bin/id"]);
     assert_eq!(
         out_line(&out).1,
-        refused(&d),
+        refused_exec(),
         "on_timeout = deny refuses it"
     );
 }
@@ -310,14 +296,10 @@ fn process_killed_while_held_is_abandoned() {
     // SAFETY: killing a test process.
     unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
     let out = finish(run);
-    assert!(
-        last(&out).contains("signal:9") || last(&out).contains("error:"),
-        "{out}"
-    );
+    assert!(last(&out).ends_with("signal:9"), "killed while held: {out}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let reqs: Vec<serde_json::Value> =
-            serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+        let reqs = d.requests(ALICE, false);
         if reqs[0]["state"] == "abandoned" {
             assert_eq!(reqs[0]["decided_by"], "process-exit");
             break;
@@ -345,7 +327,7 @@ fn fifty_holds_at_once_are_each_resolved_as_decided() {
         assert!(out.status.success(), "{out:?}");
         approved += usize::from(i % 2 == 0);
     }
-    let want = if exec_held_in_syscall(&d) {
+    let want = if exec_held_in_syscall() {
         format!("exit:{approved} signal:0 refused:{}", 50 - approved)
     } else {
         format!("exit:{approved} signal:{} refused:0", 50 - approved)
@@ -428,7 +410,7 @@ fn progress(path: &std::path::Path, workers: usize) -> Vec<u64> {
 fn wait_next_pending(d: &Daemon, not: &serde_json::Value) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let pending = d.wait_pending(ALICE, 0);
+        let pending = d.requests(ALICE, true);
         if let Some(r) = pending.into_iter().find(|r| r["id"] != not["id"]) {
             return r;
         }
@@ -456,7 +438,7 @@ fn multi_threaded_process_is_held_and_resumed_whole() {
         return;
     }
     let d = daemon(120, "deny");
-    if !connects_held(&d, TEST) {
+    if !connects_held(TEST) {
         return;
     }
     let listener = TcpListener::bind("127.0.0.2:0").unwrap();
@@ -511,8 +493,7 @@ fn multi_threaded_process_is_held_and_resumed_whole() {
         !never_connected(&listener),
         "the approved connection reached the listener"
     );
-    let all: Vec<serde_json::Value> =
-        serde_json::from_slice(&d.approvals(ALICE, &["approvals", "--json"]).stdout).unwrap();
+    let all = d.requests(ALICE, false);
     assert_eq!(
         all.len(),
         1,
@@ -538,7 +519,7 @@ fn held_then_rewritten(test: &str, extra: &[&str]) -> Option<(Daemon, Rewritten)
         return None;
     }
     let d = daemon(120, "deny");
-    if !connects_held(&d, test) {
+    if !connects_held(test) {
         return None;
     }
     let (la, lb) = (
@@ -691,7 +672,7 @@ fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
     // new request. Either that request appears or the actor finishes.
     let deadline = Instant::now() + Duration::from_secs(30);
     let third = loop {
-        let pending = d.wait_pending(ALICE, 0);
+        let pending = d.requests(ALICE, true);
         if let Some(r) = pending
             .into_iter()
             .find(|r| r["id"] != first["id"] && r["id"] != second["id"])

@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use airlock_tests::{Daemon, can_run, held::expect_lsm, in_ci};
+use airlock_tests::{
+    Daemon, can_run,
+    held::{expect_lsm, lsm_expected},
+    skip,
+};
 
 const ALICE: &str = "alice-token-0123456789";
 const APPROVER: &str = "[[approver]]\nname = \"alice\"\ntoken = \"alice-token-0123456789\"\n";
@@ -32,7 +36,7 @@ fn shipped() -> Vec<(String, String)> {
                     .unwrap_or_default()
                     .to_string_lossy()
                     .into_owned(),
-                std::fs::read_to_string(&p).unwrap_or_default(),
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
             )
         })
         .collect();
@@ -73,11 +77,10 @@ fn an_agent_session_under_the_shipped_packs_holds_exactly_the_intended_actions()
     }
     let tools = ["git", "make", "tar", "curl", "sudo"];
     if let Some(missing) = tools.iter().find(|t| which(t).is_none()) {
-        assert!(
-            !in_ci(),
-            "{missing} is missing: the workload needs {tools:?}"
+        skip(
+            test,
+            &format!("{missing} is not installed (the workload needs {tools:?})"),
         );
-        eprintln!("SKIPPED {test}: {missing} is not installed");
         return;
     }
     let packs = shipped();
@@ -124,7 +127,7 @@ cat .env >/dev/null; echo read_env=$?
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
-        for r in d.wait_pending(ALICE, 0) {
+        for r in d.requests(ALICE, true) {
             let id = r["id"].as_u64().unwrap_or(0);
             held.push((
                 r["rule"].as_str().unwrap_or("").to_string(),
@@ -162,11 +165,9 @@ cat .env >/dev/null; echo read_env=$?
     assert_ne!(value("upload"), "0", "the upload was denied: {out}");
     assert_ne!(value("sudo"), "0", "sudo was denied: {out}");
     let rules: Vec<&str> = held.iter().map(|(r, _)| r.as_str()).collect();
-    // File opens are seen where the BPF LSM file_open program is attached.
-    let opens = d.status()["programs"].as_array().is_some_and(|p| {
-        p.iter()
-            .any(|s| s.as_str().unwrap_or("").starts_with("lsm_file_open"))
-    });
+    // File opens are seen where BPF LSM runs (expect_lsm checked the
+    // daemon agrees).
+    let opens = lsm_expected();
     let mut want = vec!["exfiltration/curl-upload", "privilege/escalate"];
     if opens {
         want.push("secrets/dotenv");
@@ -180,7 +181,10 @@ cat .env >/dev/null; echo read_env=$?
         "writing .env is let through: {out}"
     );
     assert_eq!(rules, want, "exactly these were held: {held:?}");
-    assert!(w.join("build").exists() || value("rm") == "0");
+    assert!(
+        !w.join("build").exists(),
+        "rm removed the build tree: {out}"
+    );
 
     // Candidates no hold rule matched were resumed without a human, with
     // their decision recorded; git, make and tar were never candidates.

@@ -256,21 +256,32 @@ fn processes_outside_the_session_are_not_recorded() {
     }
     let d = Daemon::start();
     let marker = format!("outside-marker-{}", std::process::id());
+    // Unwatched processes run for the whole session: started before it,
+    // stopped only once it has ended.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let outside = std::thread::spawn({
-        let marker = marker.clone();
+        let (marker, stop) = (marker.clone(), stop.clone());
         move || {
-            for _ in 0..100 {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 Command::new("/bin/echo")
                     .arg(&marker)
                     .stdout(Stdio::null())
                     .status()
                     .unwrap();
+                n += 1;
             }
+            n
         }
     });
     let (id, out) = d.run(&[], &[ACTOR, "spawn", "300", "/bin/true"]);
-    outside.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outside_runs = outside.join().unwrap();
     assert!(out.status.success());
+    assert!(
+        outside_runs >= 2,
+        "the unwatched loop ran beside the session"
+    );
     let events = d.events(id);
     let execs = execs(&events);
     assert_eq!(

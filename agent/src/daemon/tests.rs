@@ -136,6 +136,20 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
     harness_in(policy, arg, None).await
 }
 
+/// The held child runs again: alive (not reaped, not a zombie) and
+/// running or sleeping, not stopped.
+fn assert_running(child: &mut std::process::Child, what: &str) {
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "{what}: the process ended"
+    );
+    let st = state_of(child.id());
+    assert!(
+        matches!(st, 'R' | 'S' | 'D'),
+        "{what}: state {st:?}, not running"
+    );
+}
+
 fn state_of(pid: u32) -> char {
     crate::procfs::stat(pid).map_or('?', |s| s.state)
 }
@@ -278,7 +292,7 @@ async fn approve_flow_with_auth_errors_and_no_self_approval() {
         (Some("approved"), Some("alice"), Some("ok"))
     );
     assert_eq!(r["outcome"], "resumed: the program runs");
-    assert_ne!(state_of(h.child.id()), 'T', "resumed");
+    assert_running(&mut h.child, "resumed");
     assert_eq!(
         status(
             c.post(url("/v1/requests/1/deny"))
@@ -444,11 +458,7 @@ async fn two_approvals_from_a_group_are_needed_and_others_may_not_decide() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "approved");
     assert_eq!(body["decided_by"], "alice, carol");
-    assert_ne!(
-        state_of(h.child.id()),
-        'T',
-        "resumed after the second approval"
-    );
+    assert_running(&mut h.child, "resumed after the second approval");
     let _ = h.child.kill();
 }
 
@@ -468,6 +478,7 @@ async fn candidates_no_hold_rule_matches_are_resumed_at_once_and_recorded() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_ne!(state, 'T', "resumed without a human");
+    assert_running(&mut h.child, "resumed without a human");
     assert!(pending(&h).await.is_empty(), "no request");
     let db = h._dir.path().join("airlock.db");
     let mut rows = Vec::new();
