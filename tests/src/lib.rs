@@ -95,6 +95,8 @@ pub struct Daemon {
     /// The API's address, asked once per daemon start (every CLI call
     /// costs milliseconds, tens of them in an emulated VM).
     api: std::sync::Mutex<Option<String>>,
+    /// Arguments after `airlock daemon`.
+    daemon_args: Vec<String>,
 }
 
 impl Daemon {
@@ -111,19 +113,32 @@ impl Daemon {
     /// YAML), with extra config lines.
     pub fn start_with_policy(policies: &[(&str, &str)], extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("airlock.toml");
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).expect("policy dir");
         for (name, text) in policies {
             std::fs::write(policy_dir.join(name), text).expect("write policy");
         }
+        let extra = format!("policy_dirs = [\"{}\"]\n{extra}", policy_dir.display());
+        Self::start_in(dir, &extra, Vec::new())
+    }
+
+    /// Starts a daemon as `cargo xtask run` does (`airlock daemon
+    /// --policy-dir <checkout>/policies`, the default `policy_dirs`), only
+    /// its store, socket, pins and API moved into a temporary directory.
+    pub fn start_as_xtask_run(extra: &str) -> Self {
+        let packs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let args = vec!["--policy-dir".into(), packs.display().to_string()];
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra, args)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &str, daemon_args: Vec<String>) -> Self {
+        let config = dir.path().join("airlock.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"{1}\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\npolicy_dirs = [\"{2}\"]\n{extra}\n",
+                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"{1}\"\nloss_poll_ms = 200\napi_listen = \"127.0.0.1:0\"\n{extra}\n",
                 dir.path().display(),
                 pin_dir(dir.path()).display(),
-                policy_dir.display()
             ),
         )
         .expect("write config");
@@ -133,6 +148,7 @@ impl Daemon {
             config,
             child: None,
             api: std::sync::Mutex::new(None),
+            daemon_args,
         };
         d.start_again();
         d
@@ -317,6 +333,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .arg("daemon")
+            .args(&self.daemon_args)
             .stderr(log)
             .spawn()
             .expect("spawn airlock daemon");

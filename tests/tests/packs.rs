@@ -294,3 +294,42 @@ fn wait_loads(d: &Daemon, n: usize) -> Vec<airlock::model::PolicyLoad> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `cargo xtask run`, the README's first command, starts the daemon with
+/// the checkout's shipped packs: all of them are in force (the status line
+/// names what the packs hold), and a sudo in a session is held by them.
+#[test]
+fn the_daemon_as_xtask_run_starts_it_enforces_the_shipped_packs() {
+    let test = "the_daemon_as_xtask_run_starts_it_enforces_the_shipped_packs";
+    if !can_run(test) {
+        return;
+    }
+    let Some(sudo) = which("sudo") else {
+        skip(test, "sudo is not installed (the session runs it)");
+        return;
+    };
+    let d = Daemon::start_as_xtask_run(APPROVER);
+    let dirs = [Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")];
+    let packs = airlock::policy::Policy::load_dirs(&dirs).expect("the shipped packs load");
+    let status = d.status();
+    let policy = status["policy"].as_str().unwrap_or_default();
+    assert!(
+        policy.starts_with(&packs.describe()),
+        "the shipped packs ({}) are in force: {status:#}",
+        packs.describe()
+    );
+    assert_eq!(packs.files.len(), shipped().len(), "every shipped pack");
+    let mut run = d.spawn_run(
+        &["agent=coder"],
+        &[sudo.to_str().unwrap_or("sudo"), "-n", "true"],
+    );
+    let held = d.wait_pending(ALICE, 1);
+    assert_eq!(held[0]["rule"], "privilege/escalate", "{held:#?}");
+    let out = d.approvals(
+        ALICE,
+        &["deny", &held[0]["id"].to_string(), "--reason", "test"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let st = run.wait().expect("wait");
+    assert!(!st.success(), "the denied sudo failed");
+}

@@ -149,11 +149,53 @@ fn run_daemon(config: Option<std::path::PathBuf>, args: &[String]) -> anyhow::Re
         );
     }
     let bin = util::workspace_root().join("target/release/airlock");
-    let mut cmd = std::process::Command::new(&bin);
+    let mut cmd = daemon_command(&bin, config.as_deref(), args);
+    eprintln!(
+        "xtask: the shipped packs of {} come first, then the configured policy_dirs; the store, socket, pins and API address are in the daemon's first line (defaults: /var/lib/airlock, /run/airlock/airlock.sock, /sys/fs/bpf/airlock, 127.0.0.1:7070)",
+        util::workspace_root().join("policies").display()
+    );
+    eprintln!("xtask: exec {cmd:?}");
+    Err(anyhow::anyhow!("exec {}: {}", bin.display(), cmd.exec()))
+}
+
+/// `airlock [--config FILE] daemon --policy-dir <checkout>/policies ARGS`:
+/// the daemon as `cargo xtask run` starts it, with the shipped packs.
+fn daemon_command(
+    bin: &std::path::Path,
+    config: Option<&std::path::Path>,
+    args: &[String],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd.arg("daemon").args(args);
-    eprintln!("xtask: exec {cmd:?}");
-    Err(anyhow::anyhow!("exec {}: {}", bin.display(), cmd.exec()))
+    cmd.arg("daemon")
+        .arg("--policy-dir")
+        .arg(util::workspace_root().join("policies"))
+        .args(args);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packs a `cargo xtask run` daemon loads are the checkout's; the
+    /// root test `the_daemon_as_xtask_run_starts_it_enforces_the_shipped_packs`
+    /// starts `airlock daemon --policy-dir <checkout>/policies` and checks
+    /// they are in force.
+    #[test]
+    fn xtask_run_starts_the_daemon_with_the_shipped_packs() {
+        let cmd = daemon_command(std::path::Path::new("/bin/airlock"), None, &[]);
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let packs = util::workspace_root().join("policies");
+        assert_eq!(
+            args,
+            ["daemon", "--policy-dir", &packs.display().to_string()]
+        );
+        assert!(packs.join("privilege.yaml").exists(), "{}", packs.display());
+    }
 }

@@ -14,9 +14,19 @@ pub struct DaemonArgs {
     /// or RUST_LOG when set.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// A directory of policy files read before the configured
+    /// `policy_dirs` (so theirs replace its files of the same name).
+    /// Repeatable. `cargo xtask run` passes the checkout's `policies/`.
+    #[arg(long = "policy-dir", value_name = "DIR")]
+    pub policy_dirs: Vec<std::path::PathBuf>,
 }
 
-pub fn run(args: DaemonArgs, config: Config) -> ExitCode {
+pub fn run(args: DaemonArgs, mut config: Config) -> ExitCode {
+    if !args.policy_dirs.is_empty() {
+        let configured = std::mem::take(&mut config.policy_dirs);
+        config.policy_dirs = args.policy_dirs.iter().cloned().chain(configured).collect();
+    }
     let filter = args
         .log
         .or_else(|| std::env::var("RUST_LOG").ok())
