@@ -15,11 +15,17 @@ struct Totals {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// Tests that said they cannot run here (see `airlock_tests::skip`).
+    skipped: Vec<String>,
 }
 
 pub fn all(lint: bool) -> anyhow::Result<()> {
     let mut totals = Totals::default();
     let mut failures = Vec::new();
+    // Tests list their skips here; the closing line counts them.
+    let skip_log = workspace_root().join("target/skipped-tests.log");
+    let _ = std::fs::remove_file(&skip_log);
+    let skip_env = ("AIRLOCK_SKIP_LOG", skip_log.display().to_string());
     if lint {
         eprintln!("\n== tier: lint (fmt, clippy)");
         if let Err(e) = crate::lint::run() {
@@ -36,7 +42,7 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
             "--exclude",
             "airlock-tests",
         ],
-        &[],
+        std::slice::from_ref(&skip_env),
         &mut totals,
     ) {
         failures.push(format!("unit: {e:#}"));
@@ -47,7 +53,7 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
         crate::bootstrap::workload_tools()?;
         cargo(&["build", "-p", "airlock", "-p", "airlock-tests", "--bins"])?;
         let bin = workspace_root().join("target/debug/airlock");
-        let env = [("AIRLOCK_BIN", bin.display().to_string())];
+        let env = [("AIRLOCK_BIN", bin.display().to_string()), skip_env.clone()];
         if let Err(e) = cargo_test(
             &["-p", "airlock-tests", "--", "--test-threads", "2"],
             &env,
@@ -71,6 +77,9 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
                 for r in results {
                     totals.passed += r.passed;
                     totals.failed += r.failed;
+                    totals
+                        .skipped
+                        .extend(r.skipped.iter().map(|s| format!("vm {}: {s}", r.kernel)));
                     if !r.ok {
                         failures.push(format!("vm: Linux {} failed", r.kernel));
                     }
@@ -86,13 +95,28 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
         eprintln!("SKIPPED VM tier: not root");
     }
 
+    if let Ok(text) = std::fs::read_to_string(&skip_log) {
+        totals.skipped.extend(text.lines().map(String::from));
+    }
     eprintln!();
+    for s in &totals.skipped {
+        eprintln!("SKIPPED {s}");
+    }
+    if in_ci() && !totals.skipped.is_empty() {
+        failures.push(format!(
+            "{} test(s) skipped, and CI=true forbids skipping",
+            totals.skipped.len()
+        ));
+    }
     for f in &failures {
         eprintln!("FAILED {f}");
     }
     println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
+        "tests: {} passed, {} failed, {} skipped, {} ignored",
+        totals.passed,
+        totals.failed,
+        totals.skipped.len(),
+        totals.ignored
     );
     if !failures.is_empty() {
         bail!("{} tier(s) failed", failures.len());

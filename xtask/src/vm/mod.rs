@@ -1,6 +1,10 @@
-//! The VM test tier: Debian kernels with BPF LSM active, booted under QEMU
-//! (TCG; KVM fails on these machines), with the real `airlock` binary, the
-//! test actor and the compiled end-to-end tests in an initramfs.
+//! Debian kernels booted under QEMU (TCG; KVM fails on these machines)
+//! with an initramfs of our own: the machinery the test tier (`tier`), the
+//! demo and the VM bench share.
+
+pub mod tier;
+
+pub use tier::{KERNELS, tier};
 
 use std::{
     collections::BTreeSet,
@@ -14,82 +18,26 @@ use anyhow::{Context, bail};
 
 use crate::util::{output, run, workspace_root};
 
-/// Kernel series tested, newest package of each from Debian's archive.
-pub const KERNELS: &[&str] = &["6.12", "6.1"];
-
-/// Restricts the tier to some of [`KERNELS`] (comma-separated series).
-pub const KERNELS_ENV: &str = "AIRLOCK_VM_KERNELS";
-/// Runs only the tests whose name contains this (each test binary's name
-/// filter), to try one test without the whole tier.
-pub const TESTS_ENV: &str = "AIRLOCK_VM_TESTS";
-
-/// The kernel series to boot: [`KERNELS`], or those [`KERNELS_ENV`] names.
-fn kernels() -> anyhow::Result<Vec<&'static str>> {
-    let Ok(want) = std::env::var(KERNELS_ENV) else {
-        return Ok(KERNELS.to_vec());
-    };
-    let want: Vec<&str> = want
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if let Some(bad) = want.iter().find(|w| !KERNELS.contains(w)) {
-        bail!("{KERNELS_ENV}: {bad} is not one of {}", KERNELS.join(", "));
-    }
-    Ok(KERNELS
-        .iter()
-        .copied()
-        .filter(|k| want.contains(k))
-        .collect())
-}
-
-/// The name filter of [`TESTS_ENV`], if set: letters, digits and `_` only,
-/// as it goes into the VM's shell script.
-fn test_filter() -> anyhow::Result<Option<String>> {
-    let Ok(f) = std::env::var(TESTS_ENV) else {
-        return Ok(None);
-    };
-    if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        bail!("{TESTS_ENV}: {f:?} must be a non-empty test name part (letters, digits, _)");
-    }
-    Ok(Some(f))
-}
-
-/// Tests too slow under TCG emulation or measured on the host instead
-/// (storms and exec-rate thresholds), or that touch no kernel program
-/// (policy reloads, the control socket's permissions).
-const SKIP: &[&str] = &[
-    "storm",
-    "tiny_ring",
-    "a_thousand_execs",
-    "policy_reloads",
-    "control_socket_is_for_root",
-];
-
-/// Test binaries (by name prefix) not run on a kernel series, to keep the
-/// tier's time down: 6.1 runs the hold, survive, packs and files suites,
-/// which record on it throughout; the record suite runs on 6.12 and the
-/// host.
-const NOT_ON: &[(&str, &str)] = &[("6.1", "record-")];
-
-/// How long one VM may run before it is killed.
-const VM_LIMIT: Duration = Duration::from_secs(900);
-
-/// The outcome of one boot.
-pub struct VmResult {
-    pub kernel: String,
-    pub passed: u64,
-    pub failed: u64,
-    pub ok: bool,
-    /// The guest kernel's own crash line (an Oops or a panic), if any.
-    pub crashed: Option<String>,
-}
-
 fn cache() -> PathBuf {
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/airlock/vm")
+}
+
+/// `qemu-system-x86_64 --version`'s first line.
+pub fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "qemu-system-x86_64: version unknown".into())
 }
 
 /// Installs QEMU, busybox and cpio when missing.
@@ -165,37 +113,6 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
-}
-
-/// The compiled end-to-end test binaries (built if needed).
-pub fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
-    let out = output(
-        Command::new(crate::util::cargo_bin())
-            .args([
-                "test",
-                "-p",
-                "airlock-tests",
-                "--no-run",
-                "--message-format=json",
-            ])
-            .current_dir(workspace_root()),
-    )?;
-    let mut bins = Vec::new();
-    for line in out.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let is_test = v["target"]["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|k| k == "test"));
-        if is_test && let Some(exe) = v["executable"].as_str() {
-            bins.push(PathBuf::from(exe));
-        }
-    }
-    if bins.is_empty() {
-        bail!("cargo built no end-to-end test binary");
-    }
-    Ok(bins)
 }
 
 /// What goes into one initramfs: the files to copy in and the shell script
@@ -375,6 +292,52 @@ impl Default for Machine {
     }
 }
 
+/// What the guest kernel is told on its command line.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    /// `bpf` in the active LSM list.
+    pub bpf_lsm: bool,
+    /// Unpack the initramfs before the initcalls run, not beside them
+    /// (`initramfs_async=0`): the asynchronous unpacking beside initcalls
+    /// that patch kernel text is when multi-threaded TCG crashed at boot.
+    pub sync_initramfs: bool,
+    /// `NAME=value` words without a dot: the kernel hands them to /init as
+    /// environment variables.
+    pub env: Vec<(String, String)>,
+    /// Names the console log (`{image}-console-{log_name}.log`).
+    pub log_name: String,
+}
+
+impl Guest {
+    /// BPF LSM active, nothing else: what the demo and the bench boot.
+    pub fn with_bpf_lsm(series: &str) -> Self {
+        Self {
+            bpf_lsm: true,
+            sync_initramfs: false,
+            env: Vec::new(),
+            log_name: series.to_string(),
+        }
+    }
+
+    fn cmdline(&self) -> String {
+        // oops=panic and panic=-1 (with QEMU's -no-reboot): a guest kernel
+        // that crashes ends the VM at once instead of running on broken.
+        let mut c = String::from(
+            "console=ttyS0 quiet panic=-1 oops=panic lsm=lockdown,capability,landlock,yama",
+        );
+        if self.bpf_lsm {
+            c.push_str(",bpf");
+        }
+        if self.sync_initramfs {
+            c.push_str(" initramfs_async=0");
+        }
+        for (k, v) in &self.env {
+            c.push_str(&format!(" {k}={v}"));
+        }
+        c
+    }
+}
+
 /// Boots one kernel with an initramfs under QEMU (TCG) with BPF LSM in the
 /// LSM list, handing each console line to `on_line` as it arrives. Kills the
 /// VM after `limit`.
@@ -387,7 +350,21 @@ pub fn boot(
     limit: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Console> {
-    let log = work_dir().join(format!("{image}-console-{kernel_series}.log"));
+    let guest = Guest::with_bpf_lsm(kernel_series);
+    boot_guest(image, &guest, vmlinuz, initrd, machine, limit, on_line)
+}
+
+/// [`boot`] with the guest's command line spelled out.
+pub fn boot_guest(
+    image: &str,
+    guest: &Guest,
+    vmlinuz: &Path,
+    initrd: &Path,
+    machine: Machine,
+    limit: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> anyhow::Result<Console> {
+    let log = work_dir().join(format!("{image}-console-{}.log", guest.log_name));
     let mut qemu = Command::new("qemu-system-x86_64");
     match machine.icount_shift {
         // icount needs single-threaded TCG.
@@ -407,10 +384,8 @@ pub fn boot(
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 lsm=lockdown,capability,landlock,yama,bpf",
-        ])
+        .arg("-append")
+        .arg(guest.cmdline())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -484,119 +459,6 @@ fn plain(line: &str) -> String {
     out.trim_end().to_string()
 }
 
-/// The test tier's /init script: every end-to-end test binary, one test at
-/// a time (the emulated CPUs are the bottleneck: running binaries side by
-/// side made every daemon start slower and the run no shorter), then the
-/// LSM list and the kernel log. With `filter`, only the tests whose name
-/// contains it.
-fn test_script(tests: &[String], filter: Option<&str>) -> String {
-    let mut skip: Vec<String> = SKIP.iter().map(|s| format!("--skip {s}")).collect();
-    skip.extend(filter.map(String::from));
-    format!(
-        r#"export CI=true AIRLOCK_BIN=/bin/airlock RUST_BACKTRACE=0 AIRLOCK_EXPECT_LSM=1
-/bin/airlock status >/dev/null 2>&1
-for t in {tests}; do
-    case "$(uname -r | cut -d. -f1,2)/$t" in
-    {not_on}) echo "AIRLOCK-VM: $t not run on this kernel"; continue;;
-    esac
-    /tests/$t --test-threads 1 {skip}
-    echo "AIRLOCK-VM: $t rc=$?"
-done
-echo "AIRLOCK-VM: lsm $(cat /sys/kernel/security/lsm 2>/dev/null)"
-echo "AIRLOCK-VM: dmesg follows"
-dmesg | tail -40"#,
-        tests = tests.join(" "),
-        skip = skip.join(" "),
-        not_on = NOT_ON
-            .iter()
-            .map(|(k, t)| format!("{k}/{t}*"))
-            .collect::<Vec<_>>()
-            .join("|")
-    )
-}
-
-/// Boots one kernel with the test image and adds up the results.
-fn run_tests(
-    kernel_series: &str,
-    vmlinuz: &Path,
-    initrd: &Path,
-    machine: Machine,
-) -> anyhow::Result<VmResult> {
-    eprintln!(
-        "\n== VM: Linux {kernel_series} ({}) with BPF LSM",
-        vmlinuz.display()
-    );
-    let mut print = |line: &str| {
-        if let Some(rest) = line.strip_prefix("AIRLOCK-VM: ") {
-            eprintln!("vm {kernel_series}: {rest}");
-        }
-    };
-    let console = boot(
-        "tests",
-        kernel_series,
-        vmlinuz,
-        initrd,
-        machine,
-        VM_LIMIT,
-        &mut print,
-    )?;
-    let mut result = VmResult {
-        kernel: kernel_series.to_string(),
-        passed: 0,
-        failed: 0,
-        ok: console.finished,
-        crashed: console
-            .lines
-            .iter()
-            .find(|l| l.contains("Oops:") || l.contains("Kernel panic"))
-            .cloned(),
-    };
-    let mut runs = 0;
-    for line in &console.lines {
-        if let Some(rest) = line.strip_prefix("AIRLOCK-VM: ") {
-            if let Some(k) = rest.strip_prefix("kernel ") {
-                result.kernel = k.to_string();
-            }
-            if let Some((_, rc)) = rest.split_once(" rc=") {
-                runs += 1;
-                if rc != "0" {
-                    result.ok = false;
-                }
-            }
-        } else if let Some(r) = line.strip_prefix("test result: ") {
-            let num = |w: &str| {
-                r.split(';')
-                    .find_map(|p| p.trim().strip_suffix(w))
-                    .and_then(|n| n.rsplit(' ').next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            result.passed += num(" passed");
-            result.failed += num(" failed");
-        }
-    }
-    if runs == 0 {
-        result.ok = false;
-    }
-    eprintln!(
-        "vm {kernel_series}: {} passed, {} failed in {:.0} s{}",
-        result.passed,
-        result.failed,
-        console.elapsed.as_secs_f64(),
-        if result.ok {
-            String::new()
-        } else {
-            format!(
-                " -- FAILED; console log (tests and kernel) at {}",
-                console.log.display()
-            )
-        }
-    );
-    if !result.ok {
-        console.print_tail(200);
-    }
-    Ok(result)
-}
-
 /// One VM at a time on this machine: two CPUs under emulation leave no
 /// room for a second, and a benchmark's timings need them alone. Held until
 /// the returned file is dropped.
@@ -612,65 +474,6 @@ pub fn lock() -> anyhow::Result<std::fs::File> {
         file.lock().with_context(|| path.display().to_string())?;
     }
     Ok(file)
-}
-
-/// The whole tier: tools, kernels, initramfs, one boot per kernel.
-pub fn tier() -> anyhow::Result<Vec<VmResult>> {
-    tools()?;
-    let kernels = kernels()?;
-    let filter = test_filter()?;
-    let _lock = lock()?;
-    let (airlock, actor) = crate::util::build_binaries(false)?;
-    let tests = test_binaries()?;
-    // The tests name the actor by its host path.
-    let mut files = vec![
-        (airlock, PathBuf::from("/bin/airlock")),
-        (actor.clone(), actor),
-    ];
-    // The shipped-packs session runs real tools and reads the packs where
-    // the test binary expects them (the checkout's path).
-    for tool in crate::bootstrap::workload_tools()? {
-        files.push((tool.clone(), tool));
-    }
-    let packs = workspace_root().join("policies");
-    for e in std::fs::read_dir(&packs)?.filter_map(Result::ok) {
-        files.push((e.path(), e.path()));
-    }
-    let mut names = Vec::new();
-    for t in tests {
-        let name = t
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("test")
-            .to_string();
-        files.push((t, Path::new("/tests").join(&name)));
-        names.push(name);
-    }
-    let initrd = initramfs(&Image {
-        name: "tests",
-        files,
-        texts: Vec::new(),
-        script: test_script(&names, filter.as_deref()),
-    })?;
-    let mut results = Vec::new();
-    for series in kernels {
-        let vmlinuz = kernel(series)?;
-        let mut r = run_tests(series, &vmlinuz, &initrd, Machine::default())?;
-        if let Some(crash) = r.crashed.take() {
-            // Seen with 6.12 under multi-threaded TCG: the guest dies on an
-            // int3 while it patches its own text (static keys flip as
-            // programs attach). Not the code under test, and not every
-            // boot: boot once more, and say so. (One TCG thread avoids it
-            // but is too slow: the first daemon missed its 60 s start.)
-            eprintln!(
-                "vm {series}: the guest kernel crashed ({}), a QEMU multi-threaded TCG problem with kernel text patching; booting it once more",
-                crash.trim()
-            );
-            r = run_tests(series, &vmlinuz, &initrd, Machine::default())?;
-        }
-        results.push(r);
-    }
-    Ok(results)
 }
 
 #[cfg(test)]
