@@ -14,7 +14,7 @@ use axum::{
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response, Sse, sse::Event},
-    routing::{get, post},
+    routing::{MethodRouter, get, post},
 };
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
@@ -56,15 +56,26 @@ impl ApiState {
     }
 }
 
+/// Every route: (path, method, handler). The OpenAPI document names
+/// exactly these (a test compares them).
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<ApiState>>)> {
+    vec![
+        ("/v1/requests", "get", get(list)),
+        ("/v1/requests/{id}", "get", get(one)),
+        ("/v1/requests/{id}/approve", "post", post(approve)),
+        ("/v1/requests/{id}/deny", "post", post(deny)),
+        ("/v1/sessions/{id}/events", "get", get(session_events)),
+        ("/v1/stream", "get", get(stream)),
+        ("/v1/openapi.json", "get", get(openapi)),
+    ]
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/v1/requests", get(list))
-        .route("/v1/requests/{id}", get(one))
-        .route("/v1/requests/{id}/approve", post(approve))
-        .route("/v1/requests/{id}/deny", post(deny))
-        .route("/v1/sessions/{id}/events", get(session_events))
-        .route("/v1/stream", get(stream))
-        .route("/v1/openapi.json", get(openapi))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, _, handler)| {
+            r.route(path, handler)
+        })
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
