@@ -700,3 +700,55 @@ fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
     assert_eq!(last(&out), format!("again:{}", libc::EPERM), "{out}");
     assert!(never_connected(&la), "A was never connected to");
 }
+
+const CAROL: &str = "carol-token-0123456789";
+
+/// A hold that names its approvers and wants two approvals, end to end:
+/// an approver it does not name may not decide, one approval leaves the
+/// process held, and one denial ends it at once.
+#[test]
+fn named_approvers_two_approvals_and_one_denial_ends_it() {
+    if !can_run("named_approvers_two_approvals_and_one_denial_ends_it") {
+        return;
+    }
+    let d = Daemon::start_with_policy(
+        &[(
+            "test.yaml",
+            "pack: test\nrules:\n- {name: two-of-us, on: exec, when: {exe: /usr/bin/id}, decision: hold, hold: {approvers: [alice, carol], approvals: 2, timeout: 600}}\n",
+        )],
+        &format!(
+            "[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n\n[[approver]]\nname = \"bob\"\ntoken = \"{BOB}\"\n\n[[approver]]\nname = \"carol\"\ntoken = \"{CAROL}\"\n"
+        ),
+    );
+    expect_lsm(&d);
+    let run = d.spawn_run(&["user=dave"], &[ACTOR, "run-timed", "/usr/bin/id"]);
+    let r = d.wait_pending(ALICE, 1).remove(0);
+    let id = r["id"].as_u64().unwrap();
+    let tgid = r["tgid"].as_u64().unwrap();
+    assert_eq!(r["approvers"], serde_json::json!(["alice", "carol"]));
+    assert_eq!(r["approvals_needed"], 2);
+
+    let out = decide(&d, "approve", id, BOB);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bob may not decide request"),
+        "an approver the rule does not name: {out:?}"
+    );
+    let out = decide(&d, "approve", id, ALICE);
+    assert!(out.status.success(), "{out:?}");
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["state"], "pending", "one approval of two: {after:#}");
+    assert_eq!(after["approvals"][0]["by"], "alice");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state_of(tgid), 'T', "still held after one approval");
+
+    let out = decide(&d, "deny", id, CAROL);
+    assert!(out.status.success(), "{out:?}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["decided_by"].as_str()),
+        (Some("denied"), Some("carol")),
+        "one denial ends it: {done:#}"
+    );
+    let out = finish(run);
+    assert!(last(&out).ends_with(refused_exec()), "refused: {out}");
+}

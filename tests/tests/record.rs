@@ -454,3 +454,119 @@ fn control_socket_is_for_root_and_the_socket_group_only() {
         "a member of socket_group may ask: {out:?}"
     );
 }
+
+/// The cgroup v2 id of this process (the inode of its cgroup directory),
+/// which its children inherit.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mount = airlock::features::detect()
+        .cgroup2
+        .clone()
+        .expect("a cgroup v2 mount");
+    let line = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = line
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    std::fs::metadata(format!("{mount}{path}")).unwrap().ino()
+}
+
+/// Every event says who acted, as the process was at that moment: uid,
+/// euid and gid (root, then nobody once the actor dropped to it) and the
+/// cgroup. The store, read with SQLite directly, answers the README's
+/// example query, and its kind ids are the README's.
+#[test]
+fn every_event_carries_the_credentials_and_cgroup_of_its_process() {
+    if !can_run("every_event_carries_the_credentials_and_cgroup_of_its_process") {
+        return;
+    }
+    let d = Daemon::start();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let script = format!("{ACTOR} connect {target}; /bin/true");
+    let (id, out) = d.run(
+        &[],
+        &[ACTOR, "as-user", "65534", "65534", "/bin/sh", "-c", &script],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let root = d.session(id).root_pid;
+    let events = d.events(id);
+    let cgroup = own_cgroup_id();
+    let mut kinds = std::collections::BTreeSet::new();
+    for e in &events {
+        kinds.insert(e.kind.as_str());
+        assert_eq!(e.cgroup_id, cgroup, "cgroup of {e:?}");
+        // Root acted until the actor dropped to nobody: airlock run itself
+        // and the actor's own exec.
+        let as_root =
+            e.tgid == root || (e.kind == "exec" && e.detail["argv"][1].as_str() == Some("as-user"));
+        let want = if as_root { 0 } else { 65534 };
+        assert_eq!((e.uid, e.euid, e.gid), (want, want, want), "{e:?}");
+    }
+    for k in ["fork", "exec", "exit", "connect"] {
+        assert!(kinds.contains(k), "a {k} was recorded: {events:#?}");
+    }
+
+    // The README's query, with this session's id, on the file itself.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let sql = readme
+        .lines()
+        .find_map(|l| l.strip_prefix("sqlite3 /var/lib/airlock/airlock.db \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("the README's sqlite3 example")
+        .replace("session_id=1", &format!("session_id={id}"));
+    let db = rusqlite::Connection::open_with_flags(
+        d.dir.path().join("data/airlock.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let argvs: Vec<String> = db
+        .prepare(&sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        argvs.contains(&format!("[\"{ACTOR}\",\"connect\",\"{target}\"]")),
+        "{sql}: {argvs:?}"
+    );
+    assert!(argvs.contains(&"[\"/bin/true\"]".to_string()), "{argvs:?}");
+
+    // The README's list of kind ids names every kind, as the store keeps it.
+    let list = readme
+        .split("Event kind ids are stable: ")
+        .nth(1)
+        .and_then(|r| r.split('.').next())
+        .expect("the README's kind ids")
+        .replace('\n', " ");
+    let listed: Vec<(u32, String)> = list
+        .split(',')
+        .map(|p| {
+            let (n, name) = p.trim().split_once(' ').expect("ID NAME");
+            (n.parse().expect("an id"), name.to_string())
+        })
+        .collect();
+    let every: Vec<(u32, String)> = (0..1000)
+        .filter_map(|n| airlock_common_kind(n).map(|k| (n, k)))
+        .collect();
+    assert_eq!(listed, every, "the README lists every kind with its id");
+    let stored: Vec<(u32, u32)> = db
+        .prepare("SELECT kind, count(*) FROM events WHERE session_id = ?1 GROUP BY kind")
+        .unwrap()
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (kind, n) in stored {
+        let name = airlock_common_kind(kind).expect("a known kind id");
+        let counted = events.iter().filter(|e| e.kind == name).count() as u32;
+        assert_eq!(n, counted, "kind {kind} is {name}");
+    }
+}
+
+/// The stable name of a kind id.
+fn airlock_common_kind(id: u32) -> Option<String> {
+    airlock_common::EventKind::from_u32(id).map(|k| k.name().to_string())
+}

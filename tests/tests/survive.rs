@@ -337,3 +337,101 @@ fn sessions_and_their_events_survive_a_restart() {
         d.log()
     );
 }
+
+/// A deny rule that names only executables is in the kernel's own map:
+/// with the daemon dead (and fail_mode open, so the fail mode would let a
+/// hold through) the exec is still refused, and recorded as denied.
+#[test]
+fn a_kernel_deny_rule_holds_with_no_daemon() {
+    if !can_run("a_kernel_deny_rule_holds_with_no_daemon") {
+        return;
+    }
+    let mut d = Daemon::start_with_policy(
+        &[(
+            "test.yaml",
+            "pack: test\nrules:\n- {name: no-whoami, on: exec, when: {exe: /usr/bin/whoami}, decision: deny}\n",
+        )],
+        &format!(
+            "heartbeat_timeout_ms = {}\nfail_mode = \"open\"\n",
+            heartbeat_ms()
+        ),
+    );
+    expect_lsm(&d);
+    let go = d.dir.path().join("go");
+    let started = d.dir.path().join("started");
+    let script = format!(
+        "touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; {ACTOR} run-timed /usr/bin/whoami",
+        started = started.display(),
+        go = go.display()
+    );
+    let run = d.spawn_run(&[], &["/bin/sh", "-c", &script]);
+    wait_file(&started);
+    let session = sessions(&d)[0];
+    d.kill();
+    std::thread::sleep(stale());
+    std::fs::write(&go, "").unwrap();
+    let out = finish_within(run, scaled(Duration::from_secs(20)));
+    assert!(
+        out.trim().ends_with(refused_exec()),
+        "refused by the kernel with no daemon: {out}"
+    );
+    d.start_again();
+    let exec = wait_event(&d, session, "the refused exec", |e| {
+        e.kind == "exec" && e.detail["path"] == "/usr/bin/whoami"
+    });
+    assert_eq!(exec.detail["enforcement"], "denied", "{exec:?}");
+}
+
+/// One daemon per data directory, and one per pin directory: a second
+/// one is refused with a message that says which daemon is in the way.
+#[test]
+fn one_daemon_per_data_dir_and_per_pin_dir() {
+    if !can_run("one_daemon_per_data_dir_and_per_pin_dir") {
+        return;
+    }
+    let d = daemon("closed");
+    let second = |config: &Path| {
+        let out = std::process::Command::new(airlock_tests::airlock_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("daemon")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a second daemon started: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The same configuration: the same data directory.
+    let err = second(&d.config);
+    assert!(
+        err.contains("another airlock daemon is running on") && err.contains("stop it first"),
+        "{err}"
+    );
+    // Another data directory and socket, the same pins.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let other = d.dir.path().join("other");
+    let moved: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("data_dir") {
+                format!("data_dir = \"{}/data\"", other.display())
+            } else if l.starts_with("socket_path") {
+                format!("socket_path = \"{}/airlock.sock\"", other.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = d.dir.path().join("other.toml");
+    std::fs::write(&config, moved).unwrap();
+    let err = second(&config);
+    let pid = d.status()["pid"].as_u64().unwrap();
+    assert!(
+        err.contains(&format!(
+            "another airlock daemon (pid {pid}) is running on the pins"
+        )),
+        "{err}"
+    );
+    // The first one is unharmed.
+    assert_eq!(d.status()["pid"].as_u64(), Some(pid));
+}

@@ -22,6 +22,7 @@
 //! actor open PATH [write]          open PATH for reading (or, with write, for writing without
 //!                                  creating or truncating); print the errno (0 = ok), and after
 //!                                  a read's 0 what it read (first line)
+//! actor as-user UID GID PROGRAM [ARGS]  drop to UID/GID (no supplementary groups), then exec PROGRAM
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
@@ -40,6 +41,20 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
+        ["as-user", uid, gid, program, rest @ ..] => {
+            use std::os::unix::process::CommandExt;
+            let uid: u32 = uid.parse().expect("UID");
+            let gid: u32 = gid.parse().expect("GID");
+            // SAFETY: plain syscalls with integer arguments; on failure the
+            // actor stops before running anything as the wrong user.
+            unsafe {
+                assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+                assert_eq!(libc::setgid(gid), 0, "setgid");
+                assert_eq!(libc::setuid(uid), 0, "setuid");
+            }
+            let e = Command::new(program).args(rest).exec();
+            panic!("exec {program}: {e}");
+        }
         ["connect", addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             let errno = connect_errno(addr);
