@@ -151,6 +151,9 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
 /// The held child runs again: alive (not reaped, not a zombie) and
 /// running or sleeping, not stopped.
 fn assert_running(child: &mut std::process::Child, what: &str) {
+    // A signal takes a moment to act: a killed process may still look
+    // alive right after the decision.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(
         matches!(child.try_wait(), Ok(None)),
         "{what}: the process ended"
