@@ -48,6 +48,12 @@ pub fn breakdown(progs: &[Prog], diag: &str, p: &Params) -> anyhow::Result<()> {
         "  the daemon alone, nothing running, over 5 s: {} clock ticks of 10 ms",
         field("idle_5s_ticks")?
     );
+    let overflows = field("connect_overflows")?;
+    if overflows > 0.0 {
+        println!(
+            "  (the connect loop's listener overflowed {overflows} times: its time per connect below includes 1 s SYN retransmits; runs and ns per run do not)"
+        );
+    }
     for (name, from, ops, loop_ns) in [
         ("exec", 0, p.execs, field("exec_ns")?),
         ("connect", 1, p.connects, field("connect_ns")?),
