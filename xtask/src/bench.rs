@@ -2,17 +2,21 @@
 //! run. Configurations are interleaved round by round (the machines are
 //! noisy) and medians and ratios are reported, never a single time.
 
+mod daemon;
 pub mod in_vm;
+mod ingest;
+mod policy;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 
-use crate::util::{is_root, output};
+use crate::util::is_root;
+use daemon::Daemon;
 
 pub struct Params {
     pub execs: u32,
@@ -61,7 +65,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         return Ok(());
     }
     if p.policy_only {
-        policy(&bin, &actor, &dir)?;
+        policy::run(&bin, &actor, &dir)?;
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
@@ -115,45 +119,10 @@ pub fn run(p: Params) -> anyhow::Result<()> {
             c / c0
         );
     }
-    ingest(&bin, &actor, &dir)?;
+    ingest::run(&bin, &actor, &dir)?;
     resume(&bin, &actor, &dir)?;
-    policy(&bin, &actor, &dir)?;
+    policy::run(&bin, &actor, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// Sustained ingest: a watched process makes N connect events as fast as the
-/// kernel allows; the time until all N are in SQLite gives events/s.
-fn ingest(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
-    let n: u64 = 500_000;
-    let d = Daemon::start(bin, dir)?;
-    let before = d.written()?;
-    let start = Instant::now();
-    let out = output(d.session(actor).args(["udp-connects", &n.to_string()]))?;
-    let produce_ns: f64 = out.trim().parse().context("actor output")?;
-    // n connects + the actor's fork, exec and exit (+ airlock run's exit).
-    let want = before + n + 3;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut written = before;
-    while Instant::now() < deadline {
-        written = d.written()?;
-        if written >= want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let lost = d.lost()?;
-    println!(
-        "\ningest: {} events produced in {:.2} s ({:.0}/s offered); {} written to SQLite in {:.2} s = {:.0} events/s; {} lost",
-        n,
-        produce_ns / 1e9,
-        n as f64 / (produce_ns / 1e9),
-        written - before,
-        secs,
-        (written - before) as f64 / secs,
-        lost
-    );
     Ok(())
 }
 
@@ -270,95 +239,12 @@ fn wall_ns() -> u128 {
         .unwrap_or(0)
 }
 
-/// The policy engine: rule evaluations per second with every shipped pack
-/// loaded, and the exec latency a watched session pays when all its execs
-/// are candidates the daemon resolves without a human, against the same
-/// execs when they are not candidates (rounds interleaved).
-fn policy(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
-    const ROUNDS: usize = 5;
-    const N: usize = 400;
-    let packs: Vec<PathBuf> = std::fs::read_dir(crate::util::workspace_root().join("policies"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    let out = output(
-        Command::new(bin)
-            .args(["policy", "bench", "--iterations", "3000000"])
-            .args(&packs),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(out.trim()).context("policy bench output")?;
-    println!(
-        "\npolicy evaluation ({} rules of the {} shipped packs, {} agent commands): {:.0} exec decisions/s ({:.0} ns each); {:.0}/s ({:.0} ns) counting the action's preparation from a record (target >= 1,000,000/s)",
-        v["rules"],
-        packs.len(),
-        v["commands"],
-        v["evals_per_s"].as_f64().unwrap_or(0.0),
-        v["ns_per_eval"].as_f64().unwrap_or(0.0),
-        v["evals_per_s_with_prepare"].as_f64().unwrap_or(0.0),
-        v["ns_per_eval_with_prepare"].as_f64().unwrap_or(0.0),
-    );
-
-    // The program every exec runs: a copy of /bin/true under its own name,
-    // a candidate only under the first policy.
-    let prog = dir.join("agent-step");
-    std::fs::copy("/bin/true", &prog)?;
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies)?;
-    let write = |exe: &str| {
-        std::fs::write(
-            policies.join("bench.yaml"),
-            format!(
-                "pack: bench\nrules:\n  - {{name: never-held, on: exec, when: {{exe: \"{exe}\", args: --never-given}}, decision: hold}}\n"
-            ),
-        )
-    };
-    let extra = format!("policy_dirs = [\"{}\"]\n", policies.display());
-    let mut lat: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..ROUNDS {
-        for k in 0..2 {
-            let i = (k + round) % 2;
-            write(if i == 0 { "agent-step" } else { "not-this-one" })?;
-            let d = Daemon::start_with(bin, dir, &extra)?;
-            let out = output(
-                d.session(actor)
-                    .args(["spawn-each", &N.to_string()])
-                    .arg(&prog),
-            )?;
-            lat[i].extend(
-                out.split_whitespace()
-                    .filter_map(|t| t.parse::<f64>().ok())
-                    .map(|ns| ns / 1e6),
-            );
-        }
+/// The `p` quantile of sorted values (nearest rank below).
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
     }
-    for l in &mut lat {
-        l.sort_by(|a, b| a.total_cmp(b));
-        if l.len() < ROUNDS * N {
-            bail!("only {} exec timings", l.len());
-        }
-    }
-    let pct = |l: &[f64], p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
-    println!(
-        "exec in a watched session, fork+exec+exit, {} each, {ROUNDS} interleaved rounds:",
-        ROUNDS * N
-    );
-    for (name, l) in [
-        ("candidates resolved by the policy", &lat[0]),
-        ("not candidates", &lat[1]),
-    ] {
-        println!(
-            "  {name:<34} p50 {:.3} ms  p99 {:.3} ms",
-            pct(l, 0.5),
-            pct(l, 0.99)
-        );
-    }
-    println!(
-        "  added by the round trip to the daemon: p50 {:.3} ms, p99 {:.3} ms (target p99 <= 1 ms)",
-        pct(&lat[0], 0.5) - pct(&lat[1], 0.5),
-        pct(&lat[0], 0.99) - pct(&lat[1], 0.99)
-    );
-    Ok(())
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -460,112 +346,8 @@ fn measure(
     } else {
         Command::new(actor)
     };
-    let out = output(cmd.args(args))?;
+    let out = crate::util::output(cmd.args(args))?;
     out.trim()
         .parse()
         .with_context(|| format!("actor printed {out:?}"))
-}
-
-struct Daemon {
-    child: Child,
-    config: PathBuf,
-    bin: PathBuf,
-}
-
-impl Daemon {
-    /// `airlock run -q -- ACTOR` in a new session of this daemon; the
-    /// caller adds the actor's arguments.
-    fn session(&self, actor: &Path) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--config")
-            .arg(&self.config)
-            .args(["run", "-q", "--"])
-            .arg(actor);
-        c
-    }
-
-    fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(bin, dir, "policy_dirs = []\n")
-    }
-
-    fn start_with(bin: &Path, dir: &Path, extra: &str) -> anyhow::Result<Self> {
-        let config = dir.join("airlock.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{0}/data\"\nsocket_path = \"{0}/airlock.sock\"\npin_dir = \"/sys/fs/bpf/airlock-bench\"\napi_listen = \"127.0.0.1:0\"\n{extra}",
-                dir.display()
-            ),
-        )?;
-        let _ = std::fs::remove_dir_all(dir.join("data"));
-        let log = std::fs::File::create(dir.join("daemon.log"))?;
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("daemon")
-            .stderr(log)
-            .spawn()?;
-        let d = Self {
-            child,
-            config,
-            bin: bin.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while d.status().is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "daemon did not start: {}",
-                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(d)
-    }
-
-    fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .args(["status", "--json"])
-            .stderr(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            bail!("status failed");
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    fn written(&self) -> anyhow::Result<u64> {
-        Ok(self.status()?["records_written"].as_u64().unwrap_or(0))
-    }
-
-    fn lost(&self) -> anyhow::Result<u64> {
-        let s = self.status()?;
-        Ok(s["losses"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|l| l["count"].as_u64()).sum())
-            .unwrap_or(0))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc_kill(self.child.id() as i32, 15) };
-        let _ = self.child.wait();
-        // The programs outlive the daemon (pinned): detach them, so the
-        // next setup starts from a clean kernel.
-        let _ = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("unload")
-            .stdout(Stdio::null())
-            .status();
-    }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
