@@ -116,6 +116,14 @@ async fn hold_sleep(assembly: &Assembly, session: u64, arg: &str) -> std::proces
     let pid = child.id();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // Stopped before the broker hears of it, as the kernel does it.
+    for _ in 0..500 {
+        if state_of(pid) == 'T' {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(state_of(pid), 'T', "sleep {arg} stopped");
     let hold = HoldInfo {
         digest: 0,
         in_syscall: false,
@@ -152,7 +160,7 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
 /// running or sleeping, not stopped.
 fn assert_running(child: &mut std::process::Child, what: &str) {
     // A signal takes a moment to act: a killed process may still look
-    // alive right after the decision.
+    // alive, a continued one still stopped, right after the decision.
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(
         matches!(child.try_wait(), Ok(None)),
