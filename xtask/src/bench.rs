@@ -6,11 +6,12 @@ mod daemon;
 pub mod in_vm;
 mod ingest;
 mod policy;
+mod resume;
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -60,7 +61,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
     let (bin, actor) = crate::util::build_binaries(true)?;
     let dir = tempfile_dir()?;
     if p.resume_only {
-        resume(&bin, &actor, &dir)?;
+        resume::run(&bin, &actor, &dir)?;
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
@@ -120,115 +121,9 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         );
     }
     ingest::run(&bin, &actor, &dir)?;
-    resume(&bin, &actor, &dir)?;
+    resume::run(&bin, &actor, &dir)?;
     policy::run(&bin, &actor, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// Time from the approving API call to the held action going on: for an
-/// exec, the resumed program's first act; for a connect, the syscall
-/// returning. Measured on this kernel's hold mechanism (see `airlock status`).
-fn resume(bin: &Path, actor: &Path, dir: &Path) -> anyhow::Result<()> {
-    const N: usize = 100;
-    const TOKEN: &str = "bench-token-0123456789";
-    let stamp = dir.join("stamp");
-    std::fs::copy(actor, &stamp)?;
-    let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
-    let target = listener.local_addr()?.to_string();
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies)?;
-    std::fs::write(
-        policies.join("bench.yaml"),
-        format!(
-            "pack: bench\nrules:\n  - {{name: exec, on: exec, when: {{exe: \"{}\"}}, decision: hold}}\n  - {{name: connect, on: connect, when: {{dest: 127.0.0.3/32}}, decision: hold}}\n",
-            stamp.display()
-        ),
-    )?;
-    let extra = format!(
-        "policy_dirs = [\"{}\"]\n\n[[approver]]\nname = \"bench\"\ntoken = \"{TOKEN}\"\n",
-        policies.display()
-    );
-    let d = Daemon::start_with(bin, dir, &extra)?;
-    let api = d.status()?["api"].as_str().unwrap_or_default().to_string();
-    let how = d.status()?["can_enforce"].clone();
-    let client = reqwest::blocking::Client::new();
-    let mut report = Vec::new();
-    for (what, args) in [
-        (
-            "exec",
-            vec![
-                "seq".to_string(),
-                N.to_string(),
-                stamp.display().to_string(),
-                "now".into(),
-            ],
-        ),
-        (
-            "connect",
-            vec!["connect-stamps".to_string(), N.to_string(), target.clone()],
-        ),
-    ] {
-        let child = d
-            .session(actor)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut approved_at = Vec::new();
-        let mut done = std::collections::HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while approved_at.len() < N && Instant::now() < deadline {
-            let pending: Vec<serde_json::Value> = client
-                .get(format!("{api}/v1/requests?state=pending"))
-                .bearer_auth(TOKEN)
-                .send()?
-                .json()?;
-            let Some(id) = pending
-                .iter()
-                .filter_map(|r| r["id"].as_u64())
-                .find(|id| !done.contains(id))
-            else {
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            };
-            let t0 = wall_ns();
-            let r = client
-                .post(format!("{api}/v1/requests/{id}/approve"))
-                .bearer_auth(TOKEN)
-                .send()?;
-            if !r.status().is_success() {
-                bail!("approve {id}: {}", r.status());
-            }
-            approved_at.push(t0);
-            done.insert(id);
-        }
-        let out = child.wait_with_output()?;
-        let stamps: Vec<u128> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-            .collect();
-        let mut lat: Vec<f64> = stamps
-            .iter()
-            .zip(&approved_at)
-            .map(|(s, t)| (*s as f64 - *t as f64) / 1e6)
-            .collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        if lat.len() < N {
-            bail!("{what}: only {} of {N} holds resolved", lat.len());
-        }
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-        report.push(format!(
-            "{what}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {N} holds",
-            pct(0.5),
-            pct(0.99),
-            lat[lat.len() - 1]
-        ));
-    }
-    println!("\nresume latency, approving API call -> held action proceeds:");
-    for r in report {
-        println!("  {r}");
-    }
-    println!("  (mechanisms: {how})");
     Ok(())
 }
 
