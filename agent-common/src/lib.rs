@@ -619,3 +619,44 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VerdictEntry {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values computed by the digests as first shipped (and checked against
+    /// a reference FNV-1a): the kernel and the daemon must keep computing
+    /// exactly these, or verdicts and candidates stop matching.
+    #[test]
+    fn digests_keep_their_known_values() {
+        assert_eq!(name_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_hash(b"curl"), 0x4c96_8a90_ace3_649b);
+        assert_eq!(name_hash(b".ssh"), 0xa190_7aa7_3047_da65);
+
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(net_digest(2, 6, 443, &v4), 0x9fea_211a_1109_5b54);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert_eq!(net_digest(10, 17, 53, &v6), 0x89e5_fb96_02fc_bb38);
+
+        let mut path = [0u8; FILE_PATH_MAX];
+        path[..11].copy_from_slice(b"/etc/passwd");
+        assert_eq!(file_digest(&path, 11, false), 0x82ed_a1a2_2c38_bc95);
+        assert_eq!(file_digest(&path, 11, true), 0x82ed_a0a2_2c38_bae2);
+        assert_eq!(
+            file_digest(&[0; FILE_PATH_MAX], 0, false),
+            0xaf63_bd4c_8601_b7df
+        );
+        let full = [0xab; FILE_PATH_MAX];
+        assert_eq!(
+            file_digest(&full, FILE_PATH_MAX, true),
+            0x2ca9_f9e8_3933_642c
+        );
+        // A length past the buffer hashes the whole buffer, no more.
+        assert_eq!(
+            file_digest(&full, FILE_PATH_MAX + 7, true),
+            0x2ca9_f9e8_3933_642c
+        );
+    }
+}
