@@ -6,7 +6,7 @@ use core::mem::offset_of;
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
     EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
-    FNV_OFFSET, FNV_PRIME, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction,
+    FNV_OFFSET, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
 };
 use aya_ebpf::{
     helpers::{
@@ -179,7 +179,7 @@ pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
         h = if b == b'/' {
             FNV_OFFSET
         } else {
-            (h ^ b as u64).wrapping_mul(FNV_PRIME)
+            fnv_step(h, b)
         };
     }
     // SAFETY: copied out at once.

@@ -8,9 +8,9 @@ use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON,
     EXEC_REFUSED, EXEC_RULE_KEY, EventKind, ExecEvent, FILE_APPROVED, FILE_CAND_DIR,
     FILE_CAND_NAME, FILE_DENIED, FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX,
-    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FNV_PRIME, FileEvent,
-    HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN,
-    NetEvent, RuleAction, Verdict, file_digest, net_digest,
+    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FileEvent, HoldKey,
+    LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent,
+    RuleAction, Verdict, file_digest, fnv_step, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, bpf_send_signal},
@@ -288,22 +288,22 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
 /// FNV-1a over the path and argv: the verdict covers this exact command.
 #[inline(always)]
 fn exec_digest(ev: &ExecEvent) -> u64 {
-    const PRIME: u64 = 0x100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET;
     let n = ev.filename_len as usize;
     for i in 0..EXEC_RULE_KEY {
         if i >= n {
             break;
         }
-        h = (h ^ ev.filename[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, ev.filename[i]);
     }
-    h = (h ^ 0xff).wrapping_mul(PRIME);
+    // One 0xff byte between the path and argv.
+    h = fnv_step(h, 0xff);
     let n = ev.args_len as usize;
     for i in 0..ARGS_MAX {
         if i >= n {
             break;
         }
-        h = (h ^ ev.args[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, ev.args[i]);
     }
     h
 }
@@ -368,7 +368,7 @@ fn dentry_name_hash(dentry: u64) -> Option<u64> {
         if i >= n {
             break;
         }
-        h = (h ^ *b as u64).wrapping_mul(FNV_PRIME);
+        h = fnv_step(h, *b);
     }
     Some(h)
 }
