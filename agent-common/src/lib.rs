@@ -35,7 +35,9 @@ pub const EXEC_REFUSED: u32 = 1 << 6;
 /// fail mode decided instead of a human (with [`EXEC_DENIED`] when closed).
 pub const EXEC_NO_DAEMON: u32 = 1 << 7;
 
-/// A deny rule refused this connect (the caller got EPERM).
+/// The connect was refused without a human's verdict (the caller got
+/// EPERM): by the fail mode ([`NET_NO_DAEMON`]) or because it could not be
+/// held ([`NET_HOLD_UNAVAILABLE`]). The kernel has no connect deny rules.
 pub const NET_DENIED: u32 = 1 << 0;
 /// A hold rule matched and a verdict let this connect through.
 pub const NET_APPROVED: u32 = 1 << 1;
@@ -150,21 +152,19 @@ pub struct ExecRule {
 }
 const _: () = assert!(size_of::<ExecRule>() == 8);
 
-/// Value of the network rule LPM trie (key: an IPv6 prefix, IPv4 mapped
-/// into ::ffff:0:0/96).
+/// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4
+/// mapped into ::ffff:0:0/96). Every entry is a hold candidate whatever the
+/// port: the daemon's policy decides each connect, so the kernel has no
+/// connect deny rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetRule {
     /// Index of the rule in the daemon's rule list, plus one.
     pub rule_id: u32,
-    /// A [`RuleAction`].
+    /// [`RuleAction::Hold`], the only action written for a connect.
     pub action: u32,
-    /// Only this destination port, or 0 for any.
-    pub port: u16,
-    /// Padding, always zero.
-    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<NetRule>() == 16);
+const _: () = assert!(size_of::<NetRule>() == 8);
 
 /// Key of a verdict: the process and a digest of the exact action, so a
 /// verdict never covers an action other than the one decided.

@@ -117,8 +117,8 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     } else {
         net_rule::<true>(&event)
     };
-    // Deny rules and unflagged connects are the cgroup hook's to record.
-    let Some(rule) = rule.filter(|r| r.action == RuleAction::Hold as u32) else {
+    // A connect that is no candidate is the cgroup hook's to record.
+    let Some(rule) = rule else {
         return Ok(LsmVerdict::Allow);
     };
     event.rule_id = rule.rule_id;

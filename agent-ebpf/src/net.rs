@@ -5,8 +5,8 @@ use core::ptr::read_volatile;
 
 use airlock_common::{
     EventKind, HoldKey, LossReason, MODE_LSM_CONNECT, NET_APPROVED, NET_DENIED,
-    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule,
-    RuleAction, Verdict, net_digest,
+    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule, Verdict,
+    net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
@@ -120,8 +120,9 @@ fn emit(event: &NetEvent) {
 }
 
 /// Remembers a watched connect until `sys_exit_connect` gives its outcome,
-/// after applying the connect rules: deny refuses at once; hold stops the
-/// task and restarts the syscall (-ERESTARTNOINTR) until a verdict exists.
+/// after checking the connect candidates: a candidate stops the task and
+/// restarts the syscall (-ERESTARTNOINTR) until a verdict exists (unless
+/// the LSM hook holds connects, or this kernel cannot hold here).
 /// Returns 1 to let the connect proceed, 0 to refuse or hold it.
 #[inline(always)]
 fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
@@ -134,10 +135,7 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
     let mut verdict = 1;
     if let Some(rule) = net_rule::<V6>(&event) {
         event.rule_id = rule.rule_id;
-        if rule.action == RuleAction::Deny as u32 {
-            event.flags |= NET_DENIED;
-            verdict = 0;
-        } else if lsm_holds_connects() {
+        if lsm_holds_connects() {
             // The LSM hook ran first and let this connect through: it was
             // either approved there or is a retry it already decided.
             // SAFETY: copied out at once.
@@ -201,7 +199,8 @@ fn lsm_holds_connects() -> bool {
     MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
 }
 
-/// The connect rule for this destination, if any.
+/// The connect candidate entry for this destination, if any: every entry
+/// is a hold candidate, whatever the port (see [`NetRule`]).
 #[inline(always)]
 pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
     let mut addr = event.addr;
@@ -226,8 +225,7 @@ pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
             event.addr[3],
         ];
     }
-    let rule = NET_RULES.get(Key::new(128, addr)).copied()?;
-    (rule.port == 0 || rule.port == event.port).then_some(rule)
+    NET_RULES.get(Key::new(128, addr)).copied()
 }
 
 /// How a hold attempt ended.

@@ -68,8 +68,6 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
     let value = NetRule {
         rule_id: 1,
         action: RuleAction::Hold as u32,
-        port: 0,
-        _pad: [0; 6],
     };
     let mut want = HashSet::new();
     for &(len, data) in &c.net {
