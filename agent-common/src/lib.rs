@@ -115,7 +115,9 @@ pub const CTL_DAEMON_PID: u32 = 5;
 pub const CTL_SLOTS: u32 = 8;
 /// Version of the pinned maps' layout (types, keys, values). Bump it when
 /// any of them changes: a daemon finding other pins starts afresh.
-pub const PIN_LAYOUT: u64 = 1;
+/// 2: exec and connect events in the pinned ring buffer carry padding
+/// where a rule id was.
+pub const PIN_LAYOUT: u64 = 2;
 
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;
@@ -140,17 +142,16 @@ pub enum Verdict {
     Deny = 2,
 }
 
-/// Value of the exec rule map (key: the path, zero padded to
-/// [`EXEC_RULE_KEY`] bytes).
+/// Value of the exec candidate maps (keys: the path, zero padded to
+/// [`EXEC_RULE_KEY`] bytes, or the file name's [`name_hash`]). Which rule
+/// matched is the daemon's policy to say, not the kernel's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExecRule {
-    /// Index of the rule in the daemon's rule list, plus one.
-    pub rule_id: u32,
-    /// A [`RuleAction`].
+    /// A [`RuleAction`]: hold and ask the daemon, or deny in the kernel.
     pub action: u32,
 }
-const _: () = assert!(size_of::<ExecRule>() == 8);
+const _: () = assert!(size_of::<ExecRule>() == 4);
 
 /// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4
 /// mapped into ::ffff:0:0/96). Every entry is a hold candidate whatever the
@@ -159,12 +160,10 @@ const _: () = assert!(size_of::<ExecRule>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetRule {
-    /// Index of the rule in the daemon's rule list, plus one.
-    pub rule_id: u32,
     /// [`RuleAction::Hold`], the only action written for a connect.
     pub action: u32,
 }
-const _: () = assert!(size_of::<NetRule>() == 8);
+const _: () = assert!(size_of::<NetRule>() == 4);
 
 /// Key of a verdict: the process and a digest of the exact action, so a
 /// verdict never covers an action other than the one decided.
@@ -428,8 +427,8 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// `EXEC_*` flags.
     pub flags: u32,
-    /// The rule that held or denied this exec, 0 for none.
-    pub rule_id: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
     /// Verdict key digest of a held execve (path and argv), else 0.
     pub digest: u64,
     /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
@@ -486,8 +485,8 @@ pub struct NetEvent {
     pub has_ret: u32,
     /// Remote address: 4 bytes for IPv4, 16 for IPv6, network byte order.
     pub addr: [u8; 16],
-    /// The rule that held or denied this connect, 0 for none.
-    pub rule_id: u32,
+    /// Padding, always zero.
+    pub _pad2: u32,
     /// `NET_*` flags.
     pub flags: u32,
     /// [`net_digest`] of the destination (set for held connects).

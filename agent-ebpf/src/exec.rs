@@ -53,7 +53,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let off = config().offsets;
     ev.header = header(EventKind::Exec, session_id);
     ev.flags = 0;
-    ev.rule_id = 0;
+    ev._pad = 0;
     ev.digest = 0;
     // Zeroed so the path's first EXEC_RULE_KEY bytes are a clean rule key.
     ev.filename = [0; FILENAME_MAX];
@@ -111,7 +111,6 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // With BPF LSM the rules were applied inside execve already.
     let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
     if let Some(rule) = (!lsm).then(|| exec_candidate(ev, bprm)).flatten() {
-        ev.rule_id = rule.rule_id;
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
         if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
@@ -155,7 +154,6 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
 #[inline(always)]
 pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
     const ANY: ExecRule = ExecRule {
-        rule_id: 1,
         action: RuleAction::Hold as u32,
     };
     // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed

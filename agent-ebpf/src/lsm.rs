@@ -24,7 +24,7 @@ use crate::{
         EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED,
         config, count_loss, daemon_alive, fail_open, file_f_path_offset, session_of, take_verdict,
     },
-    net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
+    net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_candidate, publish_hold},
     task::{header, read},
 };
 
@@ -108,20 +108,19 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         ret: NET_RET_UNKNOWN,
         has_ret: 0,
         addr,
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     };
-    let rule = if family == AF_INET {
-        net_rule::<false>(&event)
+    let candidate = if family == AF_INET {
+        net_candidate::<false>(&event)
     } else {
-        net_rule::<true>(&event)
+        net_candidate::<true>(&event)
     };
     // A connect that is no candidate is the cgroup hook's to record.
-    let Some(rule) = rule else {
+    if !candidate {
         return Ok(LsmVerdict::Allow);
-    };
-    event.rule_id = rule.rule_id;
+    }
     let key = HoldKey {
         tgid,
         _pad: 0,
@@ -198,7 +197,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     };
     ev.header = header(EventKind::Exec, session_id);
     ev.filename_len = len as u32;
-    ev.rule_id = rule.rule_id;
+    ev._pad = 0;
     ev.flags = 0;
     ev.args_len = 0;
     ev.digest = 0;

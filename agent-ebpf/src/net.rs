@@ -5,7 +5,7 @@ use core::ptr::read_volatile;
 
 use airlock_common::{
     EventKind, HoldKey, LossReason, MODE_LSM_CONNECT, NET_APPROVED, NET_DENIED,
-    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule, Verdict,
+    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, Verdict,
     net_digest,
 };
 use aya_ebpf::{
@@ -102,7 +102,7 @@ fn from_sock_addr<const V6: bool>(
         ret: NET_RET_UNKNOWN,
         has_ret: 0,
         addr,
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     }
@@ -133,8 +133,7 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
     };
     let mut event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
     let mut verdict = 1;
-    if let Some(rule) = net_rule::<V6>(&event) {
-        event.rule_id = rule.rule_id;
+    if net_candidate::<V6>(&event) {
         if lsm_holds_connects() {
             // The LSM hook ran first and let this connect through: it was
             // either approved there or is a retry it already decided.
@@ -199,10 +198,10 @@ fn lsm_holds_connects() -> bool {
     MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
 }
 
-/// The connect candidate entry for this destination, if any: every entry
-/// is a hold candidate, whatever the port (see [`NetRule`]).
+/// True when this destination is a connect candidate: every entry of the
+/// trie is held, whatever the port (see [`airlock_common::NetRule`]).
 #[inline(always)]
-pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
+pub fn net_candidate<const V6: bool>(event: &NetEvent) -> bool {
     let mut addr = event.addr;
     if !V6 {
         // IPv4 rules live in the trie as ::ffff:a.b.c.d.
@@ -225,7 +224,7 @@ pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
             event.addr[3],
         ];
     }
-    NET_RULES.get(Key::new(128, addr)).copied()
+    NET_RULES.get(Key::new(128, addr)).is_some()
 }
 
 /// How a hold attempt ended.
@@ -427,7 +426,7 @@ fn on_accept_exit(ctx: &TracePointContext) {
         ret: ret as i32,
         has_ret: 1,
         addr: [0; 16],
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     };

@@ -77,8 +77,6 @@ pub enum Detail {
         /// What a rule did: "held" or "denied" (absent when no rule matched).
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        rule_id: Option<u32>,
     },
     Exit(ExitStatus),
     Net {
@@ -89,8 +87,6 @@ pub enum Detail {
         /// What a rule did: "held", "denied", "approved" or "refused".
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        rule_id: Option<u32>,
     },
     File {
         /// The opened file's path (only its name when `path_truncated`).
@@ -297,7 +293,6 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
                 port: n.port,
                 ret: (n.has_ret != 0).then_some(n.ret),
                 enforcement,
-                rule_id: (n.rule_id != 0).then_some(n.rule_id),
             }
         }
         EventKind::Loss | EventKind::Decision => return Err(DecodeError::UnknownKind(h.kind)),
@@ -338,7 +333,6 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
         (f(std::mem::offset_of!(ExecEvent, filename_len)) as usize).min(FILENAME_MAX);
     let args_len = (f(std::mem::offset_of!(ExecEvent, args_len)) as usize).min(ARGS_MAX);
     let flags = f(std::mem::offset_of!(ExecEvent, flags));
-    let rule_id = f(std::mem::offset_of!(ExecEvent, rule_id));
     let digest = {
         let o = std::mem::offset_of!(ExecEvent, digest);
         let mut b = [0u8; 8];
@@ -372,7 +366,6 @@ fn decode_exec(bytes: &[u8]) -> Result<(Detail, Option<HoldInfo>), DecodeError> 
         path_truncated: flags & airlock_common::EXEC_FILENAME_TRUNCATED != 0,
         argv_unreadable: flags & airlock_common::EXEC_ARGS_UNREADABLE != 0,
         enforcement,
-        rule_id: (rule_id != 0).then_some(rule_id),
     };
     Ok((detail, held.then_some(HoldInfo { digest, in_syscall })))
 }
@@ -480,7 +473,7 @@ mod tests {
             filename_len: 8,
             args_len: 0,
             flags: airlock_common::EXEC_ARGS_TRUNCATED,
-            rule_id: 0,
+            _pad: 0,
             digest: 0,
             filename: [0; FILENAME_MAX],
             args: [0; ARGS_MAX],
@@ -516,7 +509,6 @@ mod tests {
                 path_truncated: false,
                 argv_unreadable: false,
                 enforcement: None,
-                rule_id: None,
             }
         );
         assert_eq!(r.hold, None);
@@ -571,7 +563,6 @@ mod tests {
                 port: 8080,
                 ret: Some(-111),
                 enforcement: None,
-                rule_id: None,
             }
         );
         n.family = libc::AF_INET6 as u16;
@@ -587,7 +578,6 @@ mod tests {
                 port: 8080,
                 ret: None,
                 enforcement: None,
-                rule_id: None,
             }
         );
     }
@@ -599,7 +589,6 @@ mod tests {
             family: libc::AF_INET as u16,
             protocol: 6,
             port: 443,
-            rule_id: 2,
             digest: 0xfeed,
             ..Default::default()
         };

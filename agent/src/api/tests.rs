@@ -126,7 +126,6 @@ async fn harness_with(policy: &str, arg: &str) -> Harness {
             path_truncated: false,
             argv_unreadable: false,
             enforcement: Some("held"),
-            rule_id: Some(1),
         },
         hold: Some(HoldInfo {
             digest: 0,

@@ -15,15 +15,13 @@ use super::SensorError;
 use crate::policy::candidates::Candidates;
 
 /// A candidate map entry says "hold and ask the daemon"; the daemon's
-/// policy decides (rule id 1 stands for "the policy").
+/// policy decides.
 const CANDIDATE: ExecRule = ExecRule {
-    rule_id: 1,
     action: RuleAction::Hold as u32,
 };
 
 /// An executable a deny rule alone decides: refused in the kernel.
 const DENIED: ExecRule = ExecRule {
-    rule_id: 1,
     action: RuleAction::Deny as u32,
 };
 
@@ -66,7 +64,6 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), SensorError> {
     let mut net: LpmTrie<&mut MapData, [u8; 16], NetRule> =
         LpmTrie::try_from(map(ebpf, "NET_RULES")?).map_err(|e| SensorError::map("NET_RULES", e))?;
     let value = NetRule {
-        rule_id: 1,
         action: RuleAction::Hold as u32,
     };
     let mut want = HashSet::new();

@@ -39,7 +39,6 @@ fn exec(session_id: u64, ts: i64) -> Record {
             path_truncated: false,
             argv_unreadable: false,
             enforcement: None,
-            rule_id: None,
         },
     }
 }
