@@ -19,6 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    hold::SIGSTOP,
     maps::{
         EVENTS, EXEC_NAMES, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss,
         daemon_alive, fail_open, session_of, submit_flags,
@@ -27,7 +28,6 @@ use crate::{
 };
 
 const SIGKILL: u32 = 9;
-const SIGSTOP: u32 = 19;
 
 /// `trace_sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// fired in exec_binprm once the new image is in place and before it runs:

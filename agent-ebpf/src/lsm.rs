@@ -13,22 +13,22 @@ use airlock_common::{
     RuleAction, Verdict, file_digest, fnv_step, net_digest,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, bpf_send_signal},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::lsm,
     programs::LsmContext,
 };
 
 use crate::{
     exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, output_exec},
+    hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
-        EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED,
-        config, count_loss, daemon_alive, fail_open, file_f_path_offset, session_of, take_verdict,
+        EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, LSM_APPROVED, config,
+        count_loss, file_f_path_offset, session_of, take_verdict,
     },
-    net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_candidate, publish_hold},
+    net::{PENDING_CONNECT, net_candidate, publish_connect},
     task::{header, read},
 };
 
-const SIGCONT: u32 = 18;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EPERM: i32 = 1;
@@ -139,14 +139,17 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None => match publish_hold(event, key) {
+        None => match hold(key, session_id, EventKind::ConnectHeld, || {
+            publish_connect(&event)
+        }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
-            HoldOutcome::NoDaemon if fail_open() => {
+            HoldOutcome::FailOpen => {
+                // The cgroup hook records it with this mark.
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_NO_DAEMON, 0);
                 Ok(LsmVerdict::Allow)
             }
-            HoldOutcome::NoDaemon => {
+            HoldOutcome::FailClosed => {
                 event.flags |= NET_NO_DAEMON | NET_DENIED;
                 let _ = PENDING_CONNECT.insert(pid_tgid, event, 0);
                 Ok(LsmVerdict::Deny)
@@ -245,42 +248,25 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None if !daemon_alive() => {
-            // Nobody would answer: the fail mode decides, and says so.
-            let _ = HOLD_PENDING.remove(key);
-            let _ = ARGV_STASH.remove(pid_tgid);
-            if fail_open() {
+        None => match hold(key, session_id, EventKind::Exec, || {
+            ev.flags |= EXEC_HELD | EXEC_HELD_IN_SYSCALL;
+            output_exec(ev, FORCE_WAKEUP)
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                let _ = ARGV_STASH.remove(pid_tgid);
                 // sched_process_exec records the exec with this mark.
                 let _ = EXEC_MARKS.insert(tgid, EXEC_NO_DAEMON, 0);
                 Ok(LsmVerdict::Allow)
-            } else {
+            }
+            HoldOutcome::FailClosed => {
+                let _ = ARGV_STASH.remove(pid_tgid);
                 ev.flags |= EXEC_NO_DAEMON | EXEC_DENIED;
                 emit_exec(ev);
                 Ok(LsmVerdict::Deny)
             }
-        }
-        None => {
-            // SAFETY: only the presence of the key is used.
-            if unsafe { HOLD_PENDING.get(key) }.is_none() {
-                ev.flags |= EXEC_HELD | EXEC_HELD_IN_SYSCALL;
-                // Stop before publishing, so a fast answer cannot overtake it.
-                // SAFETY: signals the current process.
-                unsafe { bpf_send_signal(SIGSTOP) };
-                if !output_exec(ev, FORCE_WAKEUP) {
-                    // Nobody would hear of this hold: refuse instead.
-                    count_loss(session_id, EventKind::Exec, LossReason::HoldUnpublished);
-                    // SAFETY: as above; the task is not left stopped.
-                    unsafe { bpf_send_signal(SIGCONT) };
-                    return Ok(LsmVerdict::Deny);
-                }
-                let _ = HOLD_PENDING.insert(key, 1, 0);
-            } else {
-                // A re-issued execve still waiting: stop again, no new request.
-                // SAFETY: as above.
-                unsafe { bpf_send_signal(SIGSTOP) };
-            }
-            Ok(LsmVerdict::Hold)
-        }
+        },
     }
 }
 
@@ -464,41 +450,23 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None if !daemon_alive() => {
-            // Nobody would answer: the fail mode decides, and says so.
-            let _ = HOLD_PENDING.remove(key);
-            ev.flags |= FILE_NO_DAEMON;
-            if fail_open() {
+        None => match hold(key, session_id, EventKind::FileOpen, || {
+            ev.flags |= FILE_HELD;
+            EVENTS.output::<FileEvent>(&*ev, FORCE_WAKEUP).is_ok()
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                ev.flags |= FILE_NO_DAEMON;
                 emit_file(ev);
                 Ok(LsmVerdict::Allow)
-            } else {
-                ev.flags |= FILE_DENIED;
+            }
+            HoldOutcome::FailClosed => {
+                ev.flags |= FILE_NO_DAEMON | FILE_DENIED;
                 emit_file(ev);
                 Ok(LsmVerdict::Deny)
             }
-        }
-        None => {
-            // SAFETY: only the presence of the key is used.
-            if unsafe { HOLD_PENDING.get(key) }.is_none() {
-                ev.flags |= FILE_HELD;
-                // Stop before publishing, so a fast answer cannot overtake it.
-                // SAFETY: signals the current process.
-                unsafe { bpf_send_signal(SIGSTOP) };
-                if EVENTS.output::<FileEvent>(ev, FORCE_WAKEUP).is_err() {
-                    // Nobody would hear of this hold: refuse instead.
-                    count_loss(session_id, EventKind::FileOpen, LossReason::HoldUnpublished);
-                    // SAFETY: as above; the task is not left stopped.
-                    unsafe { bpf_send_signal(SIGCONT) };
-                    return Ok(LsmVerdict::Deny);
-                }
-                let _ = HOLD_PENDING.insert(key, 1, 0);
-            } else {
-                // A re-issued open still waiting: stop again, no new request.
-                // SAFETY: as above.
-                unsafe { bpf_send_signal(SIGSTOP) };
-            }
-            Ok(LsmVerdict::Hold)
-        }
+        },
     }
 }
 
