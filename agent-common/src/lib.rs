@@ -202,8 +202,8 @@ pub const FNV_PRIME: u64 = 0x100_0000_01b3;
 /// One FNV-1a step: mixes byte `b` into hash `h`. The only place the hash
 /// is spelled out: every digest and name hash, in the kernel and in the
 /// daemon, is a loop of this step from [`FNV_OFFSET`], so both sides agree
-/// bit for bit. The loops stay at the call sites, each bounded by a
-/// constant for the verifier.
+/// bit for bit. The loops stay at the call sites; the kernel's are each
+/// bounded by a constant for the verifier.
 #[inline(always)]
 pub const fn fnv_step(h: u64, b: u8) -> u64 {
     (h ^ b as u64).wrapping_mul(FNV_PRIME)

@@ -122,8 +122,8 @@ pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(409
 #[map]
 pub static VERDICTS: HashMap<u32, VerdictEntry> = HashMap::with_max_entries(8192, 0);
 
-/// Held connects already published, so a stray SIGCONT re-holds without a
-/// second request.
+/// Holds already published (execs, opens, connects), so a stray SIGCONT
+/// re-holds without a second request.
 #[map]
 pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(8192, 0);
 
