@@ -35,7 +35,9 @@ pub const EXEC_REFUSED: u32 = 1 << 6;
 /// fail mode decided instead of a human (with [`EXEC_DENIED`] when closed).
 pub const EXEC_NO_DAEMON: u32 = 1 << 7;
 
-/// A deny rule refused this connect (the caller got EPERM).
+/// The connect was refused without a human's verdict (the caller got
+/// EPERM): by the fail mode ([`NET_NO_DAEMON`]) or because it could not be
+/// held ([`NET_HOLD_UNAVAILABLE`]). The kernel has no connect deny rules.
 pub const NET_DENIED: u32 = 1 << 0;
 /// A hold rule matched and a verdict let this connect through.
 pub const NET_APPROVED: u32 = 1 << 1;
@@ -113,7 +115,9 @@ pub const CTL_DAEMON_PID: u32 = 5;
 pub const CTL_SLOTS: u32 = 8;
 /// Version of the pinned maps' layout (types, keys, values). Bump it when
 /// any of them changes: a daemon finding other pins starts afresh.
-pub const PIN_LAYOUT: u64 = 1;
+/// 2: exec and connect events in the pinned ring buffer carry padding
+/// where a rule id was.
+pub const PIN_LAYOUT: u64 = 2;
 
 /// Bytes of an executable path used as an exec rule key (zero padded).
 pub const EXEC_RULE_KEY: usize = 256;
@@ -138,33 +142,28 @@ pub enum Verdict {
     Deny = 2,
 }
 
-/// Value of the exec rule map (key: the path, zero padded to
-/// [`EXEC_RULE_KEY`] bytes).
+/// Value of the exec candidate maps (keys: the path, zero padded to
+/// [`EXEC_RULE_KEY`] bytes, or the file name's [`name_hash`]). Which rule
+/// matched is the daemon's policy to say, not the kernel's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExecRule {
-    /// Index of the rule in the daemon's rule list, plus one.
-    pub rule_id: u32,
-    /// A [`RuleAction`].
+    /// A [`RuleAction`]: hold and ask the daemon, or deny in the kernel.
     pub action: u32,
 }
-const _: () = assert!(size_of::<ExecRule>() == 8);
+const _: () = assert!(size_of::<ExecRule>() == 4);
 
-/// Value of the network rule LPM trie (key: an IPv6 prefix, IPv4 mapped
-/// into ::ffff:0:0/96).
+/// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4
+/// mapped into ::ffff:0:0/96). Every entry is a hold candidate whatever the
+/// port: the daemon's policy decides each connect, so the kernel has no
+/// connect deny rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetRule {
-    /// Index of the rule in the daemon's rule list, plus one.
-    pub rule_id: u32,
-    /// A [`RuleAction`].
+    /// [`RuleAction::Hold`], the only action written for a connect.
     pub action: u32,
-    /// Only this destination port, or 0 for any.
-    pub port: u16,
-    /// Padding, always zero.
-    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<NetRule>() == 16);
+const _: () = assert!(size_of::<NetRule>() == 4);
 
 /// Key of a verdict: the process and a digest of the exact action, so a
 /// verdict never covers an action other than the one decided.
@@ -200,6 +199,16 @@ pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// FNV-1a prime.
 pub const FNV_PRIME: u64 = 0x100_0000_01b3;
 
+/// One FNV-1a step: mixes byte `b` into hash `h`. The only place the hash
+/// is spelled out: every digest and name hash, in the kernel and in the
+/// daemon, is a loop of this step from [`FNV_OFFSET`], so both sides agree
+/// bit for bit. The loops stay at the call sites; the kernel's are each
+/// bounded by a constant for the verifier.
+#[inline(always)]
+pub const fn fnv_step(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(FNV_PRIME)
+}
+
 /// FNV-1a over a file name (one path component, no `/`): the key of the
 /// name candidate maps (exec candidates hash an executable's file
 /// name, the file maps a file's or its directory's name). The kernel hashes
@@ -209,7 +218,7 @@ pub fn name_hash(name: &[u8]) -> u64 {
     let mut h = FNV_OFFSET;
     let mut i = 0;
     while i < name.len() {
-        h = (h ^ name[i] as u64).wrapping_mul(FNV_PRIME);
+        h = fnv_step(h, name[i]);
         i += 1;
     }
     h
@@ -219,8 +228,7 @@ pub fn name_hash(name: &[u8]) -> u64 {
 /// Computed the same way by the kernel and the daemon.
 #[inline(always)]
 pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64 {
-    const PRIME: u64 = 0x100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET;
     let head = [
         family as u8,
         (family >> 8) as u8,
@@ -231,12 +239,12 @@ pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64
     ];
     let mut i = 0;
     while i < head.len() {
-        h = (h ^ head[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, head[i]);
         i += 1;
     }
     let mut i = 0;
     while i < 16 {
-        h = (h ^ addr[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, addr[i]);
         i += 1;
     }
     h
@@ -253,10 +261,10 @@ pub fn file_digest(path: &[u8; FILE_PATH_MAX], len: usize, write: bool) -> u64 {
         if i >= len {
             break;
         }
-        h = (h ^ path[i] as u64).wrapping_mul(FNV_PRIME);
+        h = fnv_step(h, path[i]);
         i += 1;
     }
-    (h ^ write as u64).wrapping_mul(FNV_PRIME)
+    fnv_step(h, write as u8)
 }
 
 /// What an event records. Ids come in ranges: 1-99 process, 100-199 network,
@@ -419,8 +427,8 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// `EXEC_*` flags.
     pub flags: u32,
-    /// The rule that held or denied this exec, 0 for none.
-    pub rule_id: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
     /// Verdict key digest of a held execve (path and argv), else 0.
     pub digest: u64,
     /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
@@ -477,8 +485,8 @@ pub struct NetEvent {
     pub has_ret: u32,
     /// Remote address: 4 bytes for IPv4, 16 for IPv6, network byte order.
     pub addr: [u8; 16],
-    /// The rule that held or denied this connect, 0 for none.
-    pub rule_id: u32,
+    /// Padding, always zero.
+    pub _pad2: u32,
     /// `NET_*` flags.
     pub flags: u32,
     /// [`net_digest`] of the destination (set for held connects).
@@ -618,4 +626,45 @@ mod pod {
     unsafe impl aya::Pod for super::HoldKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VerdictEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values computed by the digests as first shipped (and checked against
+    /// a reference FNV-1a): the kernel and the daemon must keep computing
+    /// exactly these, or verdicts and candidates stop matching.
+    #[test]
+    fn digests_keep_their_known_values() {
+        assert_eq!(name_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_hash(b"curl"), 0x4c96_8a90_ace3_649b);
+        assert_eq!(name_hash(b".ssh"), 0xa190_7aa7_3047_da65);
+
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(net_digest(2, 6, 443, &v4), 0x9fea_211a_1109_5b54);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert_eq!(net_digest(10, 17, 53, &v6), 0x89e5_fb96_02fc_bb38);
+
+        let mut path = [0u8; FILE_PATH_MAX];
+        path[..11].copy_from_slice(b"/etc/passwd");
+        assert_eq!(file_digest(&path, 11, false), 0x82ed_a1a2_2c38_bc95);
+        assert_eq!(file_digest(&path, 11, true), 0x82ed_a0a2_2c38_bae2);
+        assert_eq!(
+            file_digest(&[0; FILE_PATH_MAX], 0, false),
+            0xaf63_bd4c_8601_b7df
+        );
+        let full = [0xab; FILE_PATH_MAX];
+        assert_eq!(
+            file_digest(&full, FILE_PATH_MAX, true),
+            0x2ca9_f9e8_3933_642c
+        );
+        // A length past the buffer hashes the whole buffer, no more.
+        assert_eq!(
+            file_digest(&full, FILE_PATH_MAX + 7, true),
+            0x2ca9_f9e8_3933_642c
+        );
+    }
 }

@@ -6,7 +6,7 @@ use core::mem::offset_of;
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
     EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
-    FNV_OFFSET, FNV_PRIME, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction,
+    FNV_OFFSET, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
 };
 use aya_ebpf::{
     helpers::{
@@ -19,6 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    hold::SIGSTOP,
     maps::{
         EVENTS, EXEC_NAMES, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss,
         daemon_alive, fail_open, session_of, submit_flags,
@@ -27,7 +28,6 @@ use crate::{
 };
 
 const SIGKILL: u32 = 9;
-const SIGSTOP: u32 = 19;
 
 /// `trace_sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// fired in exec_binprm once the new image is in place and before it runs:
@@ -53,7 +53,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let off = config().offsets;
     ev.header = header(EventKind::Exec, session_id);
     ev.flags = 0;
-    ev.rule_id = 0;
+    ev._pad = 0;
     ev.digest = 0;
     // Zeroed so the path's first EXEC_RULE_KEY bytes are a clean rule key.
     ev.filename = [0; FILENAME_MAX];
@@ -111,7 +111,6 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // With BPF LSM the rules were applied inside execve already.
     let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
     if let Some(rule) = (!lsm).then(|| exec_candidate(ev, bprm)).flatten() {
-        ev.rule_id = rule.rule_id;
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
         if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
@@ -155,7 +154,6 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
 #[inline(always)]
 pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
     const ANY: ExecRule = ExecRule {
-        rule_id: 1,
         action: RuleAction::Hold as u32,
     };
     // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed
@@ -179,7 +177,7 @@ pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
         h = if b == b'/' {
             FNV_OFFSET
         } else {
-            (h ^ b as u64).wrapping_mul(FNV_PRIME)
+            fnv_step(h, b)
         };
     }
     // SAFETY: copied out at once.

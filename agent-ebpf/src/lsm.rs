@@ -8,27 +8,27 @@ use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON,
     EXEC_REFUSED, EXEC_RULE_KEY, EventKind, ExecEvent, FILE_APPROVED, FILE_CAND_DIR,
     FILE_CAND_NAME, FILE_DENIED, FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX,
-    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FNV_PRIME, FileEvent,
-    HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN,
-    NetEvent, RuleAction, Verdict, file_digest, net_digest,
+    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FileEvent, HoldKey,
+    LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent,
+    RuleAction, Verdict, file_digest, fnv_step, net_digest,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes, bpf_send_signal},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::lsm,
     programs::LsmContext,
 };
 
 use crate::{
     exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, output_exec},
+    hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
-        EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED,
-        config, count_loss, daemon_alive, fail_open, file_f_path_offset, session_of, take_verdict,
+        EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, LSM_APPROVED, config,
+        count_loss, file_f_path_offset, session_of, take_verdict,
     },
-    net::{ERESTARTNOINTR, HoldOutcome, PENDING_CONNECT, SIGSTOP, net_rule, publish_hold},
+    net::{PENDING_CONNECT, net_candidate, publish_connect},
     task::{header, read},
 };
 
-const SIGCONT: u32 = 18;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EPERM: i32 = 1;
@@ -108,20 +108,19 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         ret: NET_RET_UNKNOWN,
         has_ret: 0,
         addr,
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     };
-    let rule = if family == AF_INET {
-        net_rule::<false>(&event)
+    let candidate = if family == AF_INET {
+        net_candidate::<false>(&event)
     } else {
-        net_rule::<true>(&event)
+        net_candidate::<true>(&event)
     };
-    // Deny rules and unflagged connects are the cgroup hook's to record.
-    let Some(rule) = rule.filter(|r| r.action == RuleAction::Hold as u32) else {
+    // A connect that is no candidate is the cgroup hook's to record.
+    if !candidate {
         return Ok(LsmVerdict::Allow);
-    };
-    event.rule_id = rule.rule_id;
+    }
     let key = HoldKey {
         tgid,
         _pad: 0,
@@ -140,14 +139,17 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None => match publish_hold(event, key) {
+        None => match hold(key, session_id, EventKind::ConnectHeld, || {
+            publish_connect(&event)
+        }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
-            HoldOutcome::NoDaemon if fail_open() => {
+            HoldOutcome::FailOpen => {
+                // The cgroup hook records it with this mark.
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_NO_DAEMON, 0);
                 Ok(LsmVerdict::Allow)
             }
-            HoldOutcome::NoDaemon => {
+            HoldOutcome::FailClosed => {
                 event.flags |= NET_NO_DAEMON | NET_DENIED;
                 let _ = PENDING_CONNECT.insert(pid_tgid, event, 0);
                 Ok(LsmVerdict::Deny)
@@ -198,7 +200,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     };
     ev.header = header(EventKind::Exec, session_id);
     ev.filename_len = len as u32;
-    ev.rule_id = rule.rule_id;
+    ev._pad = 0;
     ev.flags = 0;
     ev.args_len = 0;
     ev.digest = 0;
@@ -246,64 +248,47 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None if !daemon_alive() => {
-            // Nobody would answer: the fail mode decides, and says so.
-            let _ = HOLD_PENDING.remove(key);
-            let _ = ARGV_STASH.remove(pid_tgid);
-            if fail_open() {
+        None => match hold(key, session_id, EventKind::Exec, || {
+            ev.flags |= EXEC_HELD | EXEC_HELD_IN_SYSCALL;
+            output_exec(ev, FORCE_WAKEUP)
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                let _ = ARGV_STASH.remove(pid_tgid);
                 // sched_process_exec records the exec with this mark.
                 let _ = EXEC_MARKS.insert(tgid, EXEC_NO_DAEMON, 0);
                 Ok(LsmVerdict::Allow)
-            } else {
+            }
+            HoldOutcome::FailClosed => {
+                let _ = ARGV_STASH.remove(pid_tgid);
                 ev.flags |= EXEC_NO_DAEMON | EXEC_DENIED;
                 emit_exec(ev);
                 Ok(LsmVerdict::Deny)
             }
-        }
-        None => {
-            // SAFETY: only the presence of the key is used.
-            if unsafe { HOLD_PENDING.get(key) }.is_none() {
-                ev.flags |= EXEC_HELD | EXEC_HELD_IN_SYSCALL;
-                // Stop before publishing, so a fast answer cannot overtake it.
-                // SAFETY: signals the current process.
-                unsafe { bpf_send_signal(SIGSTOP) };
-                if !output_exec(ev, FORCE_WAKEUP) {
-                    // Nobody would hear of this hold: refuse instead.
-                    count_loss(session_id, EventKind::Exec, LossReason::HoldUnpublished);
-                    // SAFETY: as above; the task is not left stopped.
-                    unsafe { bpf_send_signal(SIGCONT) };
-                    return Ok(LsmVerdict::Deny);
-                }
-                let _ = HOLD_PENDING.insert(key, 1, 0);
-            } else {
-                // A re-issued execve still waiting: stop again, no new request.
-                // SAFETY: as above.
-                unsafe { bpf_send_signal(SIGSTOP) };
-            }
-            Ok(LsmVerdict::Hold)
-        }
+        },
     }
 }
 
 /// FNV-1a over the path and argv: the verdict covers this exact command.
 #[inline(always)]
 fn exec_digest(ev: &ExecEvent) -> u64 {
-    const PRIME: u64 = 0x100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET;
     let n = ev.filename_len as usize;
     for i in 0..EXEC_RULE_KEY {
         if i >= n {
             break;
         }
-        h = (h ^ ev.filename[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, ev.filename[i]);
     }
-    h = (h ^ 0xff).wrapping_mul(PRIME);
+    // One 0xff byte between the path and argv.
+    h = fnv_step(h, 0xff);
     let n = ev.args_len as usize;
     for i in 0..ARGS_MAX {
         if i >= n {
             break;
         }
-        h = (h ^ ev.args[i] as u64).wrapping_mul(PRIME);
+        h = fnv_step(h, ev.args[i]);
     }
     h
 }
@@ -368,7 +353,7 @@ fn dentry_name_hash(dentry: u64) -> Option<u64> {
         if i >= n {
             break;
         }
-        h = (h ^ *b as u64).wrapping_mul(FNV_PRIME);
+        h = fnv_step(h, *b);
     }
     Some(h)
 }
@@ -465,41 +450,23 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
                 Ok(LsmVerdict::Deny)
             }
         }
-        None if !daemon_alive() => {
-            // Nobody would answer: the fail mode decides, and says so.
-            let _ = HOLD_PENDING.remove(key);
-            ev.flags |= FILE_NO_DAEMON;
-            if fail_open() {
+        None => match hold(key, session_id, EventKind::FileOpen, || {
+            ev.flags |= FILE_HELD;
+            EVENTS.output::<FileEvent>(&*ev, FORCE_WAKEUP).is_ok()
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                ev.flags |= FILE_NO_DAEMON;
                 emit_file(ev);
                 Ok(LsmVerdict::Allow)
-            } else {
-                ev.flags |= FILE_DENIED;
+            }
+            HoldOutcome::FailClosed => {
+                ev.flags |= FILE_NO_DAEMON | FILE_DENIED;
                 emit_file(ev);
                 Ok(LsmVerdict::Deny)
             }
-        }
-        None => {
-            // SAFETY: only the presence of the key is used.
-            if unsafe { HOLD_PENDING.get(key) }.is_none() {
-                ev.flags |= FILE_HELD;
-                // Stop before publishing, so a fast answer cannot overtake it.
-                // SAFETY: signals the current process.
-                unsafe { bpf_send_signal(SIGSTOP) };
-                if EVENTS.output::<FileEvent>(ev, FORCE_WAKEUP).is_err() {
-                    // Nobody would hear of this hold: refuse instead.
-                    count_loss(session_id, EventKind::FileOpen, LossReason::HoldUnpublished);
-                    // SAFETY: as above; the task is not left stopped.
-                    unsafe { bpf_send_signal(SIGCONT) };
-                    return Ok(LsmVerdict::Deny);
-                }
-                let _ = HOLD_PENDING.insert(key, 1, 0);
-            } else {
-                // A re-issued open still waiting: stop again, no new request.
-                // SAFETY: as above.
-                unsafe { bpf_send_signal(SIGSTOP) };
-            }
-            Ok(LsmVerdict::Hold)
-        }
+        },
     }
 }
 

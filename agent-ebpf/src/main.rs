@@ -5,6 +5,7 @@
 #![no_main]
 
 mod exec;
+mod hold;
 mod lsm;
 mod maps;
 mod net;

@@ -111,7 +111,8 @@ pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 
 #[map]
 pub static FILE_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Connect rules by destination prefix (IPv6; IPv4 as ::ffff:a.b.c.d).
+/// Connect candidates by destination prefix (IPv6; IPv4 as
+/// ::ffff:a.b.c.d), written by the daemon from its policy: each is held.
 #[map]
 pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(4096, 0);
 
@@ -121,8 +122,8 @@ pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(409
 #[map]
 pub static VERDICTS: HashMap<u32, VerdictEntry> = HashMap::with_max_entries(8192, 0);
 
-/// Held connects already published, so a stray SIGCONT re-holds without a
-/// second request.
+/// Holds already published (execs, opens, connects), so a stray SIGCONT
+/// re-holds without a second request.
 #[map]
 pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(8192, 0);
 

@@ -5,20 +5,21 @@ use core::ptr::read_volatile;
 
 use airlock_common::{
     EventKind, HoldKey, LossReason, MODE_LSM_CONNECT, NET_APPROVED, NET_DENIED,
-    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, NetRule,
-    RuleAction, Verdict, net_digest,
+    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, Verdict,
+    net_digest,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_send_signal, bpf_set_retval},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_set_retval},
     macros::{cgroup_sock_addr, map, tracepoint},
     maps::{LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, TracePointContext},
 };
 
 use crate::{
+    hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
-        EVENTS, FORCE_WAKEUP, HOLD_PENDING, LSM_APPROVED, MODE, NET_RULES, count_loss,
-        daemon_alive, fail_open, session_of, submit_flags, take_verdict,
+        EVENTS, FORCE_WAKEUP, LSM_APPROVED, MODE, NET_RULES, count_loss, session_of, submit_flags,
+        take_verdict,
     },
     task::header,
 };
@@ -26,10 +27,6 @@ use crate::{
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
-pub const SIGSTOP: u32 = 19;
-/// The kernel re-issues a syscall that returns this once the task resumes;
-/// the caller never sees it.
-pub const ERESTARTNOINTR: i32 = -513;
 
 /// A connect seen by the cgroup hook, waiting for the syscall's return value.
 #[map]
@@ -102,7 +99,7 @@ fn from_sock_addr<const V6: bool>(
         ret: NET_RET_UNKNOWN,
         has_ret: 0,
         addr,
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     }
@@ -120,8 +117,9 @@ fn emit(event: &NetEvent) {
 }
 
 /// Remembers a watched connect until `sys_exit_connect` gives its outcome,
-/// after applying the connect rules: deny refuses at once; hold stops the
-/// task and restarts the syscall (-ERESTARTNOINTR) until a verdict exists.
+/// after checking the connect candidates: a candidate stops the task and
+/// restarts the syscall (-ERESTARTNOINTR) until a verdict exists (unless
+/// the LSM hook holds connects, or this kernel cannot hold here).
 /// Returns 1 to let the connect proceed, 0 to refuse or hold it.
 #[inline(always)]
 fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
@@ -132,12 +130,8 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
     };
     let mut event = from_sock_addr::<V6>(ctx, EventKind::Connect, session_id);
     let mut verdict = 1;
-    if let Some(rule) = net_rule::<V6>(&event) {
-        event.rule_id = rule.rule_id;
-        if rule.action == RuleAction::Deny as u32 {
-            event.flags |= NET_DENIED;
-            verdict = 0;
-        } else if lsm_holds_connects() {
+    if net_candidate::<V6>(&event) {
+        if lsm_holds_connects() {
             // The LSM hook ran first and let this connect through: it was
             // either approved there or is a retry it already decided.
             // SAFETY: copied out at once.
@@ -167,7 +161,9 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                         verdict = 0;
                     }
                 }
-                None => match publish_hold(event, key) {
+                None => match hold(key, session_id, EventKind::ConnectHeld, || {
+                    publish_connect(&event)
+                }) {
                     HoldOutcome::Held => {
                         // SAFETY: sets this syscall's return value; no
                         // memory is touched. 0 below then means "restart
@@ -176,12 +172,10 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                         return 0;
                     }
                     HoldOutcome::Unpublished => return 0,
-                    HoldOutcome::NoDaemon => {
-                        event.flags |= NET_NO_DAEMON;
-                        if !fail_open() {
-                            event.flags |= NET_DENIED;
-                            verdict = 0;
-                        }
+                    HoldOutcome::FailOpen => event.flags |= NET_NO_DAEMON,
+                    HoldOutcome::FailClosed => {
+                        event.flags |= NET_NO_DAEMON | NET_DENIED;
+                        verdict = 0;
                     }
                 },
             }
@@ -201,9 +195,10 @@ fn lsm_holds_connects() -> bool {
     MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
 }
 
-/// The connect rule for this destination, if any.
+/// True when this destination is a connect candidate: every entry of the
+/// trie is held, whatever the port (see [`airlock_common::NetRule`]).
 #[inline(always)]
-pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
+pub fn net_candidate<const V6: bool>(event: &NetEvent) -> bool {
     let mut addr = event.addr;
     if !V6 {
         // IPv4 rules live in the trie as ::ffff:a.b.c.d.
@@ -226,57 +221,23 @@ pub fn net_rule<const V6: bool>(event: &NetEvent) -> Option<NetRule> {
             event.addr[3],
         ];
     }
-    let rule = NET_RULES.get(Key::new(128, addr)).copied()?;
-    (rule.port == 0 || rule.port == event.port).then_some(rule)
+    NET_RULES.get(Key::new(128, addr)).is_some()
 }
 
-/// How a hold attempt ended.
-pub enum HoldOutcome {
-    /// The task is stopped and the daemon told (or told already).
-    Held,
-    /// The ring buffer is full: nothing stopped; the caller refuses.
-    Unpublished,
-    /// No daemon is alive to answer: nothing stopped; the caller applies
-    /// the fail mode ([`fail_open`]).
-    NoDaemon,
-}
-
-/// Stops the current task and publishes the hold request (once per action;
-/// a stray SIGCONT only stops it again), unless nobody could answer.
+/// Publishes a connect's hold request (kind [`EventKind::ConnectHeld`])
+/// with a forced wakeup: [`hold`]'s `publish` for both connect hooks.
 #[inline(always)]
-pub fn publish_hold(mut event: NetEvent, key: HoldKey) -> HoldOutcome {
-    if !daemon_alive() {
-        let _ = HOLD_PENDING.remove(key);
-        return HoldOutcome::NoDaemon;
-    }
-    // SAFETY: only the presence of the key is used.
-    let published = unsafe { HOLD_PENDING.get(key) }.is_some();
-    let mut slot = None;
-    if !published {
-        // Reserve first, so a full ring buffer refuses instead of stopping a
-        // task nobody will hear of.
-        match EVENTS.reserve::<NetEvent>(0) {
-            Some(s) => slot = Some(s),
-            None => {
-                count_loss(
-                    event.header.session_id,
-                    EventKind::ConnectHeld,
-                    LossReason::HoldUnpublished,
-                );
-                return HoldOutcome::Unpublished;
-            }
+pub fn publish_connect(event: &NetEvent) -> bool {
+    match EVENTS.reserve::<NetEvent>(0) {
+        Some(mut slot) => {
+            let mut held = *event;
+            held.header.kind = EventKind::ConnectHeld as u32;
+            slot.write(held);
+            slot.submit(FORCE_WAKEUP);
+            true
         }
+        None => false,
     }
-    // Stop before publishing, so a fast answer cannot overtake the stop.
-    // SAFETY: signals the current process; no memory is touched.
-    unsafe { bpf_send_signal(SIGSTOP) };
-    if let Some(mut slot) = slot {
-        let _ = HOLD_PENDING.insert(key, 1, 0);
-        event.header.kind = EventKind::ConnectHeld as u32;
-        slot.write(event);
-        slot.submit(FORCE_WAKEUP);
-    }
-    HoldOutcome::Held
 }
 
 /// cgroup/connect4 (`__cgroup_bpf_run_filter_sock_addr` from inet_stream_connect
@@ -429,7 +390,7 @@ fn on_accept_exit(ctx: &TracePointContext) {
         ret: ret as i32,
         has_ret: 1,
         addr: [0; 16],
-        rule_id: 0,
+        _pad2: 0,
         flags: 0,
         digest: 0,
     };

@@ -115,8 +115,8 @@ fn daemon_with_a_bad_policy_exits_64_before_creating_anything() {
 fn shipped_packs() -> Vec<String> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let mut v: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
+        .expect("policies/")
+        .map(|e| e.expect("a directory entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .map(|p| p.display().to_string())
         .collect();

@@ -23,15 +23,13 @@ use super::BpfError;
 use crate::policy::candidates::Candidates;
 
 /// A candidate map entry says "hold and ask the daemon"; the daemon's
-/// policy decides (rule id 1 stands for "the policy").
+/// policy decides.
 const CANDIDATE: ExecRule = ExecRule {
-    rule_id: 1,
     action: RuleAction::Hold as u32,
 };
 
 /// An executable a deny rule alone decides: refused in the kernel.
 const DENIED: ExecRule = ExecRule {
-    rule_id: 1,
     action: RuleAction::Deny as u32,
 };
 
@@ -74,10 +72,7 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), BpfError> {
     let mut net: LpmTrie<&mut MapData, [u8; 16], NetRule> =
         LpmTrie::try_from(map(ebpf, "NET_RULES")?).map_err(|e| BpfError::map("NET_RULES", e))?;
     let value = NetRule {
-        rule_id: 1,
         action: RuleAction::Hold as u32,
-        port: 0,
-        _pad: [0; 6],
     };
     let mut want = HashSet::new();
     for &(len, data) in &c.net {

@@ -110,8 +110,9 @@ fn decode_net(bytes: &[u8], kind: EventKind) -> Result<Decoded, DecodeError> {
         first(
             n.flags,
             &[
+                // (NET_DENIED alone: no connect deny rule reaches the
+                // kernel; it comes with NO_DAEMON or HOLD_UNAVAILABLE.)
                 (NET_HOLD_UNAVAILABLE, Enforcement::HoldUnavailable),
-                (NET_DENIED, Enforcement::Denied),
                 (NET_APPROVED, Enforcement::Approved),
                 (NET_REFUSED, Enforcement::Refused),
             ],
@@ -260,7 +261,7 @@ mod tests {
             filename_len: 8,
             args_len: 0,
             flags: airlock_common::EXEC_ARGS_TRUNCATED,
-            rule_id: 0,
+            _pad: 0,
             digest: 0,
             filename: [0; FILENAME_MAX],
             args: [0; ARGS_MAX],
