@@ -73,6 +73,20 @@ enum Cmd {
     },
     /// Only the VM tier: Debian kernels with BPF LSM under QEMU.
     Vm,
+    /// Boot the VM tier's image N times to a daemon start and stop, and
+    /// count guest kernel crashes (the QEMU text-patching int3).
+    VmSoak {
+        /// Boots.
+        #[arg(long, default_value_t = 20)]
+        boots: u32,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Let the kernel unpack the initramfs beside its initcalls (its
+        /// default; the tier passes initramfs_async=0).
+        #[arg(long)]
+        async_initramfs: bool,
+    },
     /// Show the whole loop in a Linux 6.12 VM with BPF LSM: an agent session
     /// is held, an approver approves over the API, the action completes, the
     /// record is printed. About two minutes (QEMU without KVM).
@@ -128,6 +142,18 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("the VM tier failed");
             }
             Ok(())
+        }
+        Cmd::VmSoak {
+            boots,
+            cpus,
+            async_initramfs,
+        } => {
+            bootstrap::toolchain()?;
+            let machine = vm::Machine {
+                cpus,
+                icount_shift: None,
+            };
+            vm::tier::soak(boots, machine, !async_initramfs)
         }
         Cmd::Demo => {
             bootstrap::toolchain()?;

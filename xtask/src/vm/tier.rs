@@ -438,10 +438,81 @@ fn test_image(filter: Option<&str>) -> anyhow::Result<(PathBuf, Vec<String>)> {
         texts: vec![
             (PathBuf::from("/suite-lsm.sh"), lsm, 0o755),
             (PathBuf::from("/suite-fallback.sh"), fallback, 0o755),
+            (PathBuf::from("/suite-soak.sh"), WARM_UP.into(), 0o755),
         ],
         script: "sh /suite-${AIRLOCK_SUITE:-lsm}.sh".into(),
     })?;
     Ok((initrd, names))
+}
+
+/// Boots the tier's image `boots` times on `machine` (6.12 with BPF LSM)
+/// to an /init that starts and stops one daemon (every program attached,
+/// so every static key the programs flip is patched) and powers off;
+/// counts the guest crashes. `cargo xtask vm-soak` prints what it measured.
+pub fn soak(boots: u32, machine: Machine, sync_initramfs: bool) -> anyhow::Result<()> {
+    tools()?;
+    let _lock = lock()?;
+    let qemu = super::qemu_version();
+    let (initrd, _) = test_image(None)?;
+    let vmlinuz = kernel("6.12")?;
+    let guest = Guest {
+        bpf_lsm: true,
+        sync_initramfs,
+        env: vec![("AIRLOCK_SUITE".into(), "soak".into())],
+        log_name: "soak".into(),
+    };
+    let (mut crashes, mut int3, mut warm) = (0, 0, 0);
+    let mut elapsed = Vec::new();
+    for i in 1..=boots {
+        let console = boot_guest(
+            "tests",
+            &guest,
+            &vmlinuz,
+            &initrd,
+            machine,
+            VM_LIMIT,
+            &mut |_| {},
+        )?;
+        let crash = console
+            .lines
+            .iter()
+            .find(|l| l.contains("Oops:") || l.contains("Kernel panic"));
+        let started = console
+            .lines
+            .iter()
+            .any(|l| l.starts_with("AIRLOCK-VM: warm-up: a daemon started"));
+        warm += u32::from(started);
+        if let Some(c) = crash {
+            crashes += 1;
+            int3 += u32::from(known_crash(&console.lines));
+            let keep = super::work_dir().join(format!("soak-crash-{i}.log"));
+            let _ = std::fs::copy(&console.log, &keep);
+            eprintln!(
+                "soak {i}/{boots}: CRASH {} (console: {})",
+                c.trim(),
+                keep.display()
+            );
+        } else {
+            eprintln!(
+                "soak {i}/{boots}: ok in {:.0} s{}",
+                console.elapsed.as_secs_f64(),
+                if started {
+                    ""
+                } else {
+                    " (no daemon start seen)"
+                }
+            );
+        }
+        elapsed.push(console.elapsed.as_secs_f64());
+    }
+    elapsed.sort_by(f64::total_cmp);
+    println!(
+        "vm-soak: {boots} boots of Linux 6.12 with BPF LSM, {} vCPU, initramfs_async={}: {crashes} crashed ({int3} the int3 oops), {warm} started and stopped a daemon; median boot {:.0} s; {qemu}",
+        machine.cpus,
+        if sync_initramfs { 0 } else { 1 },
+        elapsed.get(elapsed.len() / 2).copied().unwrap_or(0.0)
+    );
+    Ok(())
 }
 
 #[cfg(test)]
