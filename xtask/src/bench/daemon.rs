@@ -182,6 +182,15 @@ pub fn by_kind(db: &Connection) -> anyhow::Result<Vec<(u64, u32, u64)>> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Session ids, oldest first.
+pub fn sessions(db: &Connection) -> anyhow::Result<Vec<u64>> {
+    let mut stmt = db.prepare("SELECT id FROM sessions ORDER BY id")?;
+    let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+    Ok(rows
+        .map(|r| r.map(|id| id as u64))
+        .collect::<Result<_, _>>()?)
+}
+
 /// Waits until the store holds exactly `want` rows of each (session,
 /// kind) listed, and with `only`, no other rows. Fails on any loss record,
 /// on more rows than wanted, or after `limit`.
