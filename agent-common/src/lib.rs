@@ -348,7 +348,8 @@ pub enum LossReason {
     /// The session map was full, so a new process could not join its session
     /// (its actions go unrecorded; this counts the fork).
     SessionMapFull = 2,
-    /// The map pairing a syscall's entry with its exit was full.
+    /// The map pairing a connect's entry with its exit was full: the
+    /// connect was recorded at once, without its outcome (its `ret`).
     PendingMapFull = 3,
     /// A hold request could not be published: the held task was killed
     /// instead of being left stopped with nobody to answer.

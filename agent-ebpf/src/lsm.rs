@@ -25,7 +25,7 @@ use crate::{
         EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, LSM_APPROVED, config,
         count_loss, file_f_path_offset, session_of, take_verdict,
     },
-    net::{PENDING_CONNECT, net_candidate, publish_connect},
+    net::{net_candidate, pend_connect, publish_connect},
     task::{header, read},
 };
 
@@ -135,7 +135,7 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             } else {
                 // The cgroup hook will not run: record the refusal here.
                 event.flags |= NET_REFUSED;
-                let _ = PENDING_CONNECT.insert(pid_tgid, event, 0);
+                pend_connect(pid_tgid, &event);
                 Ok(LsmVerdict::Deny)
             }
         }
@@ -151,7 +151,7 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             }
             HoldOutcome::FailClosed => {
                 event.flags |= NET_NO_DAEMON | NET_DENIED;
-                let _ = PENDING_CONNECT.insert(pid_tgid, event, 0);
+                pend_connect(pid_tgid, &event);
                 Ok(LsmVerdict::Deny)
             }
         },

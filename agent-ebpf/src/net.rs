@@ -11,7 +11,7 @@ use airlock_common::{
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_set_retval},
     macros::{cgroup_sock_addr, map, tracepoint},
-    maps::{LruHashMap, lpm_trie::Key},
+    maps::{HashMap, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, TracePointContext},
 };
 
@@ -28,9 +28,13 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 
-/// A connect seen by the cgroup hook, waiting for the syscall's return value.
+/// A connect seen by the cgroup hook, waiting for the syscall's return
+/// value. A plain hash map, not an LRU one: when it is full an insert
+/// fails (and [`pend_connect`] records the connect at once) instead of
+/// silently evicting another connect still in flight. Its size is set by
+/// the daemon (`pending_connects`).
 #[map]
-pub static PENDING_CONNECT: LruHashMap<u64, NetEvent> = LruHashMap::with_max_entries(8192, 0);
+pub static PENDING_CONNECT: HashMap<u64, NetEvent> = HashMap::with_max_entries(8192, 0);
 
 /// The peer-address buffer an accept call passed, keyed by pid_tgid.
 #[map]
@@ -181,12 +185,23 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
             }
         }
     }
-    if PENDING_CONNECT.insert(pid_tgid, event, 0).is_err() {
-        // Record it without its outcome rather than not at all.
-        count_loss(session_id, EventKind::Connect, LossReason::PendingMapFull);
-        emit(&event);
-    }
+    pend_connect(pid_tgid, &event);
     verdict
+}
+
+/// Keeps a connect until its syscall returns (`net_sys_exit_connect` adds
+/// the outcome and emits it). With the map full, the connect is emitted
+/// now, without its outcome, and the lost outcome is counted.
+#[inline(always)]
+pub fn pend_connect(pid_tgid: u64, event: &NetEvent) {
+    if PENDING_CONNECT.insert(pid_tgid, *event, 0).is_err() {
+        count_loss(
+            event.header.session_id,
+            EventKind::Connect,
+            LossReason::PendingMapFull,
+        );
+        emit(event);
+    }
 }
 
 /// True while the LSM socket_connect program holds connects.

@@ -42,6 +42,11 @@ pub struct Config {
     /// Size of the kernel-to-daemon ring buffer in KiB: a power of two, at
     /// least 4. Default 32768 (32 MiB, about 40,000 exec events in flight).
     pub ring_buffer_kib: u32,
+    /// Connects of watched processes that may be in flight at once with
+    /// their outcome still to come (the kernel's pending-connect map). One
+    /// more is recorded at once without its outcome, and the lost outcome
+    /// is counted (`pending_map_full`). Default 8192.
+    pub pending_connects: u32,
     /// Where the approval API listens. Default 127.0.0.1:7070.
     pub api_listen: SocketAddr,
     /// bpffs directory where the programs' links and shared maps are pinned,
@@ -114,6 +119,7 @@ impl Default for Config {
             batch_max: 4096,
             loss_poll_ms: 1000,
             ring_buffer_kib: 32 * 1024,
+            pending_connects: 8192,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             pin_dir: PathBuf::from("/sys/fs/bpf/airlock"),
             fail_mode: FailMode::Closed,
@@ -162,6 +168,12 @@ impl Config {
                     "ring_buffer_kib must be a power of two of at least 4, got {}",
                     config.ring_buffer_kib
                 ),
+            });
+        }
+        if config.pending_connects == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: "pending_connects must be at least 1".into(),
             });
         }
         if config.heartbeat_timeout_ms < 100 {

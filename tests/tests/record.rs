@@ -570,3 +570,65 @@ fn every_event_carries_the_credentials_and_cgroup_of_its_process() {
 fn airlock_common_kind(id: u32) -> Option<String> {
     airlock_common::EventKind::from_u32(id).map(|k| k.name().to_string())
 }
+
+/// More connects in flight than the kernel's pending-connect map holds:
+/// every connect is still recorded, those beyond the map at once and
+/// without their outcome, and exactly that many lost outcomes are counted
+/// (`pending_map_full`). None is lost silently.
+#[test]
+fn connects_beyond_the_pending_map_are_recorded_without_their_outcome() {
+    if !can_run("connects_beyond_the_pending_map_are_recorded_without_their_outcome") {
+        return;
+    }
+    const SLOTS: usize = 4;
+    const BLOCKED: usize = 12;
+    let d = Daemon::start_with(&format!("pending_connects = {SLOTS}\n"));
+    let wait_ms = airlock_tests::scaled(Duration::from_secs(3))
+        .as_millis()
+        .to_string();
+    let (id, out) = d.run(
+        &[],
+        &[ACTOR, "connect-blocked", &BLOCKED.to_string(), &wait_ms],
+    );
+    let calls: usize = stdout(&out)
+        .trim()
+        .strip_prefix("connects:")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out:?}"));
+    let events = d.events(id);
+    let connects: Vec<_> = events.iter().filter(|e| e.kind == "connect").collect();
+    assert_eq!(connects.len(), calls, "every connect recorded: {events:#?}");
+    let without = connects
+        .iter()
+        .filter(|e| e.detail["ret"].is_null())
+        .count();
+    assert_eq!(
+        without,
+        BLOCKED - SLOTS,
+        "the blocked connects beyond the {SLOTS} slots, recorded at once: {connects:#?}"
+    );
+    // The loss records come with the daemon's next poll of the counters.
+    let deadline = std::time::Instant::now() + airlock_tests::scaled(Duration::from_secs(10));
+    loop {
+        let lost: u64 = d
+            .store()
+            .events(id)
+            .expect("events")
+            .iter()
+            .filter(|e| {
+                e.kind == "loss"
+                    && e.detail["lost_kind"] == "connect"
+                    && e.detail["reason"] == "pending_map_full"
+            })
+            .map(|e| e.detail["count"].as_u64().unwrap_or(0))
+            .sum();
+        if lost == without as u64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && lost < without as u64,
+            "{lost} outcomes counted lost, {without} connects recorded without one"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

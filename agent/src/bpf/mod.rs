@@ -137,7 +137,7 @@ impl Bpf {
         let mut bpf = Self::load_generation(
             features,
             daemon_tgid,
-            ring_bytes,
+            settings,
             candidates,
             pins,
             generation,
@@ -158,11 +158,12 @@ impl Bpf {
     fn load_generation(
         features: &Features,
         daemon_tgid: u32,
-        ring_bytes: u32,
+        settings: &Config,
         candidates: &Candidates,
         pins: &pins::PinDir,
         generation: u64,
     ) -> Result<Self, BpfError> {
+        let ring_bytes = settings.ring_buffer_kib * 1024;
         let offsets = btf::kernel_offsets()?;
         // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
         let wakeup_bytes = (ring_bytes / 4).min(256 * 1024);
@@ -177,7 +178,8 @@ impl Bpf {
         loader
             .btf(Some(&btf))
             .override_global("AGENT_CONFIG", &config, true)
-            .map_max_entries("EVENTS", ring_bytes);
+            .map_max_entries("EVENTS", ring_bytes)
+            .map_max_entries("PENDING_CONNECT", settings.pending_connects);
         for name in pins::PINNED {
             loader.map_pin_path(name, pins.map(name));
         }

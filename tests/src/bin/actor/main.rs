@@ -22,6 +22,9 @@
 //! actor open PATH [write]          open PATH for reading (or, with write, for writing without
 //!                                  creating or truncating); print the errno (0 = ok), and after
 //!                                  a read's 0 what it read (first line)
+//! actor connect-blocked N MS      N threads each make a blocking IPv4 connect to a loopback listener
+//!                                  whose accept queue is full (so each waits in the kernel until its
+//!                                  MS send timeout); print "connects:<all connect calls made>"
 //! actor as-user UID GID PROGRAM [ARGS]  drop to UID/GID (no supplementary groups), then exec PROGRAM
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
@@ -80,6 +83,11 @@ fn main() -> ExitCode {
             for _ in 0..count.parse::<u32>().expect("COUNT") {
                 sock.send_to(b"airlock-test", addr).expect("send_to");
             }
+        }
+        ["connect-blocked", n, ms] => {
+            let n: usize = n.parse().expect("N");
+            let ms: i64 = ms.parse().expect("MS");
+            println!("connects:{}", connect_blocked(n, ms));
         }
         ["accept", port] => {
             let listener = TcpListener::bind(format!("[::]:{port}")).expect("bind");
@@ -295,4 +303,69 @@ pub fn connect_errno(addr: SocketAddr) -> i32 {
         Ok(_) => 0,
         Err(e) => e.raw_os_error().unwrap_or(-1),
     }
+}
+
+/// N connects that all wait in the kernel at once: to a listener with a
+/// full accept queue (backlog 0, one connection queued), whose SYNs the
+/// kernel drops, each until its `ms` send timeout. Returns how many
+/// connect calls this made in all (the queue's filling ones included).
+fn connect_blocked(n: usize, ms: i64) -> usize {
+    use std::os::fd::AsRawFd;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    // SAFETY: listen(2) on a socket this process owns: a backlog of 0.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = listener.local_addr().expect("addr");
+    // Fill the accept queue: connects complete until one no longer does.
+    let mut calls = 0;
+    let mut filled = Vec::new();
+    loop {
+        calls += 1;
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => filled.push(s),
+            Err(_) => break,
+        }
+        assert!(filled.len() < 8, "the accept queue never filled");
+    }
+    let port = addr.port();
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                // SAFETY: a socket this thread owns, its options and a
+                // blocking connect with plain values.
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    assert!(fd >= 0, "socket");
+                    let tv = libc::timeval {
+                        tv_sec: ms / 1000,
+                        tv_usec: (ms % 1000) * 1000,
+                    };
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        size_of::<libc::timeval>() as u32,
+                    );
+                    let sa = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as u16,
+                        sin_port: port.to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    libc::connect(
+                        fd,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        size_of::<libc::sockaddr_in>() as u32,
+                    );
+                    libc::close(fd);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("connect thread");
+    }
+    calls + n
 }
