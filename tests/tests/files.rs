@@ -14,6 +14,7 @@ use std::{
 use airlock_tests::{
     Daemon, can_run,
     held::{expect_lsm, finish, last, lsm_expected, state_of},
+    scaled,
 };
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
@@ -62,7 +63,7 @@ fn decide(d: &Daemon, verb: &str, id: u64) {
 
 /// Waits for a pending request whose id is not in `seen`.
 fn next_pending(d: &Daemon, seen: &[u64]) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         let fresh = d
             .requests(ALICE, true)

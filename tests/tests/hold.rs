@@ -17,6 +17,7 @@ use airlock_tests::{
         connect_hold_expected, connects_held, exec_held_in_syscall, expect_lsm, finish, last,
         refused_exec, state_of,
     },
+    scaled,
 };
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
@@ -297,7 +298,7 @@ fn process_killed_while_held_is_abandoned() {
     unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
     let out = finish(run);
     assert!(last(&out).ends_with("signal:9"), "killed while held: {out}");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         let reqs = d.requests(ALICE, false);
         if reqs[0]["state"] == "abandoned" {
@@ -382,7 +383,7 @@ fn thread_states(tgid: u64) -> Vec<(u64, char)> {
 
 /// Waits until `tgid` has `n` threads and every one is stopped ('T').
 fn wait_all_stopped(tgid: u64, n: usize) -> Vec<(u64, char)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         let states = thread_states(tgid);
         if states.len() == n && states.iter().all(|&(_, s)| s == 'T') {
@@ -408,7 +409,7 @@ fn progress(path: &std::path::Path, workers: usize) -> Vec<u64> {
 
 /// Waits for a pending request other than `not`.
 fn wait_next_pending(d: &Daemon, not: &serde_json::Value) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         let pending = d.requests(ALICE, true);
         if let Some(r) = pending.into_iter().find(|r| r["id"] != not["id"]) {
@@ -670,7 +671,7 @@ fn approval_of_an_attempt_never_made_does_not_cover_a_later_one() {
     assert!(out.status.success(), "{out:?}");
     // The actor now connects to A once more: a new attempt, to be held as a
     // new request. Either that request appears or the actor finishes.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     let third = loop {
         let pending = d.requests(ALICE, true);
         if let Some(r) = pending

@@ -12,7 +12,7 @@ use std::{
 use airlock_tests::{
     Daemon, can_run,
     held::{expect_lsm, lsm_expected},
-    skip,
+    scaled, skip,
 };
 
 const ALICE: &str = "alice-token-0123456789";
@@ -125,7 +125,7 @@ cat .env >/dev/null; echo read_env=$?
     );
     // The approver denies every hold as it comes.
     let mut held = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + scaled(Duration::from_secs(120));
     let status = loop {
         for r in d.requests(ALICE, true) {
             let id = r["id"].as_u64().unwrap_or(0);
@@ -191,7 +191,7 @@ cat .env >/dev/null; echo read_env=$?
     // (rm by its path: busybox's sh, in the VM, runs a bare `rm` itself.)
     let sessions = d.store().sessions().expect("sessions");
     let id = sessions.iter().map(|s| s.id).max().expect("a session");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     let decisions = loop {
         let v: Vec<(String, String, String)> = d
             .events(id)
@@ -280,7 +280,7 @@ fn policy_reloads_on_file_change_and_sighup_and_a_bad_file_keeps_the_old_one() {
 
 /// Waits until the store holds `n` policy loads.
 fn wait_loads(d: &Daemon, n: usize) -> Vec<airlock::model::PolicyLoad> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
     loop {
         let loads = d.store().policy_loads().expect("policy loads");
         if loads.len() >= n {
