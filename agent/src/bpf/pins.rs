@@ -100,18 +100,25 @@ impl PinDir {
         self.root.join(format!("links-{generation}"))
     }
 
-    /// Checks the directory and what is pinned there. Pins this build
-    /// cannot use (another layout, another ring size) are released and
-    /// removed, with a warning; the next generation number is kept going.
-    pub fn prepare(&self, ring_bytes: u32, own_pid: u32) -> Result<(Previous, u64), PinError> {
+    /// Whether the directory is (or would be created) on a bpffs mount.
+    pub fn check_fs(&self) -> Result<(), PinError> {
         let existing = self
             .root
             .ancestors()
             .find(|a| a.exists())
             .unwrap_or(Path::new("/"));
-        if !on_bpffs(existing) {
-            return Err(PinError::NotBpffs(existing.to_path_buf()));
+        if on_bpffs(existing) {
+            Ok(())
+        } else {
+            Err(PinError::NotBpffs(existing.to_path_buf()))
         }
+    }
+
+    /// Checks the directory and what is pinned there. Pins this build
+    /// cannot use (another layout, another ring size) are released and
+    /// removed, with a warning; the next generation number is kept going.
+    pub fn prepare(&self, ring_bytes: u32, own_pid: u32) -> Result<(Previous, u64), PinError> {
+        self.check_fs()?;
         let maps = self.root.join("maps");
         fs::create_dir_all(&maps).map_err(|error| PinError::Io {
             path: maps.clone(),

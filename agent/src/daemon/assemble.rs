@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tracing::warn;
 
 use super::{
@@ -50,8 +50,13 @@ pub struct Assembly {
     pub policy: watch::Sender<Arc<Policy>>,
     pub api: Arc<ApiState>,
     pub stats: Arc<Stats>,
+    /// New and resolved requests, as the broker announces them.
+    pub updates: broadcast::Sender<ApprovalRequest>,
     recorder_thread: JoinHandle<()>,
-    broker_task: tokio::task::JoinHandle<()>,
+    /// Closed when the recorder thread ends, however it ends.
+    recorder_done: oneshot::Receiver<()>,
+    /// None once it was seen to end.
+    broker_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts the recorder and the broker (inside a tokio runtime).
@@ -59,12 +64,17 @@ pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
     let db: PathBuf = p.store.path().to_path_buf();
     let stats = Arc::new(Stats::default());
     let (recorder, recorder_rx) = RecorderHandle::channel();
+    let (done_tx, recorder_done) = oneshot::channel::<()>();
     let recorder_thread = {
         let stats = stats.clone();
         let (store, batch_max, roots) = (p.store, p.batch_max, p.roots);
         std::thread::Builder::new()
             .name("airlock-recorder".into())
-            .spawn(move || recorder::run(store, recorder_rx, batch_max, stats, roots))?
+            .spawn(move || {
+                // Dropped when the thread ends, even by a panic.
+                let _done = done_tx;
+                recorder::run(store, recorder_rx, batch_max, stats, roots)
+            })?
     };
     let (policy, policy_rx) = watch::channel(Arc::new(p.policy));
     let (updates, _) = broadcast::channel(256);
@@ -82,7 +92,12 @@ pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
         })
         .run(broker_rx),
     );
-    let api = Arc::new(ApiState::new(broker.clone(), &p.approvers, db, updates));
+    let api = Arc::new(ApiState::new(
+        broker.clone(),
+        &p.approvers,
+        db,
+        updates.clone(),
+    ));
     Ok(Assembly {
         recorder,
         broker,
@@ -90,8 +105,10 @@ pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
         policy,
         api,
         stats,
+        updates,
         recorder_thread,
-        broker_task,
+        recorder_done,
+        broker_task: Some(broker_task),
     })
 }
 
@@ -101,6 +118,25 @@ impl Assembly {
         Router {
             recorder: self.recorder.clone(),
             broker: self.broker.clone(),
+        }
+    }
+
+    /// Resolves when the broker or the recorder ends on its own (it should
+    /// not while the daemon serves); names which.
+    pub async fn ended(&mut self) -> &'static str {
+        let recorder = &mut self.recorder_done;
+        match self.broker_task.as_mut() {
+            Some(broker) => tokio::select! {
+                _ = broker => {
+                    self.broker_task = None;
+                    "broker"
+                }
+                _ = recorder => "recorder",
+            },
+            None => {
+                let _ = recorder.await;
+                "recorder"
+            }
         }
     }
 
@@ -116,14 +152,18 @@ impl Assembly {
             policy,
             api,
             stats,
+            updates,
             recorder_thread,
+            recorder_done,
             broker_task,
         } = self;
-        drop((recorder, broker, sensor, policy, api, stats));
+        drop((recorder, broker, sensor, policy, api, stats, updates));
+        drop(recorder_done);
         // The broker ends once its queue's last sender is gone.
-        if tokio::time::timeout_at(deadline.into(), broker_task)
-            .await
-            .is_err()
+        if let Some(task) = broker_task
+            && tokio::time::timeout_at(deadline.into(), task)
+                .await
+                .is_err()
         {
             warn!("the broker did not finish in time");
         }

@@ -5,7 +5,7 @@
 use std::{
     os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{
     handles::{RecorderHandle, SensorHandle},
+    reload::PolicyStatus,
     stats::Stats,
     status::Facts,
 };
@@ -49,8 +50,8 @@ pub struct Context {
     pub facts: Facts,
     pub started: Instant,
     pub allowed_gid: Option<u32>,
-    /// The policy in force, in one line (the reloader keeps it current).
-    pub policy: Arc<Mutex<String>>,
+    /// The policy in force (the reloader keeps it current).
+    pub policy: watch::Receiver<PolicyStatus>,
 }
 
 /// Binds the socket: stale files are replaced, a live daemon is not.
@@ -179,7 +180,7 @@ async fn status(ctx: &Context) -> StatusReport {
             count,
         })
         .collect();
-    let policy = ctx.policy.lock().map(|p| p.clone()).unwrap_or_default();
+    let policy = ctx.policy.borrow().line();
     ctx.facts
         .report(&ctx.stats, ctx.started.elapsed(), policy, losses)
 }

@@ -25,7 +25,7 @@ mod status;
 mod tests;
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,6 +33,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
+
+use self::reload::PolicyStatus;
 use tracing::{error, info};
 
 pub use self::assemble::{Assembly, Parts, assemble};
@@ -76,15 +78,35 @@ pub enum DaemonError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("the sensor failed: {0}")]
-    Sensor(String),
+    Sensor(std::io::Error),
+    #[error("the sensor task panicked: {0}")]
+    SensorPanicked(String),
+    #[error("the sensor did not drain within {0:?}")]
+    SensorDrain(Duration),
+    #[error("the {0} stopped on its own")]
+    ActorStopped(&'static str),
 }
 
 impl DaemonError {
     /// A mistake in the configuration or policy (exit 64), found before
     /// anything was mounted, locked or created.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Policy(_) | Self::NoSocketGroup(_))
+        matches!(
+            self,
+            Self::Policy(_)
+                | Self::NoSocketGroup(_)
+                | Self::Pins(crate::bpf::pins::PinError::NotBpffs(_))
+        )
     }
+}
+
+/// The servers around the actors: the reloader, the approval API and the
+/// control socket, bound before the programs load.
+struct Servers {
+    api: std::net::TcpListener,
+    ctl: std::os::unix::net::UnixListener,
+    allowed_gid: Option<u32>,
+    policy_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Everything bound and loaded, ready to serve.
@@ -93,11 +115,12 @@ struct Ready {
     policy: Policy,
     store: Store,
     bpf: Bpf,
-    api: std::net::TcpListener,
-    ctl: std::os::unix::net::UnixListener,
-    allowed_gid: Option<u32>,
+    servers: Servers,
     facts: status::Facts,
     roots: std::collections::HashMap<u64, u32>,
+    /// Beats while the daemon serves; stops (and the kernel's fail mode
+    /// takes over) when it is dropped at the end of [`run`].
+    _heartbeat: heartbeat::Heartbeat,
 }
 
 pub fn run(config: Config) -> Result<(), DaemonError> {
@@ -109,41 +132,39 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for m in &features.mounted {
         info!("mounted {m}");
     }
+    let pins = PinDir::new(&config.pin_dir);
+    pins.check_fs()?;
     let _lock = start::lock(&config)?;
     let mut store = Store::open(&config.db_path())?;
     store.insert_policy_load(&reload::load_record("start", Ok(&policy)))?;
+    // Bound before the programs load: a daemon that cannot serve must not
+    // replace the programs of one that does.
+    let servers = bind(&config)?;
     let candidates = policy.candidates();
     for note in &candidates.notes {
         info!("policy: {note}");
     }
-    let pins = PinDir::new(&config.pin_dir);
     let mut bpf = Bpf::load(features, std::process::id(), &config, &candidates, &pins)?;
+    // The programs hold only while the beat is fresh: beat from now on.
+    let beat = Duration::from_millis(config.heartbeat_timeout_ms / 5);
+    let heartbeat = heartbeat::Heartbeat::start(pins.control()?, beat)?;
     let roots = start::take_over_sessions(&mut store, &bpf)?;
     if bpf.took_over {
         bpf.set_recorded_losses(start::recorded_losses(&store)?);
     }
-    let beat = Duration::from_millis(config.heartbeat_timeout_ms / 5);
-    let _heartbeat = heartbeat::Heartbeat::start(pins.control()?, beat)?;
-    let api = bind_api(&config)?;
-    let (ctl, allowed_gid) = ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
-    let facts = status::Facts::new(
-        &config,
-        features,
-        &bpf,
-        format!("http://{}", api.local_addr()?),
-    );
+    let api = format!("http://{}", servers.api.local_addr()?);
+    let facts = status::Facts::new(&config, features, &bpf, api);
+    let socket = config.socket_path.clone();
     let ready = Ready {
         config,
         policy,
         store,
         bpf,
-        api,
-        ctl,
-        allowed_gid,
+        servers,
         facts,
         roots,
+        _heartbeat: heartbeat,
     };
-    let socket = ready.config.socket_path.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -172,59 +193,40 @@ fn validate(config: &Config) -> Result<Policy, DaemonError> {
     Ok(policy)
 }
 
-fn bind_api(config: &Config) -> Result<std::net::TcpListener, DaemonError> {
+/// The approval API's and the control socket's listeners.
+fn bind(config: &Config) -> Result<Servers, DaemonError> {
     let addr = config.api_listen;
     let err = |source| DaemonError::Api { addr, source };
-    let l = std::net::TcpListener::bind(addr).map_err(err)?;
-    l.set_nonblocking(true).map_err(err)?;
-    Ok(l)
+    let api = std::net::TcpListener::bind(addr).map_err(err)?;
+    api.set_nonblocking(true).map_err(err)?;
+    let (ctl, allowed_gid) = ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
+    Ok(Servers {
+        api,
+        ctl,
+        allowed_gid,
+        policy_dirs: config.policy_dirs.clone(),
+    })
 }
 
-/// Starts every actor and server, waits for SIGTERM/SIGINT (or the sensor
-/// to fail), then stops them in order under one deadline.
+/// Starts every actor and server, waits for SIGTERM/SIGINT (or an actor
+/// to end on its own), then stops them in order under one deadline.
 async fn serve(r: Ready) -> (Result<(), DaemonError>, Option<std::thread::JoinHandle<()>>) {
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let pending = match r.store.requests(Some(State::Pending)) {
-        Ok(p) => p,
-        Err(e) => return (Err(e.into()), None),
-    };
-    let ended = start::holds_ended(&pending, &r.bpf);
-    let (sensor, sensor_rx) = SensorHandle::channel();
     let policy_line = r.policy.describe();
-    let a = match assemble(Parts {
-        store: r.store,
-        batch_max: r.config.batch_max,
-        policy: r.policy,
-        approvers: r.config.approvers.clone(),
-        pending,
-        ended,
-        roots: r.roots,
-        sensor,
-    }) {
-        Ok(a) => a,
-        Err(e) => return (Err(e.into()), None),
+    let status = PolicyStatus::loaded_at_start(&r.policy);
+    let (mut a, sensor_rx) = match start_actors(r.store, &r.config, r.policy, &r.bpf, r.roots) {
+        Ok(started) => started,
+        Err(e) => return (Err(e), None),
     };
-    let summary = Arc::new(Mutex::new(format!("{policy_line}; loaded at start")));
-    let tasks = match spawn_servers(
-        &r.config,
-        r.api,
-        r.ctl,
-        r.allowed_gid,
-        r.facts.clone(),
-        &a,
-        summary,
-        &shutdown,
-    ) {
+    let servers = match r.servers.spawn(&a, r.facts.clone(), status, &shutdown) {
         Ok(t) => t,
         Err(e) => return (Err(e), None),
     };
-    let mut sensor_task = tokio::spawn(sensor::run(
-        r.bpf,
-        sensor_rx,
-        a.router(),
-        a.stats.clone(),
-        Duration::from_millis(r.config.loss_poll_ms),
-        shutdown,
+    let loss_poll = Duration::from_millis(r.config.loss_poll_ms);
+    let router = a.router();
+    let stats = a.stats.clone();
+    let mut sensor = tokio::spawn(sensor::run(
+        r.bpf, sensor_rx, router, stats, loss_poll, shutdown,
     ));
     let dirs: Vec<String> = r
         .config
@@ -232,97 +234,133 @@ async fn serve(r: Ready) -> (Result<(), DaemonError>, Option<std::thread::JoinHa
         .iter()
         .map(|d| d.display().to_string())
         .collect();
+    let socket = r.config.socket_path.display().to_string();
     info!(
         "{}",
-        r.facts.started_line(
-            &policy_line,
-            &dirs.join(", "),
-            &r.config.socket_path.display().to_string()
-        )
+        r.facts
+            .started_line(&policy_line, &dirs.join(", "), &socket)
     );
 
-    let early = wait_for_stop(&mut sensor_task).await;
+    let stop = wait_for_stop(&mut sensor, &mut a).await;
     let _ = shutdown_tx.send(true);
     let deadline = Instant::now() + DRAIN_LIMIT;
-    for t in tasks {
+    for t in servers {
         let _ = tokio::time::timeout_at(deadline.into(), t).await;
     }
-    let sensor_result = match early {
-        Some(r) => Ok(r),
-        None => tokio::time::timeout_at(deadline.into(), sensor_task).await,
+    let (actor, sensor_result) = match stop {
+        Stop::Sensor(r) => (None, Ok(r)),
+        Stop::Signal => (None, tokio::time::timeout_at(deadline.into(), sensor).await),
+        Stop::Actor(who) => (
+            Some(who),
+            tokio::time::timeout_at(deadline.into(), sensor).await,
+        ),
     };
-    let result = match sensor_result {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(DaemonError::Sensor(e.to_string())),
-        Ok(Err(e)) => Err(DaemonError::Sensor(format!("panicked: {e}"))),
-        Err(_) => Err(DaemonError::Sensor(format!(
-            "did not drain within {DRAIN_LIMIT:?}"
-        ))),
+    let result = match (actor, sensor_result) {
+        (Some(who), _) => Err(DaemonError::ActorStopped(who)),
+        (None, Ok(Ok(Ok(())))) => Ok(()),
+        (None, Ok(Ok(Err(e)))) => Err(DaemonError::Sensor(e)),
+        (None, Ok(Err(e))) => Err(DaemonError::SensorPanicked(e.to_string())),
+        (None, Err(_)) => Err(DaemonError::SensorDrain(DRAIN_LIMIT)),
     };
     (result, Some(a.stop(deadline).await))
 }
 
-/// The reloader, the API and the control socket.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the servers' parts, named once, in one place"
-)]
-fn spawn_servers(
+/// The recorder and the broker, with what the store says is still open.
+fn start_actors(
+    store: Store,
     config: &Config,
-    api: std::net::TcpListener,
-    ctl_listener: std::os::unix::net::UnixListener,
-    allowed_gid: Option<u32>,
-    facts: status::Facts,
-    a: &Assembly,
-    summary: Arc<Mutex<String>>,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
-    let reloader = reload::Reloader {
-        dirs: config.policy_dirs.clone(),
-        policy: a.policy.clone(),
-        sensor: a.sensor.clone(),
-        recorder: a.recorder.clone(),
-        summary: summary.clone(),
-    };
-    let reload_task = tokio::spawn(reloader.run(shutdown.clone()));
-    let api = tokio::net::TcpListener::from_std(api)?;
-    let api_task = tokio::spawn({
-        let (state, shutdown) = (a.api.clone(), shutdown.clone());
-        async move {
-            if let Err(e) = api::serve(api, state, shutdown).await {
-                error!("approval API: {e}");
-            }
-        }
-    });
-    let ctx = Arc::new(ctl::Context {
-        sensor: a.sensor.clone(),
-        recorder: a.recorder.clone(),
-        stats: a.stats.clone(),
-        facts,
-        started: Instant::now(),
-        allowed_gid,
-        policy: summary,
-    });
-    let listener = tokio::net::UnixListener::from_std(ctl_listener)?;
-    let ctl_task = tokio::spawn(ctl::serve(listener, ctx, shutdown.clone()));
-    Ok(vec![ctl_task, api_task, reload_task])
+    policy: Policy,
+    bpf: &Bpf,
+    roots: std::collections::HashMap<u64, u32>,
+) -> Result<(Assembly, tokio::sync::mpsc::Receiver<handles::SensorMsg>), DaemonError> {
+    let pending = store.requests(Some(State::Pending))?;
+    let ended = start::holds_ended(&pending, bpf);
+    let (sensor, sensor_rx) = SensorHandle::channel();
+    let a = assemble(Parts {
+        store,
+        batch_max: config.batch_max,
+        policy,
+        approvers: config.approvers.clone(),
+        pending,
+        ended,
+        roots,
+        sensor,
+    })?;
+    Ok((a, sensor_rx))
 }
 
-/// Until SIGTERM or SIGINT, or the sensor task ends on its own (then its
-/// result).
+impl Servers {
+    /// Starts the reloader, the API and the control socket.
+    fn spawn(
+        self,
+        a: &Assembly,
+        facts: status::Facts,
+        status: PolicyStatus,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+        let (status_tx, status_rx) = watch::channel(status);
+        let reloader = reload::Reloader {
+            dirs: self.policy_dirs,
+            policy: a.policy.clone(),
+            sensor: a.sensor.clone(),
+            recorder: a.recorder.clone(),
+            status: status_tx,
+        };
+        let reload_task = tokio::spawn(reloader.run(shutdown.clone()));
+        let api = tokio::net::TcpListener::from_std(self.api)?;
+        let api_task = tokio::spawn({
+            let (state, shutdown) = (a.api.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = api::serve(api, state, shutdown).await {
+                    error!("approval API: {e}");
+                }
+            }
+        });
+        let ctx = Arc::new(ctl::Context {
+            sensor: a.sensor.clone(),
+            recorder: a.recorder.clone(),
+            stats: a.stats.clone(),
+            facts,
+            started: Instant::now(),
+            allowed_gid: self.allowed_gid,
+            policy: status_rx,
+        });
+        let listener = tokio::net::UnixListener::from_std(self.ctl)?;
+        let ctl_task = tokio::spawn(ctl::serve(listener, ctx, shutdown.clone()));
+        Ok(vec![ctl_task, api_task, reload_task])
+    }
+}
+
+/// Why the daemon stops serving.
+enum Stop {
+    Signal,
+    /// The sensor task ended on its own, with this result.
+    Sensor(Result<std::io::Result<()>, tokio::task::JoinError>),
+    /// The broker or the recorder ended on its own: no hold can be decided
+    /// or stored any more, so the daemon stops and the kernel's fail mode
+    /// takes over once the heartbeat is stale.
+    Actor(&'static str),
+}
+
+/// Until SIGTERM or SIGINT, or an actor ends on its own.
 async fn wait_for_stop(
     sensor: &mut tokio::task::JoinHandle<std::io::Result<()>>,
-) -> Option<Result<std::io::Result<()>, tokio::task::JoinError>> {
+    a: &mut Assembly,
+) -> Stop {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         error!("cannot catch SIGTERM/SIGINT: stopping");
-        return None;
+        return Stop::Signal;
     };
     tokio::select! {
-        _ = term.recv() => { info!("SIGTERM: draining"); None }
-        _ = int.recv() => { info!("SIGINT: draining"); None }
-        r = sensor => Some(r),
+        _ = term.recv() => { info!("SIGTERM: draining"); Stop::Signal }
+        _ = int.recv() => { info!("SIGINT: draining"); Stop::Signal }
+        r = sensor => Stop::Sensor(r),
+        who = a.ended() => {
+            error!("the {who} stopped on its own: the daemon stops");
+            Stop::Actor(who)
+        }
     }
 }

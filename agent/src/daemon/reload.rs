@@ -5,7 +5,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -29,8 +29,34 @@ pub struct Reloader {
     pub policy: watch::Sender<Arc<Policy>>,
     pub sensor: SensorHandle,
     pub recorder: RecorderHandle,
-    /// One line on the policy in force, for `airlock status`.
-    pub summary: Arc<Mutex<String>>,
+    /// The policy in force and the last reload's outcome, for `airlock status`.
+    pub status: watch::Sender<PolicyStatus>,
+}
+
+/// The policy in force, and why the last reload was refused if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyStatus {
+    /// What is in force and since when: "N rules (...) from M files; loaded at start".
+    pub in_force: String,
+    /// The last reload's refusal: its trigger and first error.
+    pub refused: Option<String>,
+}
+
+impl PolicyStatus {
+    pub fn loaded_at_start(policy: &Policy) -> Self {
+        Self {
+            in_force: format!("{}; loaded at start", policy.describe()),
+            refused: None,
+        }
+    }
+
+    /// The line `airlock status` shows.
+    pub fn line(&self) -> String {
+        match &self.refused {
+            Some(why) => format!("{}; last reload refused {why}", self.in_force),
+            None => self.in_force.clone(),
+        }
+    }
 }
 
 /// The stored record of a load.
@@ -98,7 +124,10 @@ impl Reloader {
                 Ok(()) => {
                     let line = policy.describe();
                     info!(trigger, "policy reloaded: {line}");
-                    self.set_summary(format!("{line}; reloaded ({trigger})"));
+                    self.status.send_replace(PolicyStatus {
+                        in_force: format!("{line}; reloaded ({trigger})"),
+                        refused: None,
+                    });
                     let _ = self.policy.send(Arc::new(policy));
                 }
                 Err(e) => {
@@ -114,16 +143,9 @@ impl Reloader {
                     trigger,
                     "policy reload refused, the old policy stays in force:\n{errors}"
                 );
-                let old = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
-                let kept = old
-                    .split("; last reload refused")
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                self.set_summary(format!(
-                    "{kept}; last reload refused ({trigger}): {}",
-                    errors.0.first().map(|e| e.to_string()).unwrap_or_default()
-                ));
+                let first = errors.0.first().map(|e| e.to_string()).unwrap_or_default();
+                self.status
+                    .send_modify(|s| s.refused = Some(format!("({trigger}): {first}")));
             }
         }
         if let Err(e) = self.recorder.policy_load(record).await {
@@ -133,12 +155,6 @@ impl Reloader {
 
     async fn install(&self, policy: &Policy) -> Result<(), HandleError> {
         self.sensor.candidates(policy.candidates()).await
-    }
-
-    fn set_summary(&self, s: String) {
-        if let Ok(mut g) = self.summary.lock() {
-            *g = s;
-        }
     }
 }
 

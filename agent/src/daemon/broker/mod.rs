@@ -210,20 +210,36 @@ impl Broker {
         };
         match (out.decision, out.rule) {
             (Decision::Hold, Some(rule)) => self.file_request(held, rule, labels).await,
-            (decision, rule) => {
+            (decision, rule) if labels.is_some() || decision == Decision::Deny => {
                 let rule = rule.map(|r| r.id.clone());
-                self.decide_now(held, decision, rule).await
+                self.decide_now(held, decision, rule, None).await
+            }
+            // Without its session's labels the policy may have missed a
+            // rule that names them: nothing goes through unasked.
+            (_, _) => {
+                let why = "the session's labels could not be read: refused (fail closed)";
+                warn!(session = held.record.session_id, "{why}");
+                self.decide_now(held, Decision::Deny, None, Some(why)).await
             }
         }
     }
 
     /// A candidate the policy decides without a human: carried out at
-    /// once and recorded.
-    async fn decide_now(&self, h: Held, decision: Decision, rule: Option<String>) {
-        let outcome = match self.apply(&h.target, decision != Decision::Deny).await {
+    /// once and recorded (with `why` when the policy was not all of it).
+    async fn decide_now(
+        &self,
+        h: Held,
+        decision: Decision,
+        rule: Option<String>,
+        why: Option<&str>,
+    ) {
+        let mut outcome = match self.apply(&h.target, decision != Decision::Deny).await {
             Ok(o) => o,
             Err(e) => e.to_string(),
         };
+        if let Some(why) = why {
+            outcome = format!("{outcome}; {why}");
+        }
         if decision != Decision::Record || h.monitor.is_some() {
             info!(kind = h.target.kind.name(), decision = decision.name(), rule = rule.as_deref().unwrap_or("-"), monitor = h.monitor.as_deref().unwrap_or("-"), action = %h.action.summary(), "decided by policy");
         }

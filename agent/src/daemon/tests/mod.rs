@@ -609,3 +609,50 @@ async fn a_request_whose_labels_cannot_be_read_is_decided_by_nobody() {
         (Some("timed_out"), Some("timeout"))
     );
 }
+
+/// Without its session's labels, a candidate the policy would let through
+/// (its rule names a label it cannot check) is refused, not resumed, and
+/// the refusal says why.
+#[tokio::test]
+async fn a_candidate_whose_labels_cannot_be_read_is_refused() {
+    let policy = "pack: t\nrules:\n  - name: hold-for-codex\n    on: exec\n    when: {exe: sleep, labels: {agent: codex}}\n    decision: hold\n";
+    let h = harness_in(policy, "36", Some(999)).await;
+    let st = tokio::task::spawn_blocking(move || {
+        let mut h = h;
+        let st = h.child.wait().unwrap();
+        (st, h)
+    })
+    .await
+    .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.0.signal(), Some(libc::SIGKILL), "refused");
+    let h = st.1;
+    assert!(pending(&h).await.is_empty(), "no request");
+    // Session 999 is not in the store: read its decision record directly.
+    let db = h._dir.path().join("airlock.db");
+    let mut details: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        details = conn
+            .prepare("SELECT detail FROM events WHERE session_id = 999 AND kind = 200")
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+            .collect();
+        if !details.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(details.len(), 1, "{details:?}");
+    assert_eq!(details[0]["decision"], "deny");
+    assert!(
+        details[0]["outcome"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("the session's labels could not be read: refused (fail closed)"),
+        "{}",
+        details[0]
+    );
+}
