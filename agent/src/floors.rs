@@ -1,12 +1,17 @@
-//! The floors of `lib.rs`, checked: every `crate::` and `super::` path in
-//! the sources is resolved to the module it names, and an import that
-//! points up a floor (or sideways where a floor forbids it) fails the test.
-//! So does a cycle among modules (the daemon's submodules counted apart).
+//! The floors of `lib.rs`, checked: every path in the sources that names a
+//! module of this crate (`crate::…`, `super::…`, `self::…`, a child module
+//! by name, in `use` trees, code, macro bodies and attribute strings) is
+//! resolved to the module it names, and an import that points up a floor
+//! (or sideways where a floor forbids it) fails the test. So does a cycle
+//! among modules (the daemon's submodules counted apart), and so does an
+//! alias of `crate`, which would hide imports from this reader.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
+
+use syn::visit::Visit;
 
 /// The floor of each top-level module: 0 pure data, 1 engines, 2 the
 /// daemon and the CLI beside it.
@@ -80,166 +85,224 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
     parts
 }
 
-/// Comments and string literals blanked out, so only code is read.
-fn code_only(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let line = line.split("//").next().unwrap_or("");
-        let mut in_str = false;
-        let mut prev = ' ';
-        for c in line.chars() {
-            if c == '"' && prev != '\\' {
-                in_str = !in_str;
-                out.push(' ');
-            } else {
-                out.push(if in_str { ' ' } else { c });
-            }
-            prev = c;
-        }
-        out.push('\n');
-    }
-    out
+/// Collects the crate paths one file names.
+struct Reader {
+    /// The module the reader is in: the file's, plus inline modules.
+    module: Vec<String>,
+    /// Child modules declared in each module (`mod x;` or `mod x { }`).
+    children: BTreeMap<Vec<String>, BTreeSet<String>>,
+    found: Vec<Vec<String>>,
+    aliases: Vec<String>,
 }
 
-/// The paths a `crate::` or `super::` prefix at `at` leads to: one, or
-/// one per item of a `{...}` group (nested groups flattened).
-fn paths_at(code: &str, at: usize) -> Vec<String> {
-    let rest = &code[at..];
-    if let Some(group) = rest.strip_prefix('{') {
-        let mut depth = 1;
-        let mut end = 0;
-        for (i, c) in group.char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                _ => {}
+impl Reader {
+    /// A path's segments, resolved from the crate root when it names a
+    /// module of this crate.
+    fn resolve(&mut self, segs: &[String]) {
+        let Some(first) = segs.first() else { return };
+        let mut at: Vec<String>;
+        let mut rest = segs;
+        match first.as_str() {
+            "crate" => {
+                at = Vec::new();
+                rest = &segs[1..];
             }
-            if depth == 0 {
-                end = i;
-                break;
-            }
-        }
-        let inner = &group[..end];
-        let mut items = Vec::new();
-        let mut depth = 0;
-        let mut start = 0;
-        for (i, c) in inner.char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                ',' if depth == 0 => {
-                    items.push(&inner[start..i]);
-                    start = i + 1;
+            "super" | "self" => {
+                at = self.module.clone();
+                while let Some(s) = rest.first() {
+                    match s.as_str() {
+                        "super" => {
+                            at.pop();
+                        }
+                        "self" => {}
+                        _ => break,
+                    }
+                    rest = &rest[1..];
                 }
-                _ => {}
             }
+            name if self
+                .children
+                .get(&self.module)
+                .is_some_and(|c| c.contains(name)) =>
+            {
+                at = self.module.clone();
+            }
+            _ => return,
         }
-        items.push(&inner[start..]);
-        return items
-            .into_iter()
-            .map(|s| s.split_whitespace().collect::<String>())
-            .filter(|s| !s.is_empty())
-            .flat_map(|item| match item.find("::{") {
-                Some(i) => paths_at(&item, i + 2)
-                    .into_iter()
-                    .map(|p| format!("{}::{p}", &item[..i]))
-                    .collect(),
-                None => vec![item],
-            })
-            .collect();
+        at.extend(rest.iter().cloned());
+        if at.first().is_some_and(|s| !s.is_empty() && s != "*") {
+            self.found.push(at);
+        }
     }
-    let end = rest
-        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':' || c == '*'))
-        .unwrap_or(rest.len());
-    vec![rest[..end].trim_end_matches(':').to_string()]
-}
 
-/// Inline modules (`mod tests { ... }`): where each starts and ends, and
-/// its name.
-fn inline_mods(code: &str) -> Vec<(usize, usize, String)> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(i) = code[from..].find("mod ") {
-        let at = from + i;
-        from = at + 4;
-        let before = code[..at].chars().last().unwrap_or(' ');
-        if before.is_alphanumeric() || before == '_' {
-            continue;
-        }
-        let rest = &code[from..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect();
-        let after = rest[name.len()..].trim_start();
-        if name.is_empty() || !after.starts_with('{') {
-            continue;
-        }
-        let open = from + name.len() + (rest[name.len()..].len() - after.len());
-        let mut depth = 0;
-        for (j, c) in code[open..].char_indices() {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                _ => {}
+    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &syn::UseTree) {
+        match tree {
+            syn::UseTree::Path(p) => {
+                prefix.push(p.ident.to_string());
+                self.use_tree(prefix, &p.tree);
+                prefix.pop();
             }
-            if depth == 0 {
-                out.push((open, open + j, name));
-                break;
+            syn::UseTree::Name(n) => {
+                let mut full = prefix.clone();
+                if n.ident != "self" {
+                    full.push(n.ident.to_string());
+                }
+                self.resolve(&full);
+            }
+            syn::UseTree::Rename(r) => {
+                if r.ident == "crate" {
+                    self.aliases.push(format!("use crate as {}", r.rename));
+                }
+                let mut full = prefix.clone();
+                full.push(r.ident.to_string());
+                self.resolve(&full);
+            }
+            syn::UseTree::Glob(_) => self.resolve(prefix),
+            syn::UseTree::Group(g) => {
+                for t in &g.items {
+                    self.use_tree(prefix, t);
+                }
             }
         }
     }
-    out
-}
 
-/// Every crate path `file` (module `module`) refers to, from the root.
-fn imports(module: &[String], text: &str) -> Vec<Vec<String>> {
-    let code = code_only(text);
-    let inline = inline_mods(&code);
-    let mut out = Vec::new();
-    for prefix in ["crate::", "super::"] {
-        let mut from = 0;
-        while let Some(i) = code[from..].find(prefix) {
-            let at = from + i;
-            from = at + prefix.len();
-            let before = code[..at].chars().last().unwrap_or(' ');
-            if before.is_alphanumeric() || before == '_' || (prefix == "super::" && before == ':') {
-                continue;
-            }
-            // `super` inside an inline module starts from that module.
-            let base: Vec<String> = if prefix == "crate::" {
-                Vec::new()
-            } else {
-                let mut b = module.to_vec();
-                b.extend(
-                    inline
-                        .iter()
-                        .filter(|(start, end, _)| *start < at && at < *end)
-                        .map(|(_, _, name)| name.clone()),
-                );
-                b
-            };
-            for p in paths_at(&code, from) {
-                let mut segs: Vec<String> = base.clone();
-                let mut parts = p.split("::").peekable();
-                if prefix == "super::" {
-                    segs.pop();
-                    while parts.peek() == Some(&"super") {
-                        parts.next();
-                        segs.pop();
+    /// Paths written as tokens (macro bodies, attribute arguments): each
+    /// `crate`, `super` or `self` followed by `::` and names.
+    fn tokens(&mut self, tokens: proc_macro2::TokenStream) {
+        let flat: Vec<String> = flatten(tokens);
+        for (i, t) in flat.iter().enumerate() {
+            if matches!(t.as_str(), "crate" | "super" | "self")
+                && flat.get(i + 1).map(String::as_str) == Some("::")
+                && (i == 0 || flat[i - 1] != "::")
+            {
+                let mut segs = vec![t.clone()];
+                let mut j = i + 1;
+                while flat.get(j).map(String::as_str) == Some("::") {
+                    match flat.get(j + 1) {
+                        Some(n) if n.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                            segs.push(n.clone());
+                            j += 2;
+                        }
+                        _ => break,
                     }
                 }
-                segs.extend(parts.map(str::to_string));
-                if segs
-                    .first()
-                    .is_some_and(|s| !s.is_empty() && s != "*" && s != "self")
-                {
-                    out.push(segs);
-                }
+                self.resolve(&segs);
             }
         }
     }
+}
+
+/// A token stream as identifiers, `::` and the paths inside string
+/// literals (`#[serde(with = "crate::x")]`), in order.
+fn flatten(tokens: proc_macro2::TokenStream) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut colon = false;
+    for t in tokens {
+        match t {
+            proc_macro2::TokenTree::Group(g) => {
+                out.extend(flatten(g.stream()));
+                colon = false;
+            }
+            proc_macro2::TokenTree::Ident(i) => {
+                out.push(i.to_string());
+                colon = false;
+            }
+            proc_macro2::TokenTree::Punct(p) if p.as_char() == ':' => {
+                if colon {
+                    out.push("::".into());
+                    colon = false;
+                } else {
+                    colon = true;
+                }
+            }
+            proc_macro2::TokenTree::Literal(l) => {
+                let text = l.to_string();
+                if let Ok(lit) = syn::parse_str::<syn::LitStr>(&text)
+                    && let Ok(inner) = lit.value().parse::<proc_macro2::TokenStream>()
+                {
+                    out.extend(flatten(inner));
+                }
+                colon = false;
+            }
+            proc_macro2::TokenTree::Punct(_) => colon = false,
+        }
+    }
     out
+}
+
+impl<'ast> Visit<'ast> for Reader {
+    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+        for a in &m.attrs {
+            self.visit_attribute(a);
+        }
+        if let Some((_, items)) = &m.content {
+            self.module.push(m.ident.to_string());
+            for i in items {
+                self.visit_item(i);
+            }
+            self.module.pop();
+        }
+    }
+
+    fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+        self.use_tree(&mut Vec::new(), &u.tree);
+    }
+
+    fn visit_item_extern_crate(&mut self, e: &'ast syn::ItemExternCrate) {
+        if e.ident == "self" {
+            self.aliases.push("extern crate self".into());
+        }
+    }
+
+    fn visit_path(&mut self, p: &'ast syn::Path) {
+        let segs: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
+        self.resolve(&segs);
+        syn::visit::visit_path(self, p);
+    }
+
+    fn visit_macro(&mut self, m: &'ast syn::Macro) {
+        self.visit_path(&m.path);
+        self.tokens(m.tokens.clone());
+    }
+
+    fn visit_attribute(&mut self, a: &'ast syn::Attribute) {
+        self.tokens(quote::ToTokens::to_token_stream(&a.meta));
+    }
+}
+
+/// The child modules each module of `file` declares (inline ones too).
+fn declared(
+    module: &[String],
+    items: &[syn::Item],
+    out: &mut BTreeMap<Vec<String>, BTreeSet<String>>,
+) {
+    for i in items {
+        if let syn::Item::Mod(m) = i {
+            out.entry(module.to_vec())
+                .or_default()
+                .insert(m.ident.to_string());
+            if let Some((_, inner)) = &m.content {
+                let mut sub = module.to_vec();
+                sub.push(m.ident.to_string());
+                declared(&sub, inner, out);
+            }
+        }
+    }
+}
+
+/// Every crate path the source `text` of module `module` names.
+fn imports(module: &[String], text: &str) -> (Vec<Vec<String>>, Vec<String>) {
+    let file = syn::parse_file(text).expect("the source parses");
+    let mut children = BTreeMap::new();
+    declared(module, &file.items, &mut children);
+    let mut r = Reader {
+        module: module.to_vec(),
+        children,
+        found: Vec::new(),
+        aliases: Vec::new(),
+    };
+    r.visit_file(&file);
+    (r.found, r.aliases)
 }
 
 /// A module as counted for cycles: its top-level module, or for the
@@ -270,24 +333,33 @@ fn floors_hold() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in &files {
         let module = module_of(&src, file);
+        let text = std::fs::read_to_string(file).expect("read source");
+        let (found, aliases) = imports(&module, &text);
+        let shown = file
+            .strip_prefix(&src)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        for a in aliases {
+            bad.push(format!(
+                "{shown}: {a}: an alias of the crate hides its imports"
+            ));
+        }
         let Some(top) = module.first().cloned() else {
             continue; // lib.rs, main.rs
         };
         if top == "floors" {
             continue;
         }
-        let text = std::fs::read_to_string(file).expect("read source");
         let from = unit(&module, &daemon_parts);
-        for path in imports(&module, &text) {
+        for path in found {
             if let Some(why) = forbidden(&top, &path) {
-                bad.push(format!(
-                    "{}: crate::{}: {why}",
-                    file.strip_prefix(&src).unwrap_or(file).display(),
-                    path.join("::")
-                ));
+                bad.push(format!("{shown}: crate::{}: {why}", path.join("::")));
             }
             let to = unit(&path, &daemon_parts);
-            if to != from && floor(path[0].as_str()).is_some() {
+            // The daemon's own mod.rs assembles its submodules: it is the
+            // top of the daemon and counts as no unit of the cycle check.
+            if to != from && from != "daemon" && floor(path[0].as_str()).is_some() {
                 edges.entry(from.clone()).or_default().insert(to);
             }
         }
@@ -315,28 +387,55 @@ fn floors_hold() {
         }
     }
     assert!(
-        edges.contains_key("daemon"),
+        edges.contains_key("daemon::broker"),
         "the reader found the daemon's imports"
     );
 }
 
 #[test]
-fn the_reader_resolves_groups_and_super() {
+fn the_reader_resolves_every_way_of_naming_a_module() {
     let m = |s: &str| s.split("::").map(str::to_string).collect::<Vec<_>>();
-    let found = imports(
+    let (found, aliases) = imports(
         &m("daemon::broker::apply"),
-        "use crate::{model::{A, B}, policy::x};\nuse super::Broker;\n// crate::cli in a comment\nlet s = \"crate::cli\";\nuse super::super::handles::H;\n",
+        r#"
+use crate::{model::{A, B}, policy::x};
+use super::Broker;
+// crate::cli in a comment
+/* crate::cli in a block comment */
+fn f() {
+    let s = "crate::cli";
+    let _ = self::super::super::handles::H;
+    crate::daemon::run();
+    tracing::info!("{}", crate::store::Store::x());
+}
+#[serde(with = "crate::config::Config")]
+struct S;
+mod inner {
+    use super::super::decide::D;
+}
+mod child;
+use child::C;
+"#,
     );
+    let found: BTreeSet<Vec<String>> = found.into_iter().collect();
     assert_eq!(
         found,
-        vec![
+        BTreeSet::from([
             m("model::A"),
             m("model::B"),
             m("policy::x"),
             m("daemon::broker::Broker"),
+            m("daemon::broker::decide::D"),
+            m("daemon::broker::apply::child::C"),
             m("daemon::handles::H"),
-        ]
+            m("daemon::run"),
+            m("store::Store::x"),
+            m("config::Config"),
+        ])
     );
+    assert!(aliases.is_empty());
+    let (_, aliases) = imports(&m("cli"), "use crate as c;\nextern crate self as me;\n");
+    assert_eq!(aliases.len(), 2, "{aliases:?}");
     assert!(forbidden("store", &m("policy::Policy")).is_some());
     assert!(forbidden("cli", &m("daemon::broker")).is_some());
     assert!(forbidden("cli", &m("daemon::run")).is_none());
