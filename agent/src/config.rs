@@ -199,15 +199,17 @@ impl Config {
                 ),
             });
         }
-        config.check_rules().map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        config
+            .check_approvers()
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(config)
     }
 
     /// Approvers make sense: one clear message if not.
-    fn check_rules(&self) -> Result<(), String> {
+    fn check_approvers(&self) -> Result<(), String> {
         if self.legacy_rules.is_some() {
             return Err(
                 "`[[rule]]` tables are no longer read here: rules are policy files now (YAML in `policy_dirs`, see policies/README.md)".into(),

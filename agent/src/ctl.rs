@@ -1,6 +1,6 @@
 //! The control socket's protocol and its client: newline-delimited JSON,
 //! one request and one response per connection. The daemon serves it
-//! (`daemon::ctl`); only root, or members of the configured group, may use it.
+//! (`daemon::control`); only root, or members of the configured group, may use it.
 
 use std::{
     collections::BTreeMap,

@@ -6,8 +6,9 @@
 //! # Floors
 //!
 //! The modules stand on three floors, and imports only point down (or
-//! sideways within the middle, for plain data). `floors_hold` below reads
-//! every `crate::` path in the sources and fails on any other import.
+//! sideways within the middle, for plain data). The test `floors_hold` (in
+//! `floors.rs`) reads every path in the sources that names a module of
+//! this crate and fails on any other import.
 //!
 //! 1. **Bottom, pure data**: [`model`] (records, process identity,
 //!    approval requests, kinds, enforcement, time). Imports nothing of this
@@ -17,10 +18,11 @@
 //!    the `Ebpf` object: load, attach, pin, decode, candidate maps),
 //!    [`store`] (SQLite; imports [`model`] only), [`procfs`], [`features`],
 //!    [`ctl`] (the control socket's protocol and client). They import
-//!    [`model`] and each other, never [`daemon`] or [`cli`].
+//!    [`model`] and each other for plain data, never [`daemon`] or [`cli`];
+//!    [`policy`] and [`store`] import [`model`] only.
 //! 3. **Top**: [`daemon`], the only place with channels, tasks and
 //!    threads (assembly, typed handles, router, broker, recorder, reload,
-//!    control socket server, API). [`cli`] stands beside it: it talks to a
+//!    control socket server (`control.rs`), API). [`cli`] stands beside it: it talks to a
 //!    running daemon only through the control-socket and API clients, and
 //!    of [`daemon`] uses only `daemon::run` (to be it).
 

@@ -94,6 +94,27 @@ pub fn ancestry(pid: u32) -> Vec<Ancestor> {
     out
 }
 
+/// Whether `pid` is still the process that started at `start` (not gone,
+/// not a later process that reuses its pid).
+pub fn is_same(pid: u32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
+/// Lets an exec stopped before its first instruction run (SIGCONT), or
+/// kills it (SIGKILL), if it is still the process that started at
+/// `start`; says what the process saw.
+pub fn release_new_image(pid: u32, start: u64, allow: bool) -> Result<&'static str, SignalError> {
+    let (sig, seen) = if allow {
+        (libc::SIGCONT, "resumed: the program runs")
+    } else {
+        (
+            libc::SIGKILL,
+            "killed (SIGKILL) before its first instruction",
+        )
+    };
+    signal_if_same(pid, start, sig).map(|()| seen)
+}
+
 /// Sends `sig` to `pid` if it is still the process that started at `start`.
 pub fn signal_if_same(pid: u32, start: u64, sig: i32) -> Result<(), SignalError> {
     match start_time(pid) {

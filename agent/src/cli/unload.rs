@@ -20,18 +20,13 @@ use crate::{
 pub struct UnloadArgs {}
 
 pub fn run(_args: UnloadArgs, config: &Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", config.data_dir.display()))?;
-    let lock_path = config.lock_path();
-    let lock = std::fs::File::create(&lock_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        anyhow::bail!(
-            "an airlock daemon is running on {} (it holds {}): stop it before unloading",
-            config.data_dir.display(),
-            lock_path.display()
-        );
-    }
+    let _lock = match crate::store::lock_data_dir(&config.data_dir, &config.lock_path()) {
+        Ok(l) => l,
+        Err(e @ crate::store::LockError::Held { .. }) => {
+            anyhow::bail!("{e}: stop it before unloading")
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Which held processes are still there, before resuming any of them.
     let mut store = if config.db_path().exists() {
         Some(Store::open(&config.db_path())?)
@@ -44,7 +39,7 @@ pub fn run(_args: UnloadArgs, config: &Config) -> anyhow::Result<()> {
     };
     let alive: Vec<bool> = pending
         .iter()
-        .map(|r| procfs::start_time(r.tgid) == Some(r.start_time))
+        .map(|r| procfs::is_same(r.tgid, r.start_time))
         .collect();
     let pins = PinDir::new(&config.pin_dir);
     if pins.root().exists() {
@@ -81,16 +76,8 @@ fn close_pending(
             "the process ended while no daemon ran".to_string()
         } else if req.stopped_after_exec() {
             req.state = State::Failed;
-            let (sig, what) = if open {
-                (libc::SIGCONT, "resumed: the program runs")
-            } else {
-                (
-                    libc::SIGKILL,
-                    "killed (SIGKILL) before its first instruction",
-                )
-            };
-            match procfs::signal_if_same(req.tgid, req.start_time, sig) {
-                Ok(()) => format!("airlock unload, fail {}: {what}", config.fail_mode.name()),
+            match procfs::release_new_image(req.tgid, req.start_time, open) {
+                Ok(seen) => format!("airlock unload, fail {}: {seen}", config.fail_mode.name()),
                 Err(e) => format!("airlock unload: {e}"),
             }
         } else {

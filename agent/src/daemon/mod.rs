@@ -11,7 +11,7 @@
 pub mod api;
 mod assemble;
 pub mod broker;
-mod ctl;
+mod control;
 mod handles;
 mod heartbeat;
 mod recorder;
@@ -60,8 +60,8 @@ pub enum DaemonError {
     NoSocketGroup(String),
     #[error("cannot start: {0}")]
     Kernel(String),
-    #[error(transparent)]
-    Lock(#[from] start::LockError),
+    #[error("{0}; stop it first")]
+    Lock(#[from] crate::store::LockError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -69,7 +69,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Pins(#[from] crate::bpf::pins::PinError),
     #[error(transparent)]
-    Socket(#[from] ctl::BindError),
+    Socket(#[from] control::BindError),
     #[error("approval API on {addr}: {source}")]
     Api {
         addr: std::net::SocketAddr,
@@ -186,7 +186,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 fn validate(config: &Config) -> Result<Policy, DaemonError> {
     let policy = Policy::load_dirs(&config.policy_dirs).map_err(DaemonError::Policy)?;
     if let Some(g) = &config.socket_group
-        && ctl::group_id(g).is_none()
+        && control::group_id(g).is_none()
     {
         return Err(DaemonError::NoSocketGroup(g.clone()));
     }
@@ -199,7 +199,7 @@ fn bind(config: &Config) -> Result<Servers, DaemonError> {
     let err = |source| DaemonError::Api { addr, source };
     let api = std::net::TcpListener::bind(addr).map_err(err)?;
     api.set_nonblocking(true).map_err(err)?;
-    let (ctl, allowed_gid) = ctl::bind(&config.socket_path, config.socket_group.as_deref())?;
+    let (ctl, allowed_gid) = control::bind(&config.socket_path, config.socket_group.as_deref())?;
     Ok(Servers {
         api,
         ctl,
@@ -316,7 +316,7 @@ impl Servers {
                 }
             }
         });
-        let ctx = Arc::new(ctl::Context {
+        let ctx = Arc::new(control::Context {
             sensor: a.sensor.clone(),
             recorder: a.recorder.clone(),
             stats: a.stats.clone(),
@@ -326,7 +326,7 @@ impl Servers {
             policy: status_rx,
         });
         let listener = tokio::net::UnixListener::from_std(self.ctl)?;
-        let ctl_task = tokio::spawn(ctl::serve(listener, ctx, shutdown.clone()));
+        let ctl_task = tokio::spawn(control::serve(listener, ctx, shutdown.clone()));
         Ok(vec![ctl_task, api_task, reload_task])
     }
 }

@@ -12,40 +12,12 @@ use crate::{
     config::Config,
     model::{ApprovalRequest, wall_now_ns},
     procfs,
-    store::{Store, StoreError},
+    store::{LockError, Store, StoreError},
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("another airlock daemon is running on {data_dir} (it holds {lock}); stop it first")]
-    Held {
-        data_dir: std::path::PathBuf,
-        lock: std::path::PathBuf,
-    },
-}
 
 /// Takes the data directory's lock: one daemon per store and pin set.
 pub fn lock(config: &Config) -> Result<std::fs::File, LockError> {
-    let path = config.lock_path();
-    let io = |path: &std::path::Path| {
-        let path = path.to_path_buf();
-        move |source| LockError::Io { path, source }
-    };
-    std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
-    let file = std::fs::File::create(&path).map_err(io(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held {
-            data_dir: config.data_dir.clone(),
-            lock: path,
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
-    }
+    crate::store::lock_data_dir(&config.data_dir, &config.lock_path())
 }
 
 /// Sessions the store has open: those whose root process is still a member

@@ -128,8 +128,9 @@ pub struct Approval {
 }
 
 impl ApprovalRequest {
-    /// Whether the request is held inside its syscall (resumed through a
-    /// verdict) rather than stopped after an exec (resumed by a signal).
+    /// Whether the held action is an exec stopped after the fact, before
+    /// its first instruction (resumed by SIGCONT, refused by SIGKILL),
+    /// rather than held inside its syscall (resumed through a verdict).
     pub fn stopped_after_exec(&self) -> bool {
         self.kind == ActionKind::Exec && !self.in_syscall
     }
@@ -140,8 +141,8 @@ impl ApprovalRequest {
 pub enum DecideError {
     #[error("no request {0}")]
     NotFound(u64),
-    #[error("request {id} is already {state}")]
-    AlreadyDecided { id: u64, state: &'static str },
+    #[error("request {id} is already {}", state.name())]
+    AlreadyDecided { id: u64, state: State },
     #[error(
         "{who} cannot decide request {id}: the session runs on their behalf (no self-approval)"
     )]

@@ -1,8 +1,11 @@
-//! The local SQLite store: sessions and their recorded events.
+//! The local SQLite store: sessions and their recorded events, approval
+//! requests, and policy loads.
 //!
 //! WAL mode, batched transactions, a versioned schema with migrations
 //! (`PRAGMA user_version`), indexes for session and time.
 
+mod lock;
+mod policy_loads;
 mod query;
 mod requests;
 mod schema;
@@ -15,6 +18,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::model::Record;
+pub use lock::{LockError, lock_data_dir};
 pub use query::{EventRow, SessionRow};
 
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,7 @@ pub struct EventRow {
     pub detail: serde_json::Value,
 }
 
+/// 900 is `EventKind::Loss` (checked by a test).
 const SESSION_COLUMNS: &str = "s.id, s.started_at, s.ended_at, s.root_pid, s.command, s.labels,
     (SELECT count(*) FROM events e WHERE e.session_id = s.id AND e.kind != 900),
     (SELECT coalesce(sum(json_extract(e.detail, '$.count')), 0) FROM events e WHERE e.session_id = s.id AND e.kind = 900)";

@@ -3,7 +3,7 @@
 use rusqlite::params;
 
 use super::{Store, StoreError};
-use crate::model::{ApprovalRequest, PolicyLoad, State};
+use crate::model::{ApprovalRequest, State};
 
 impl Store {
     /// Stores a new request and returns its id (written into the body too).
@@ -89,33 +89,5 @@ impl Store {
         id: u64,
     ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
         Ok(self.session(id)?.labels)
-    }
-}
-
-impl Store {
-    pub fn insert_policy_load(&mut self, l: &PolicyLoad) -> Result<(), StoreError> {
-        let body = serde_json::to_string(l).unwrap_or_else(|_| "{}".into());
-        self.conn
-            .execute(
-                "INSERT INTO policy_loads (ts, trigger, ok, body) VALUES (?1, ?2, ?3, ?4)",
-                params![l.ts, l.trigger, l.ok, body],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(())
-    }
-
-    /// Policy loads, oldest first.
-    pub fn policy_loads(&self) -> Result<Vec<PolicyLoad>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT body FROM policy_loads ORDER BY id")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(|e| self.err(e))?;
-        Ok(rows
-            .filter_map(Result::ok)
-            .filter_map(|b| serde_json::from_str(&b).ok())
-            .collect())
     }
 }

@@ -46,6 +46,11 @@ fn exec(session_id: u64, ts: i64) -> Record {
 }
 
 #[test]
+fn the_session_columns_name_the_loss_kind_by_its_id() {
+    assert_eq!(EventKind::Loss as u32, 900, "SESSION_COLUMNS in query.rs");
+}
+
+#[test]
 fn round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sub/airlock.db");

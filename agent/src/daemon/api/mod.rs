@@ -4,6 +4,7 @@
 //! GET  /v1/requests/{id}              one request
 //! POST /v1/requests/{id}/approve      {"reason": "..."} (body optional)
 //! POST /v1/requests/{id}/deny         {"reason": "..."} (body optional)
+//! GET  /v1/sessions/{id}/events      a session's events in time order
 //! GET  /v1/stream                     server-sent events: new and resolved requests
 //! GET  /v1/openapi.json               this API's OpenAPI document (no token needed)
 

@@ -47,16 +47,7 @@ impl Broker {
     pub(super) async fn apply(&self, t: &Target, allow: bool) -> Result<String, ApplyError> {
         if t.kind == ActionKind::Exec && !t.in_syscall {
             // Held at sched_process_exec: the new image has not run yet.
-            let (sig, seen) = if allow {
-                (libc::SIGCONT, "resumed: the program runs")
-            } else {
-                (
-                    libc::SIGKILL,
-                    "killed (SIGKILL) before its first instruction",
-                )
-            };
-            procfs::signal_if_same(t.tgid, t.start_time, sig)?;
-            return Ok(seen.into());
+            return Ok(procfs::release_new_image(t.tgid, t.start_time, allow)?.into());
         }
         self.sensor.verdict(t.pid, t.digest, allow).await?;
         procfs::signal_if_same(t.tgid, t.start_time, libc::SIGCONT)?;

@@ -90,10 +90,7 @@ impl Broker {
         .ok()
         .flatten();
         match stored {
-            Some(r) => DecideError::AlreadyDecided {
-                id,
-                state: r.state.name(),
-            },
+            Some(r) => DecideError::AlreadyDecided { id, state: r.state },
             None => DecideError::NotFound(id),
         }
     }

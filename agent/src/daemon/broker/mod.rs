@@ -114,7 +114,7 @@ impl Broker {
                     "no-daemon",
                     "the hold ended while no daemon ran: the fail mode answered (see the action's record), or the task was resumed by hand",
                 )
-            } else if procfs::start_time(r.tgid) == Some(r.start_time) {
+            } else if procfs::is_same(r.tgid, r.start_time) {
                 info!(id, "pending request still decidable after restart");
                 continue;
             } else {
