@@ -435,3 +435,105 @@ fn one_daemon_per_data_dir_and_per_pin_dir() {
     // The first one is unharmed.
     assert_eq!(d.status()["pid"].as_u64(), Some(pid));
 }
+
+/// The sensor never waits on the broker while the broker waits on it: a
+/// broker stuck behind a locked store (its request cannot be stored, so it
+/// refuses the hold through the sensor) while a flood of exits fills its
+/// queue once deadlocked the daemon for good. Once the store is free the
+/// daemon answers and records again.
+#[test]
+fn a_stuck_broker_and_a_flood_of_exits_do_not_wedge_the_daemon() {
+    if !can_run("a_stuck_broker_and_a_flood_of_exits_do_not_wedge_the_daemon") {
+        return;
+    }
+    if !connects_held("a_stuck_broker_and_a_flood_of_exits_do_not_wedge_the_daemon") {
+        return;
+    }
+    let d = daemon("closed");
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    // SQLite's WAL write lock is byte 120 of the -shm file: with a read
+    // lock on it, every write waits out the busy timeout and fails.
+    let shm = std::fs::File::open(d.dir.path().join("data/airlock.db-shm")).unwrap();
+    let lock = |kind: i32| {
+        let fl = libc::flock {
+            l_type: kind as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: 120,
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: fcntl(F_SETLK) with a valid flock on our own fd.
+        let rc = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&shm), libc::F_SETLK, &fl) };
+        assert_eq!(rc, 0, "fcntl: {}", std::io::Error::last_os_error());
+    };
+    // Both sessions exist before the store is locked (a new session needs
+    // a write), and wait for `go`.
+    let go = d.dir.path().join("go");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    let held = d.spawn_run(
+        &["user=bob"],
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("{wait}; {ACTOR} connect-timed {target}"),
+        ],
+    );
+    let flood = d.spawn_run(
+        &["user=bob"],
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("{wait}; {ACTOR} spawn 1300 /bin/true"),
+        ],
+    );
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    while sessions(&d).len() < 2 {
+        assert!(Instant::now() < deadline, "two sessions registered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lock(libc::F_RDLCK);
+    std::fs::write(&go, "").unwrap();
+    let _ = finish_within(flood, scaled(Duration::from_secs(120)));
+    // Long enough for the held connect's request to fail (the recorder
+    // waits out SQLite's 5 s busy timeout for the batch before it, then for
+    // the request): the broker then refuses it through the sensor.
+    std::thread::sleep(Duration::from_secs(15));
+    lock(libc::F_UNLCK);
+    // The daemon answers again, and a new session is recorded.
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
+    let ok = loop {
+        let out = std::process::Command::new(airlock_tests::airlock_bin())
+            .arg("--config")
+            .arg(&d.config)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(ok, "the daemon answers again; log:\n{}", d.log());
+    let (id, out) = d.run(&[], &["/bin/echo", "after"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+    let events = d.events(id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "exec" && e.detail["path"] == "/bin/echo"),
+        "recorded again: {events:#?}"
+    );
+    // The held connect was refused when its request could not be stored,
+    // or its request was stored once the store was free and waits: deny
+    // it. Either way it ends refused, not wedged.
+    for r in d.requests(ALICE, true) {
+        let out = d.approvals(ALICE, &["deny", &r["id"].to_string()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let out = finish_within(held, scaled(Duration::from_secs(30)));
+    assert!(out.trim().ends_with(&libc::EPERM.to_string()), "{out}");
+}

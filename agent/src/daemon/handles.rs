@@ -129,10 +129,31 @@ pub enum RecorderMsg {
 #[derive(Clone)]
 pub struct RecorderHandle(mpsc::Sender<RecorderMsg>);
 
+/// Room for one message to the recorder, reserved ahead: sending on it
+/// cannot block.
+pub struct RecorderPermit(mpsc::OwnedPermit<RecorderMsg>);
+
+impl RecorderPermit {
+    pub fn records(self, batch: Vec<Record>) {
+        self.0.send(RecorderMsg::Records(batch));
+    }
+}
+
 impl RecorderHandle {
     pub fn channel() -> (Self, mpsc::Receiver<RecorderMsg>) {
         let (tx, rx) = mpsc::channel(256);
         (Self(tx), rx)
+    }
+
+    /// Waits for room in the recorder's queue (for a caller that must not
+    /// block while holding what it sends).
+    pub async fn reserve(&self) -> Result<RecorderPermit, HandleError> {
+        self.0
+            .clone()
+            .reserve_owned()
+            .await
+            .map(RecorderPermit)
+            .map_err(|_| HandleError::Stopped("recorder"))
     }
 
     /// Queues records for the next batch.
@@ -206,10 +227,35 @@ pub enum BrokerMsg {
 #[derive(Clone)]
 pub struct BrokerHandle(mpsc::Sender<BrokerMsg>);
 
+/// Room for one message to the broker, reserved ahead.
+pub struct BrokerPermit(mpsc::OwnedPermit<BrokerMsg>);
+
+impl BrokerPermit {
+    /// A held action to decide.
+    pub fn held(self, record: Record, hold: HoldInfo) {
+        self.0.send(BrokerMsg::Held { record, hold });
+    }
+
+    /// A watched process exited.
+    pub fn exited(self, tgid: u32) {
+        self.0.send(BrokerMsg::Exited { tgid });
+    }
+}
+
 impl BrokerHandle {
     pub fn channel() -> (Self, mpsc::Receiver<BrokerMsg>) {
         let (tx, rx) = mpsc::channel(1024);
         (Self(tx), rx)
+    }
+
+    /// Waits for room in the broker's queue.
+    pub async fn reserve(&self) -> Result<BrokerPermit, HandleError> {
+        self.0
+            .clone()
+            .reserve_owned()
+            .await
+            .map(BrokerPermit)
+            .map_err(|_| HandleError::Stopped("broker"))
     }
 
     /// A held action to decide (by policy, or by a human).
