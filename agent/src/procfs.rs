@@ -115,13 +115,18 @@ pub fn release_new_image(pid: u32, start: u64, allow: bool) -> Result<&'static s
     signal_if_same(pid, start, sig).map(|()| seen)
 }
 
+/// [`is_same`], or why not.
+pub fn check_same(pid: u32, start: u64) -> Result<(), SignalError> {
+    match start_time(pid) {
+        Some(s) if s == start => Ok(()),
+        Some(_) => Err(SignalError::Reused(pid)),
+        None => Err(SignalError::Gone(pid)),
+    }
+}
+
 /// Sends `sig` to `pid` if it is still the process that started at `start`.
 pub fn signal_if_same(pid: u32, start: u64, sig: i32) -> Result<(), SignalError> {
-    match start_time(pid) {
-        Some(s) if s == start => {}
-        Some(_) => return Err(SignalError::Reused(pid)),
-        None => return Err(SignalError::Gone(pid)),
-    }
+    check_same(pid, start)?;
     // SAFETY: kill has no memory effects; the pid was checked just above.
     if unsafe { libc::kill(pid as i32, sig) } != 0 {
         return Err(SignalError::Kill {

@@ -134,6 +134,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
     let pins = PinDir::new(&config.pin_dir);
     pins.check_fs()?;
+    start::raise_fd_limit();
     let _lock = start::lock(&config)?;
     let mut store = Store::open(&config.db_path())?;
     store.insert_policy_load(&reload::load_record("start", Ok(&policy)))?;

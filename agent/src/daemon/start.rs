@@ -15,6 +15,28 @@ use crate::{
     store::{LockError, Store, StoreError},
 };
 
+/// Raises the open-file limit to its hard limit: every API client and
+/// store reader holds a descriptor, and running out must not be something
+/// a local user can cause with idle connections.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 /// Takes the data directory's lock: one daemon per store and pin set.
 pub fn lock(config: &Config) -> Result<std::fs::File, LockError> {
     crate::store::lock_data_dir(&config.data_dir, &config.lock_path())

@@ -22,6 +22,11 @@ pub fn lock_data_dir(data_dir: &Path, lock: &Path) -> Result<std::fs::File, Lock
         move |source| LockError::Io { path, source }
     };
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    // The store holds every command line and every decision: root's only
+    // (a reader could also lock the store against the daemon's writes).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(data_dir))?;
     let file = std::fs::File::create(lock).map_err(io(lock))?;
     match file.try_lock() {
         Ok(()) => Ok(file),

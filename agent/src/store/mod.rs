@@ -36,7 +36,7 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
-    #[error("store {path}: cannot create its directory: {source}")]
+    #[error("store {path}: cannot create its directory or set its mode: {source}")]
     Dir {
         path: PathBuf,
         source: std::io::Error,
@@ -75,6 +75,14 @@ impl Store {
             path: path.into(),
             source,
         })?;
+        // Its write-ahead log and index files take the same mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| StoreError::Dir {
+                path: path.into(),
+                source,
+            },
+        )?;
         let mut store = Self {
             conn,
             path: path.into(),

@@ -192,3 +192,26 @@ fn every_older_schema_migrates_to_the_current_one() {
         }
     }
 }
+
+#[test]
+fn the_data_directory_and_the_store_are_roots_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _lock = super::lock_data_dir(&data, &data.join("airlock.lock")).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let db = data.join("airlock.db");
+    let mut store = Store::open(&db).unwrap();
+    let id = session(&mut store);
+    store.insert(&[exec(id, 1)]).unwrap();
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(mode(&data.join("airlock.db-wal")), 0o600, "the log too");
+    // A second lock on the same directory is refused.
+    let e = super::lock_data_dir(&data, &data.join("airlock.lock")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("another airlock daemon is running on"),
+        "{e}"
+    );
+}

@@ -49,6 +49,12 @@ impl Broker {
             // Held at sched_process_exec: the new image has not run yet.
             return Ok(procfs::release_new_image(t.tgid, t.start_time, allow)?.into());
         }
+        // An allow goes only to the process that was held: a verdict left
+        // for a process nobody could resume would wait for its own SIGCONT.
+        // A denial may always be written.
+        if allow {
+            procfs::check_same(t.tgid, t.start_time)?;
+        }
         self.sensor.verdict(t.pid, t.digest, allow).await?;
         procfs::signal_if_same(t.tgid, t.start_time, libc::SIGCONT)?;
         let call = t.kind.syscall();

@@ -22,7 +22,10 @@ use self::apply::Target;
 use super::handles::{BrokerMsg, RecorderHandle, SensorHandle};
 use crate::{
     config::Approver,
-    model::{ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State, wall_now_ns},
+    model::{
+        Ancestor, ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State,
+        wall_now_ns,
+    },
     policy::{self, Action, Policy, Subject},
     procfs,
     store::Store,
@@ -51,6 +54,26 @@ struct Held {
     action: Action,
     /// A monitor rule that matched first: "would deny by pack/rule".
     monitor: Option<String>,
+    /// The held process and its parents, nearest first.
+    ancestry: Vec<Ancestor>,
+}
+
+/// How long reading a held process's context (/proc, the executable's
+/// mode) may take before the action is refused.
+const READ_LIMIT: Duration = Duration::from_secs(2);
+
+/// The kernel's copy of the action is not all of it.
+fn incomplete(detail: &Detail) -> bool {
+    match detail {
+        Detail::Exec {
+            argv_truncated,
+            path_truncated,
+            argv_unreadable,
+            ..
+        } => *argv_truncated || *path_truncated || *argv_unreadable,
+        Detail::File { path_truncated, .. } => *path_truncated,
+        _ => false,
+    }
 }
 
 pub struct Broker {
@@ -174,15 +197,38 @@ impl Broker {
             // A re-issued syscall of an action already waiting: one request.
             return;
         }
+        // What the kernel did not send, read off the runtime and within a
+        // limit: a path on a stalled file system must not stall every
+        // other decision.
+        let read = {
+            let r = record.clone();
+            tokio::task::spawn_blocking(move || {
+                (
+                    procfs::start_time(tgid),
+                    action::of(&r),
+                    procfs::ancestry(tgid),
+                )
+            })
+        };
+        let (start_time, action, ancestry) = match tokio::time::timeout(READ_LIMIT, read).await {
+            Ok(Ok(read)) => read,
+            _ => {
+                warn!(
+                    tgid,
+                    "the held process's context could not be read in time: refusing"
+                );
+                (procfs::start_time(tgid), None, Vec::new())
+            }
+        };
         let target = Target {
             kind,
             pid: record.process.pid,
             tgid,
-            start_time: procfs::start_time(tgid).unwrap_or(0),
+            start_time: start_time.unwrap_or(0),
             digest: hold.digest,
             in_syscall: hold.in_syscall,
         };
-        let Some(action) = action::of(&record) else {
+        let Some(action) = action else {
             warn!(
                 kind = kind.name(),
                 "a held action without its details: refusing it"
@@ -202,22 +248,31 @@ impl Broker {
         let monitor = out
             .monitor
             .map(|r| format!("would {} by {}", r.decision.name(), r.id));
+        // The policy saw less than the action: only a hold or a denial
+        // stands, nothing goes through unasked.
+        let unseen = if labels.is_none() {
+            Some("the session's labels could not be read: refused (fail closed)")
+        } else if incomplete(&record.detail) {
+            Some(
+                "the kernel's copy of its path or argv was cut or unreadable, so the policy did not see all of it: refused (fail closed)",
+            )
+        } else {
+            None
+        };
         let held = Held {
             record,
             target,
             action,
             monitor,
+            ancestry,
         };
-        match (out.decision, out.rule) {
-            (Decision::Hold, Some(rule)) => self.file_request(held, rule, labels).await,
-            (decision, rule) if labels.is_some() || decision == Decision::Deny => {
+        match (out.decision, out.rule, unseen) {
+            (Decision::Hold, Some(rule), _) => self.file_request(held, rule, labels).await,
+            (decision, rule, None) | (decision @ Decision::Deny, rule, Some(_)) => {
                 let rule = rule.map(|r| r.id.clone());
                 self.decide_now(held, decision, rule, None).await
             }
-            // Without its session's labels the policy may have missed a
-            // rule that names them: nothing goes through unasked.
-            (_, _) => {
-                let why = "the session's labels could not be read: refused (fail closed)";
+            (_, _, Some(why)) => {
                 warn!(session = held.record.session_id, "{why}");
                 self.decide_now(held, Decision::Deny, None, Some(why)).await
             }
@@ -259,7 +314,7 @@ impl Broker {
                 "the session's labels could not be read: its request cannot be decided until they can"
             );
         }
-        let mut req = request::new(&h, rule, labels, procfs::ancestry(h.target.tgid));
+        let mut req = request::new(&h, rule, labels);
         match self.recorder.create_request(req.clone()).await {
             Ok(id) => req.id = id,
             Err(e) => {

@@ -112,6 +112,16 @@ async fn harness_in(policy: &str, arg: &str, session: Option<u64>) -> Harness {
 /// `/bin/sleep ARG`, stopped as the kernel stops a held exec (after the
 /// fact, resumed by signals) and handed to the broker as held in `session`.
 async fn hold_sleep(assembly: &Assembly, session: u64, arg: &str) -> std::process::Child {
+    hold_sleep_cut(assembly, session, arg, false).await
+}
+
+/// [`hold_sleep`], with the kernel's copy of argv flagged as cut.
+async fn hold_sleep_cut(
+    assembly: &Assembly,
+    session: u64,
+    arg: &str,
+    argv_truncated: bool,
+) -> std::process::Child {
     let child = Command::new("/bin/sleep").arg(arg).spawn().unwrap();
     let pid = child.id();
     // SAFETY: signalling our own child.
@@ -141,7 +151,7 @@ async fn hold_sleep(assembly: &Assembly, session: u64, arg: &str) -> std::proces
         detail: Detail::Exec {
             path: "/bin/sleep".into(),
             argv: vec!["/bin/sleep".into(), arg.into()],
-            argv_truncated: false,
+            argv_truncated,
             path_truncated: false,
             argv_unreadable: false,
             enforcement: Some(Enforcement::Held),
@@ -655,4 +665,43 @@ async fn a_candidate_whose_labels_cannot_be_read_is_refused() {
         "{}",
         details[0]
     );
+}
+
+/// The kernel's copy of argv was cut: the policy did not see all of it, so
+/// a candidate it would let through is refused instead (an argument past
+/// the cut could be the one a hold rule looks for).
+#[tokio::test]
+async fn a_candidate_whose_argv_was_cut_is_refused_unless_held() {
+    let policy = "pack: t\nrules:\n  - name: hold-upload\n    on: exec\n    when: {exe: sleep, args: \"-T\"}\n    decision: hold\n";
+    let h = harness_with(policy, "37").await;
+    let mut cut = hold_sleep_cut(&h.assembly, h.session, "38", true).await;
+    let st = tokio::task::spawn_blocking(move || cut.wait().unwrap())
+        .await
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "refused");
+    let db = h._dir.path().join("airlock.db");
+    let mut outcome = String::new();
+    for _ in 0..100 {
+        let rows = Store::open_read_only(&db)
+            .unwrap()
+            .events(h.session)
+            .unwrap();
+        if let Some(d) = rows
+            .iter()
+            .find(|r| r.kind == "decision" && r.detail["decision"] == "deny")
+        {
+            outcome = d.detail["outcome"].as_str().unwrap_or("").to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        outcome.ends_with("so the policy did not see all of it: refused (fail closed)"),
+        "{outcome:?}"
+    );
+    // The same command, not cut, is resumed (the rule does not hold it).
+    let mut h = h;
+    assert_running(&mut h.child, "the uncut candidate");
+    let _ = h.child.kill();
 }
