@@ -68,6 +68,16 @@ pub fn can_run(test: &str) -> bool {
     }
 }
 
+/// The checkout's root (the tests crate's parent), by name: in the VM
+/// only some of the checkout's files exist, so `tests/..` would not
+/// resolve there.
+pub fn checkout() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
 /// The airlock binary under test: $AIRLOCK_BIN, else the newest of
 /// target/{release,debug}/airlock.
 pub fn airlock_bin() -> PathBuf {
@@ -126,7 +136,7 @@ impl Daemon {
     /// --policy-dir <checkout>/policies`, the default `policy_dirs`), only
     /// its store, socket, pins and API moved into a temporary directory.
     pub fn start_as_xtask_run(extra: &str) -> Self {
-        let packs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let packs = checkout().join("policies");
         let args = vec!["--policy-dir".into(), packs.display().to_string()];
         Self::start_in(tempfile::tempdir().expect("tempdir"), extra, args)
     }

@@ -309,7 +309,7 @@ fn the_daemon_as_xtask_run_starts_it_enforces_the_shipped_packs() {
         return;
     };
     let d = Daemon::start_as_xtask_run(APPROVER);
-    let dirs = [Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")];
+    let dirs = [airlock_tests::checkout().join("policies")];
     let packs = airlock::policy::Policy::load_dirs(&dirs).expect("the shipped packs load");
     let status = d.status();
     let policy = status["policy"].as_str().unwrap_or_default();

@@ -508,8 +508,8 @@ fn every_event_carries_the_credentials_and_cgroup_of_its_process() {
     }
 
     // The README's query, with this session's id, on the file itself.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md");
+    let readme =
+        std::fs::read_to_string(airlock_tests::checkout().join("README.md")).expect("README.md");
     let sql = readme
         .lines()
         .find_map(|l| l.strip_prefix("sqlite3 /var/lib/airlock/airlock.db \""))

@@ -416,6 +416,9 @@ fn test_image(filter: Option<&str>) -> anyhow::Result<(PathBuf, Vec<String>)> {
     for e in std::fs::read_dir(&packs)?.filter_map(Result::ok) {
         files.push((e.path(), e.path()));
     }
+    // The record suite checks the README's SQL example and kind ids.
+    let readme = workspace_root().join("README.md");
+    files.push((readme.clone(), readme));
     let mut names = Vec::new();
     for t in tests {
         let name = t
