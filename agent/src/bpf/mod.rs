@@ -193,32 +193,17 @@ impl Bpf {
         };
         // BPF LSM where the kernel runs it; each hook that attaches tells
         // its fallback (the cgroup hook, sched_process_exec) to stand back.
-        match attach::lsm(
-            &mut ebpf,
-            &btf,
-            &mut links,
-            "lsm_socket_connect",
-            "socket_connect",
-        ) {
-            Ok(()) => {
-                candidates::set_mode(&mut ebpf, MODE_LSM_CONNECT, true)?;
-                holds.lsm_connect = true;
-                holds.connect = true;
-            }
-            Err(why) => info!("BPF LSM socket_connect not attached: {why}"),
-        }
-        if holds.lsm_connect {
-            match attach::lsm_exec(&mut ebpf, &btf, &mut links) {
-                Ok(()) => {
-                    candidates::set_mode(&mut ebpf, MODE_LSM_EXEC, true)?;
-                    holds.lsm_exec = true;
-                }
-                Err(why) => warn!("BPF LSM bprm_creds_for_exec not attached: {why}"),
-            }
-            match attach::lsm(&mut ebpf, &btf, &mut links, "lsm_file_open", "file_open") {
-                Ok(()) => holds.lsm_file = true,
-                Err(why) => warn!("BPF LSM file_open not attached: {why}"),
-            }
+        // Only where `bpf` is in the active LSM list: elsewhere (stock
+        // kernels built with BPF LSM but not booted with it) the programs
+        // load and attach, yet the kernel never calls them, and standing
+        // the fallbacks back would leave nothing held at all.
+        if features.bpf_lsm {
+            attach_lsm(&mut ebpf, &btf, &mut links, &mut holds)?;
+        } else {
+            info!(
+                "BPF LSM is not in the kernel's active LSM list ({}): holding with the fallbacks",
+                features.lsm_list
+            );
         }
 
         let ring = take(&mut ebpf, "EVENTS", RingBuf::try_from)?;
@@ -359,6 +344,37 @@ impl Bpf {
         }
         records
     }
+}
+
+/// The BPF LSM programs, each one where the kernel accepts it.
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    links: &mut pins::LinkPins,
+    holds: &mut Holds,
+) -> Result<(), BpfError> {
+    match attach::lsm(ebpf, btf, links, "lsm_socket_connect", "socket_connect") {
+        Ok(()) => {
+            candidates::set_mode(ebpf, MODE_LSM_CONNECT, true)?;
+            holds.lsm_connect = true;
+            holds.connect = true;
+        }
+        Err(why) => info!("BPF LSM socket_connect not attached: {why}"),
+    }
+    if holds.lsm_connect {
+        match attach::lsm_exec(ebpf, btf, links) {
+            Ok(()) => {
+                candidates::set_mode(ebpf, MODE_LSM_EXEC, true)?;
+                holds.lsm_exec = true;
+            }
+            Err(why) => warn!("BPF LSM bprm_creds_for_exec not attached: {why}"),
+        }
+        match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open") {
+            Ok(()) => holds.lsm_file = true,
+            Err(why) => warn!("BPF LSM file_open not attached: {why}"),
+        }
+    }
+    Ok(())
 }
 
 fn take<T>(
