@@ -155,16 +155,6 @@ fn first() -> anyhow::Result<(Machine, bool)> {
     Ok((Machine { cpus, ..FIRST.0 }, FIRST.1))
 }
 
-/// The machine a boot whose guest crashed with the known int3 is booted
-/// again on: one vCPU, so no vCPU can run text another is patching.
-const RETRY: (Machine, bool) = (
-    Machine {
-        cpus: 1,
-        icount_shift: None,
-    },
-    true,
-);
-
 /// The outcome of one boot.
 pub struct VmResult {
     /// The boot and the guest's kernel release.
