@@ -22,10 +22,7 @@ use self::apply::Target;
 use super::handles::{BrokerMsg, RecorderHandle, SensorHandle};
 use crate::{
     config::Approver,
-    model::{
-        Ancestor, ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State,
-        wall_now_ns,
-    },
+    model::{ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State, wall_now_ns},
     policy::{self, Action, Policy, Subject},
     procfs,
     store::Store,
@@ -54,8 +51,6 @@ struct Held {
     action: Action,
     /// A monitor rule that matched first: "would deny by pack/rule".
     monitor: Option<String>,
-    /// The held process and its parents, nearest first.
-    ancestry: Vec<Ancestor>,
 }
 
 /// How long reading a held process's context (/proc, the executable's
@@ -202,22 +197,16 @@ impl Broker {
         // other decision.
         let read = {
             let r = record.clone();
-            tokio::task::spawn_blocking(move || {
-                (
-                    procfs::start_time(tgid),
-                    action::of(&r),
-                    procfs::ancestry(tgid),
-                )
-            })
+            tokio::task::spawn_blocking(move || (procfs::start_time(tgid), action::of(&r)))
         };
-        let (start_time, action, ancestry) = match tokio::time::timeout(READ_LIMIT, read).await {
+        let (start_time, action) = match tokio::time::timeout(READ_LIMIT, read).await {
             Ok(Ok(read)) => read,
             _ => {
                 warn!(
                     tgid,
                     "the held process's context could not be read in time: refusing"
                 );
-                (procfs::start_time(tgid), None, Vec::new())
+                (procfs::start_time(tgid), None)
             }
         };
         let target = Target {
@@ -264,7 +253,6 @@ impl Broker {
             target,
             action,
             monitor,
-            ancestry,
         };
         match (out.decision, out.rule, unseen) {
             (Decision::Hold, Some(rule), _) => self.file_request(held, rule, labels).await,
@@ -314,7 +302,17 @@ impl Broker {
                 "the session's labels could not be read: its request cannot be decided until they can"
             );
         }
-        let mut req = request::new(&h, rule, labels);
+        // The ancestry only for a request (it costs a /proc read per parent).
+        let tgid = h.target.tgid;
+        let ancestry = tokio::time::timeout(
+            READ_LIMIT,
+            tokio::task::spawn_blocking(move || procfs::ancestry(tgid)),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+        let mut req = request::new(&h, rule, labels, ancestry);
         match self.recorder.create_request(req.clone()).await {
             Ok(id) => req.id = id,
             Err(e) => {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::{Held, action};
 use crate::{
-    model::{ApprovalRequest, State, wall_now_ns},
+    model::{Ancestor, ApprovalRequest, State, wall_now_ns},
     policy::Rule,
 };
 
@@ -16,6 +16,7 @@ pub(super) fn new(
     h: &Held,
     rule: &Rule,
     labels: Option<BTreeMap<String, String>>,
+    ancestry: Vec<Ancestor>,
 ) -> ApprovalRequest {
     let now = wall_now_ns();
     let timeout_ns = (rule.hold.timeout_s as i64).saturating_mul(1_000_000_000);
@@ -29,7 +30,7 @@ pub(super) fn new(
         pid: h.record.process.pid,
         tgid: h.record.process.tgid,
         uid: h.record.process.uid,
-        ancestry: h.ancestry.clone(),
+        ancestry,
         action: serde_json::to_value(&h.record.detail).unwrap_or_default(),
         rule: rule.id.clone(),
         requested_at: now,
