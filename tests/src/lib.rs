@@ -426,8 +426,8 @@ pub fn execs(events: &[EventRow]) -> Vec<(u32, u32, String, Vec<String>)> {
                 })
                 .unwrap_or_default();
             (
-                e.tgid,
-                e.ppid,
+                e.process.tgid,
+                e.process.ppid,
                 e.detail["path"].as_str().unwrap_or("").to_string(),
                 argv,
             )

@@ -20,7 +20,7 @@ fn exits(events: &[airlock::store::EventRow]) -> HashMap<u32, serde_json::Value>
     events
         .iter()
         .filter(|e| e.kind == "exit")
-        .map(|e| (e.tgid, e.detail.clone()))
+        .map(|e| (e.process.tgid, e.detail.clone()))
         .collect()
 }
 
@@ -72,9 +72,9 @@ fn script_tree_is_recorded_with_parents_and_exit_codes() {
     let (_, sub_parent, _, _) = find(&["/bin/echo", "sub-a"]);
     assert_ne!(sub_parent, bash, "sub-a runs under the subshell, not bash");
     assert!(
-        events
-            .iter()
-            .any(|e| e.kind == "fork" && e.tgid == bash && e.detail["child_tgid"] == sub_parent),
+        events.iter().any(|e| e.kind == "fork"
+            && e.process.tgid == bash
+            && e.detail["child_tgid"] == sub_parent),
         "the subshell {sub_parent} is recorded as a fork of bash {bash}"
     );
 
@@ -495,13 +495,17 @@ fn every_event_carries_the_credentials_and_cgroup_of_its_process() {
     let mut kinds = std::collections::BTreeSet::new();
     for e in &events {
         kinds.insert(e.kind.as_str());
-        assert_eq!(e.cgroup_id, cgroup, "cgroup of {e:?}");
+        assert_eq!(e.process.cgroup_id, cgroup, "cgroup of {e:?}");
         // Root acted until the actor dropped to nobody: airlock run itself
         // and the actor's own exec.
-        let as_root =
-            e.tgid == root || (e.kind == "exec" && e.detail["argv"][1].as_str() == Some("as-user"));
+        let as_root = e.process.tgid == root
+            || (e.kind == "exec" && e.detail["argv"][1].as_str() == Some("as-user"));
         let want = if as_root { 0 } else { 65534 };
-        assert_eq!((e.uid, e.euid, e.gid), (want, want, want), "{e:?}");
+        assert_eq!(
+            (e.process.uid, e.process.euid, e.process.gid),
+            (want, want, want),
+            "{e:?}"
+        );
     }
     for k in ["fork", "exec", "exit", "connect"] {
         assert!(kinds.contains(k), "a {k} was recorded: {events:#?}");

@@ -231,7 +231,7 @@ fn a_task_held_when_the_daemon_died_meets_the_fail_mode_once_resumed() {
     let connect = wait_event(&d, session, "the refused connect", |e| {
         e.kind == "connect" && e.detail["enforcement"] == "denied: no daemon (fail closed)"
     });
-    assert_eq!(connect.tgid as i32, tgid);
+    assert_eq!(connect.process.tgid as i32, tgid);
     // SAFETY: kill(2) on the lingering actor's pid.
     unsafe { libc::kill(tgid, libc::SIGKILL) };
     let _ = run.wait();

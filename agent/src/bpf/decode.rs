@@ -84,12 +84,25 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
 
 type Decoded = (Detail, Option<HoldInfo>);
 
-/// The first flag set in `flags`, in the order given.
-fn first(flags: u32, table: &[(u32, Enforcement)]) -> Option<Enforcement> {
-    table
-        .iter()
-        .find(|(bit, _)| flags & bit != 0)
-        .map(|(_, e)| *e)
+/// What the kernel's flags say was done: held; with `no_daemon` set, the
+/// fail mode's answer (denied when `denied` is set too); else the first of
+/// `others` set, in the order given.
+fn enforcement(
+    flags: u32,
+    held: bool,
+    (no_daemon, denied): (u32, u32),
+    others: &[(u32, Enforcement)],
+) -> Option<Enforcement> {
+    if held {
+        Some(Enforcement::Held)
+    } else if flags & no_daemon != 0 {
+        Some(Enforcement::no_daemon(flags & denied != 0))
+    } else {
+        others
+            .iter()
+            .find(|(bit, _)| flags & bit != 0)
+            .map(|(_, e)| *e)
+    }
 }
 
 fn decode_net(bytes: &[u8], kind: EventKind) -> Result<Decoded, DecodeError> {
@@ -102,22 +115,18 @@ fn decode_net(bytes: &[u8], kind: EventKind) -> Result<Decoded, DecodeError> {
         _ => None,
     };
     let held = kind == EventKind::ConnectHeld;
-    let enforcement = if held {
-        Some(Enforcement::Held)
-    } else if n.flags & NET_NO_DAEMON != 0 {
-        Some(Enforcement::no_daemon(n.flags & NET_DENIED != 0))
-    } else {
-        first(
-            n.flags,
-            &[
-                // (NET_DENIED alone: no connect deny rule reaches the
-                // kernel; it comes with NO_DAEMON or HOLD_UNAVAILABLE.)
-                (NET_HOLD_UNAVAILABLE, Enforcement::HoldUnavailable),
-                (NET_APPROVED, Enforcement::Approved),
-                (NET_REFUSED, Enforcement::Refused),
-            ],
-        )
-    };
+    let enforcement = enforcement(
+        n.flags,
+        held,
+        (NET_NO_DAEMON, NET_DENIED),
+        &[
+            // (NET_DENIED alone: no connect deny rule reaches the kernel;
+            // it comes with NO_DAEMON or HOLD_UNAVAILABLE.)
+            (NET_HOLD_UNAVAILABLE, Enforcement::HoldUnavailable),
+            (NET_APPROVED, Enforcement::Approved),
+            (NET_REFUSED, Enforcement::Refused),
+        ],
+    );
     let detail = Detail::Net {
         protocol: Protocol::from_ip(n.protocol),
         addr,
@@ -154,19 +163,15 @@ fn decode_exec(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         u64::from_ne_bytes(b)
     };
     let held = flags & EXEC_HELD != 0;
-    let enforcement = if held {
-        Some(Enforcement::Held)
-    } else if flags & EXEC_NO_DAEMON != 0 {
-        Some(Enforcement::no_daemon(flags & EXEC_DENIED != 0))
-    } else {
-        first(
-            flags,
-            &[
-                (EXEC_REFUSED, Enforcement::Refused),
-                (EXEC_DENIED, Enforcement::Denied),
-            ],
-        )
-    };
+    let enforcement = enforcement(
+        flags,
+        held,
+        (EXEC_NO_DAEMON, EXEC_DENIED),
+        &[
+            (EXEC_REFUSED, Enforcement::Refused),
+            (EXEC_DENIED, Enforcement::Denied),
+        ],
+    );
     let name_at = std::mem::offset_of!(ExecEvent, filename);
     let path = String::from_utf8_lossy(&bytes[name_at..name_at + filename_len]).into_owned();
     let args = &bytes[fixed..(fixed + args_len).min(bytes.len())];
@@ -190,20 +195,16 @@ fn decode_file(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let f: FileEvent = read(bytes, "file")?;
     let flags = f.flags;
     let held = flags & FILE_HELD != 0;
-    let enforcement = if held {
-        Some(Enforcement::Held)
-    } else if flags & FILE_NO_DAEMON != 0 {
-        Some(Enforcement::no_daemon(flags & FILE_DENIED != 0))
-    } else {
-        first(
-            flags,
-            &[
-                (FILE_REFUSED, Enforcement::Refused),
-                (FILE_APPROVED, Enforcement::Approved),
-                (FILE_DENIED, Enforcement::Denied),
-            ],
-        )
-    };
+    let enforcement = enforcement(
+        flags,
+        held,
+        (FILE_NO_DAEMON, FILE_DENIED),
+        &[
+            (FILE_REFUSED, Enforcement::Refused),
+            (FILE_APPROVED, Enforcement::Approved),
+            (FILE_DENIED, Enforcement::Denied),
+        ],
+    );
     let len = (f.path_len as usize).min(FILE_PATH_MAX);
     let detail = Detail::File {
         path: String::from_utf8_lossy(&f.path[..len]).into_owned(),

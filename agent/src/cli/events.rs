@@ -33,9 +33,9 @@ pub fn run(args: EventsArgs, config: &Config) -> anyhow::Result<()> {
             "{:<24}  {:<8}  {:>7}  {:>7}  {:>5}  {}",
             super::time(e.ts),
             e.kind,
-            e.tgid,
-            e.ppid,
-            e.uid,
+            e.process.tgid,
+            e.process.ppid,
+            e.process.uid,
             describe(e)
         );
     }
@@ -147,13 +147,11 @@ mod tests {
             session_id: 1,
             ts: 0,
             kind: kind.into(),
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            uid: 0,
-            euid: 0,
-            gid: 0,
-            cgroup_id: 0,
+            process: crate::model::Process {
+                pid: 1,
+                tgid: 1,
+                ..Default::default()
+            },
             detail,
         }
     }

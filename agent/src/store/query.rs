@@ -7,6 +7,7 @@ use rusqlite::params;
 use serde::Serialize;
 
 use super::{Store, StoreError};
+use crate::model::Process;
 
 /// A session as listed by `airlock sessions`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -28,13 +29,9 @@ pub struct EventRow {
     pub session_id: u64,
     pub ts: i64,
     pub kind: String,
-    pub pid: u32,
-    pub tgid: u32,
-    pub ppid: u32,
-    pub uid: u32,
-    pub euid: u32,
-    pub gid: u32,
-    pub cgroup_id: u64,
+    /// Who acted (flattened: the JSON keeps pid, tgid, ... at the top).
+    #[serde(flatten)]
+    pub process: Process,
     pub detail: serde_json::Value,
 }
 
@@ -98,13 +95,15 @@ impl Store {
                     ts: r.get(2)?,
                     kind: EventKind::from_u32(kind)
                         .map_or_else(|| format!("unknown({kind})"), |k| k.name().into()),
-                    pid: r.get(4)?,
-                    tgid: r.get(5)?,
-                    ppid: r.get(6)?,
-                    uid: r.get(7)?,
-                    euid: r.get(8)?,
-                    gid: r.get(9)?,
-                    cgroup_id: r.get::<_, i64>(10)? as u64,
+                    process: Process {
+                        pid: r.get(4)?,
+                        tgid: r.get(5)?,
+                        ppid: r.get(6)?,
+                        uid: r.get(7)?,
+                        euid: r.get(8)?,
+                        gid: r.get(9)?,
+                        cgroup_id: r.get::<_, i64>(10)? as u64,
+                    },
                     detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
                 })
             })

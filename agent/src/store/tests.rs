@@ -78,7 +78,7 @@ fn round_trip() {
     let events = reader.events(id).unwrap();
     assert_eq!(events.len(), 3);
     assert_eq!(events[0].kind, "exec");
-    assert_eq!(events[0].cgroup_id, u64::MAX - 1);
+    assert_eq!(events[0].process.cgroup_id, u64::MAX - 1);
     assert_eq!(
         events[0].detail["argv"],
         serde_json::json!(["git", "status"])
