@@ -194,9 +194,9 @@ pub fn run() -> anyhow::Result<()> {
             println!("{line}");
         }
     };
-    let console = vm::boot(
+    let console = vm::boot_guest(
         "demo",
-        KERNEL,
+        &vm::Guest::with_bpf_lsm(KERNEL),
         &vmlinuz,
         &initrd,
         vm::Machine::default(),

@@ -238,8 +238,14 @@ pub fn run(p: &Params) -> anyhow::Result<()> {
         cpus: if p.icount { 1 } else { 2 },
         icount_shift: p.icount.then_some(ICOUNT_SHIFT),
     };
-    let console = vm::boot(
-        "bench", KERNEL, &vmlinuz, &initrd, machine, limit, &mut show,
+    let console = vm::boot_guest(
+        "bench",
+        &vm::Guest::with_bpf_lsm(KERNEL),
+        &vmlinuz,
+        &initrd,
+        machine,
+        limit,
+        &mut show,
     )?;
     match report(&console, p) {
         Ok(()) => Ok(()),

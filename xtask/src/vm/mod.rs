@@ -338,23 +338,9 @@ impl Guest {
     }
 }
 
-/// Boots one kernel with an initramfs under QEMU (TCG) with BPF LSM in the
-/// LSM list, handing each console line to `on_line` as it arrives. Kills the
-/// VM after `limit`.
-pub fn boot(
-    image: &str,
-    kernel_series: &str,
-    vmlinuz: &Path,
-    initrd: &Path,
-    machine: Machine,
-    limit: Duration,
-    on_line: &mut dyn FnMut(&str),
-) -> anyhow::Result<Console> {
-    let guest = Guest::with_bpf_lsm(kernel_series);
-    boot_guest(image, &guest, vmlinuz, initrd, machine, limit, on_line)
-}
-
-/// [`boot`] with the guest's command line spelled out.
+/// Boots one kernel with an initramfs under QEMU (TCG), with the guest's
+/// command line from `guest`, handing each console line to `on_line` as it
+/// arrives. Kills the VM after `limit`.
 pub fn boot_guest(
     image: &str,
     guest: &Guest,
