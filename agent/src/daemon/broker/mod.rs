@@ -57,6 +57,42 @@ struct Held {
 /// mode) may take before the action is refused.
 const READ_LIMIT: Duration = Duration::from_secs(2);
 
+/// What the kernel did not send (the process's start time, and what the
+/// policy looks at: its parent, working directory, set-user-ID bit), read
+/// off the runtime and within [`READ_LIMIT`]: a path on a stalled file
+/// system must not stall every other decision. No action: refuse it.
+async fn read_context(record: &Record) -> (Option<u64>, Option<Action>) {
+    let tgid = record.process.tgid;
+    let read = {
+        let r = record.clone();
+        tokio::task::spawn_blocking(move || (procfs::start_time(tgid), action::of(&r)))
+    };
+    match tokio::time::timeout(READ_LIMIT, read).await {
+        Ok(Ok(read)) => read,
+        _ => {
+            warn!(
+                tgid,
+                "the held process's context could not be read in time: refusing"
+            );
+            (procfs::start_time(tgid), None)
+        }
+    }
+}
+
+/// Why the policy saw less than the action, if it did: then only a hold or
+/// a denial stands, nothing goes through unasked.
+fn unseen(labels_read: bool, detail: &Detail) -> Option<&'static str> {
+    if !labels_read {
+        Some("the session's labels could not be read: refused (fail closed)")
+    } else if incomplete(detail) {
+        Some(
+            "the kernel's copy of its path or argv was cut or unreadable, so the policy did not see all of it: refused (fail closed)",
+        )
+    } else {
+        None
+    }
+}
+
 /// The kernel's copy of the action is not all of it.
 fn incomplete(detail: &Detail) -> bool {
     match detail {
@@ -192,23 +228,7 @@ impl Broker {
             // A re-issued syscall of an action already waiting: one request.
             return;
         }
-        // What the kernel did not send, read off the runtime and within a
-        // limit: a path on a stalled file system must not stall every
-        // other decision.
-        let read = {
-            let r = record.clone();
-            tokio::task::spawn_blocking(move || (procfs::start_time(tgid), action::of(&r)))
-        };
-        let (start_time, action) = match tokio::time::timeout(READ_LIMIT, read).await {
-            Ok(Ok(read)) => read,
-            _ => {
-                warn!(
-                    tgid,
-                    "the held process's context could not be read in time: refusing"
-                );
-                (procfs::start_time(tgid), None)
-            }
-        };
+        let (start_time, action) = read_context(&record).await;
         let target = Target {
             kind,
             pid: record.process.pid,
@@ -237,17 +257,7 @@ impl Broker {
         let monitor = out
             .monitor
             .map(|r| format!("would {} by {}", r.decision.name(), r.id));
-        // The policy saw less than the action: only a hold or a denial
-        // stands, nothing goes through unasked.
-        let unseen = if labels.is_none() {
-            Some("the session's labels could not be read: refused (fail closed)")
-        } else if incomplete(&record.detail) {
-            Some(
-                "the kernel's copy of its path or argv was cut or unreadable, so the policy did not see all of it: refused (fail closed)",
-            )
-        } else {
-            None
-        };
+        let unseen = unseen(labels.is_some(), &record.detail);
         let held = Held {
             record,
             target,
