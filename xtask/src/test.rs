@@ -26,11 +26,19 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
     let skip_log = workspace_root().join("target/skipped-tests.log");
     let _ = std::fs::remove_file(&skip_log);
     let skip_env = ("AIRLOCK_SKIP_LOG", skip_log.display().to_string());
+    // How long each tier took, for the closing lines.
+    let mut times: Vec<(&str, std::time::Duration)> = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let mut lap = |name: &'static str, times: &mut Vec<(&str, std::time::Duration)>| {
+        times.push((name, clock.elapsed()));
+        clock = std::time::Instant::now();
+    };
     if lint {
         eprintln!("\n== tier: lint (fmt, clippy)");
         if let Err(e) = crate::lint::run() {
             failures.push(format!("lint: {e:#}"));
         }
+        lap("lint", &mut times);
     }
 
     eprintln!("\n== tier: unit (no root)");
@@ -47,6 +55,7 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
     ) {
         failures.push(format!("unit: {e:#}"));
     }
+    lap("unit", &mut times);
 
     eprintln!("\n== tier: root tests on this host (real kernel)");
     if is_root() {
@@ -67,8 +76,9 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
         eprintln!("SKIPPED root tier: not root (run `sudo -E cargo xtask test`)");
     }
 
+    lap("root", &mut times);
     eprintln!(
-        "\n== tier: VM tests (Debian kernels {} with BPF LSM, under QEMU)",
+        "\n== tier: VM tests (Debian kernels {} with BPF LSM, and 6.12 without, under QEMU)",
         crate::vm::KERNELS.join(", ")
     );
     if is_root() {
@@ -95,6 +105,12 @@ pub fn all(lint: bool) -> anyhow::Result<()> {
         eprintln!("SKIPPED VM tier: not root");
     }
 
+    lap("vm", &mut times);
+    let times: Vec<String> = times
+        .iter()
+        .map(|(t, d)| format!("{t} {:.0} s", d.as_secs_f64()))
+        .collect();
+    eprintln!("tier times: {}", times.join(", "));
     if let Ok(text) = std::fs::read_to_string(&skip_log) {
         totals.skipped.extend(text.lines().map(String::from));
     }
