@@ -34,6 +34,9 @@ pub const EXEC_REFUSED: u32 = 1 << 6;
 /// A hold rule matched while no daemon was alive (stale heartbeat): the
 /// fail mode decided instead of a human (with [`EXEC_DENIED`] when closed).
 pub const EXEC_NO_DAEMON: u32 = 1 << 7;
+/// The file the kernel opened could not be read (its identity is zero):
+/// the exec is a candidate, and the daemon refuses it unless a rule holds it.
+pub const EXEC_FILE_UNKNOWN: u32 = 1 << 8;
 
 /// The connect was refused without a human's verdict (the caller got
 /// EPERM): by the fail mode ([`NET_NO_DAEMON`]) or because it could not be
@@ -117,10 +120,7 @@ pub const CTL_SLOTS: u32 = 8;
 /// any of them changes: a daemon finding other pins starts afresh.
 /// 2: exec and connect events in the pinned ring buffer carry padding
 /// where a rule id was.
-pub const PIN_LAYOUT: u64 = 2;
-
-/// Bytes of an executable path used as an exec rule key (zero padded).
-pub const EXEC_RULE_KEY: usize = 256;
+pub const PIN_LAYOUT: u64 = 3;
 
 /// What a kernel-side rule does to a matching action.
 #[repr(u32)]
@@ -142,16 +142,24 @@ pub enum Verdict {
     Deny = 2,
 }
 
-/// Value of the exec candidate maps (keys: the path, zero padded to
-/// [`EXEC_RULE_KEY`] bytes, or the file name's [`name_hash`]). Which rule
-/// matched is the daemon's policy to say, not the kernel's.
+/// Value of the exec candidate maps (keys: the file's device and inode, or
+/// a file name's [`name_hash`]). Which rule matched is the daemon's policy
+/// to say, not the kernel's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExecRule {
     /// A [`RuleAction`]: hold and ask the daemon, or deny in the kernel.
     pub action: u32,
+    /// `EXEC_RULE_*` flags.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<ExecRule>() == 4);
+const _: () = assert!(size_of::<ExecRule>() == 8);
+
+/// A name entry that matches only the last component of the caller's
+/// string, never the opened file's own name: a multi-call binary's
+/// (`busybox`), which every applet link opens, held only when called by
+/// its own name (`busybox wget ...`).
+pub const EXEC_RULE_CALLED_ONLY: u32 = 1;
 
 /// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4
 /// mapped into ::ffff:0:0/96). Every entry is a hold candidate whatever the
@@ -428,16 +436,53 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// `EXEC_*` flags.
     pub flags: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
-    /// Verdict key digest of a held execve (path and argv), else 0.
+    /// Bytes of `name` used, without the NUL.
+    pub name_len: u32,
+    /// Verdict key digest of a held execve (the file and argv), else 0.
     pub digest: u64,
-    /// The path handed to execve, as the kernel resolved it (`bprm->filename`).
+    /// The file the kernel opened to run (`bprm->file`): what the rules
+    /// decide on, whatever string the caller passed.
+    pub file: FileId,
+    /// The path string handed to execve (`bprm->filename`), as the caller
+    /// wrote it: recorded, never decided on.
     pub filename: [u8; FILENAME_MAX],
+    /// The opened file's own name (its dentry's, after every symlink).
+    pub name: [u8; EXEC_NAME_MAX],
     /// argv as laid out in the new image: NUL-separated strings.
     pub args: [u8; ARGS_MAX],
 }
-const _: () = assert!(size_of::<ExecEvent>() == 56 + 24 + FILENAME_MAX + ARGS_MAX);
+const _: () =
+    assert!(size_of::<ExecEvent>() == 56 + 24 + 16 + FILENAME_MAX + EXEC_NAME_MAX + ARGS_MAX);
+
+/// Bytes of an executable's own name recorded, with its NUL (NAME_MAX + 1).
+pub const EXEC_NAME_MAX: usize = 256;
+
+/// A file as the kernel knows it: the same file under any name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Inode number.
+    pub ino: u64,
+    /// The filesystem's device (`inode->i_sb->s_dev`, the kernel's encoding).
+    pub dev: u32,
+    /// `inode->i_mode`: type and permission bits (set-user-ID among them).
+    pub mode: u32,
+}
+const _: () = assert!(size_of::<FileId>() == 16);
+
+/// Key of the executable-file candidate map: the file a rule names (and
+/// every hard link of it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    /// Inode number.
+    pub ino: u64,
+    /// The filesystem's device, as in [`FileId::dev`].
+    pub dev: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FileKey>() == 16);
 
 /// A process created a child process (`sched_process_fork`, threads excluded).
 #[repr(C)]
@@ -587,8 +632,16 @@ pub struct KernelOffsets {
     pub dentry_d_parent: u32,
     /// `qstr.name`
     pub qstr_name: u32,
+    /// `inode.i_ino`
+    pub inode_i_ino: u32,
+    /// `inode.i_sb`
+    pub inode_i_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_s_dev: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 88);
+const _: () = assert!(size_of::<KernelOffsets>() == 104);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -606,7 +659,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 104);
+const _: () = assert!(size_of::<AgentConfig>() == 120);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -627,6 +680,8 @@ mod pod {
     unsafe impl aya::Pod for super::HoldKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VerdictEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileKey {}
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 use core::mem::offset_of;
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
-    EXEC_HELD, EXEC_NO_DAEMON, EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
-    FNV_OFFSET, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILE_UNKNOWN,
+    EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON, EXEC_RULE_CALLED_ONLY,
+    EventKind, ExecEvent, ExecRule, FILENAME_MAX, FNV_OFFSET, FileId, FileKey, LossReason,
+    MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
 };
 use aya_ebpf::{
     helpers::{
@@ -21,7 +22,7 @@ use aya_ebpf::{
 use crate::{
     hold::SIGSTOP,
     maps::{
-        EVENTS, EXEC_NAMES, EXEC_RULES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss,
+        EVENTS, EXEC_FILES, EXEC_NAMES, EXEC_SCRATCH, FORCE_WAKEUP, MODE, config, count_loss,
         daemon_alive, fail_open, session_of, submit_flags,
     },
     task::{header, read},
@@ -53,12 +54,11 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let off = config().offsets;
     ev.header = header(EventKind::Exec, session_id);
     ev.flags = 0;
-    ev._pad = 0;
     ev.digest = 0;
-    // Zeroed so the path's first EXEC_RULE_KEY bytes are a clean rule key.
-    ev.filename = [0; FILENAME_MAX];
-
     let bprm: u64 = ctx.arg(2);
+    // The file that runs: for a script, its interpreter (binfmt_script put
+    // it in bprm->file before this tracepoint).
+    exec_file(ev, bprm);
     let filename: u64 = read(bprm, off.binprm_filename)?;
     // SAFETY: a kernel string read into a bounded buffer; the helper stops at
     // the buffer's end and always NUL-terminates.
@@ -110,7 +110,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let mut flags = submit_flags();
     // With BPF LSM the rules were applied inside execve already.
     let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
-    if let Some(rule) = (!lsm).then(|| exec_candidate(ev, bprm)).flatten() {
+    if let Some(rule) = (!lsm).then(|| exec_candidate(ev)).flatten() {
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
         if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
@@ -147,26 +147,92 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// The candidate entry for this exec, if the policy wants the daemon to
-/// decide it: its exact path, its file name, every exec, or (when asked) a
-/// set-user-ID / set-group-ID executable. `ev.filename` holds the path,
-/// zeroed past its end.
+/// Reads the file the kernel opened to run (`bprm->file`, after every
+/// symlink, whatever string the caller passed): its device, inode and mode
+/// into `ev.file`, its own name into `ev.name`. Rules decide on these.
+/// When it cannot be read the identity is zero and the exec is flagged
+/// [`EXEC_FILE_UNKNOWN`] (a candidate, see [`exec_candidate`]).
 #[inline(always)]
-pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
+pub fn exec_file(ev: &mut ExecEvent, bprm: u64) {
+    if read_exec_file(ev, bprm).is_err() {
+        ev.file = FileId::default();
+        ev.name_len = 0;
+        ev.flags |= EXEC_FILE_UNKNOWN;
+    }
+}
+
+#[inline(always)]
+fn read_exec_file(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
+    let off = config().offsets;
+    let file: u64 = read(bprm, off.binprm_file)?;
+    let inode: u64 = read(file, off.file_inode)?;
+    let sb: u64 = read(inode, off.inode_i_sb)?;
+    ev.file = FileId {
+        ino: read(inode, off.inode_i_ino)?,
+        dev: read(sb, off.sb_s_dev)?,
+        mode: u32::from(read::<u16>(inode, off.inode_mode)?),
+    };
+    let dentry: u64 = read(file, off.file_f_path + off.path_dentry)?;
+    let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name)?;
+    // SAFETY: a kernel string read into the slot's bounded buffer.
+    let n = unsafe {
+        generated::bpf_probe_read_kernel_str(
+            ev.name.as_mut_ptr().cast(),
+            EXEC_NAME_MAX as u32,
+            name as *const core::ffi::c_void,
+        )
+    };
+    ev.name_len = if n > 0 && n <= EXEC_NAME_MAX as i64 {
+        (n - 1) as u32
+    } else {
+        0
+    };
+    Ok(())
+}
+
+/// The candidate entry for this exec, if the policy wants the daemon to
+/// decide it: the file a rule names (any name or hard link of it), a file
+/// with a name a rule names, every exec, or (when asked) a set-user-ID /
+/// set-group-ID executable. `ev.file` and `ev.name` describe the file the
+/// kernel opened (see [`exec_file`]).
+#[inline(always)]
+pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
     const ANY: ExecRule = ExecRule {
         action: RuleAction::Hold as u32,
+        flags: 0,
     };
-    // SAFETY: the scratch slot is EXEC_RULE_KEY bytes or more and zeroed
-    // past the path; the key is copied out by the lookup.
-    let key = unsafe { &*(ev.filename.as_ptr() as *const [u8; EXEC_RULE_KEY]) };
+    if ev.flags & EXEC_FILE_UNKNOWN != 0 {
+        return Some(ANY);
+    }
+    let key = FileKey {
+        ino: ev.file.ino,
+        dev: ev.file.dev,
+        _pad: 0,
+    };
     // SAFETY: the rule is copied out at once.
-    if let Some(rule) = unsafe { EXEC_RULES.get(key) }.copied() {
+    if let Some(rule) = unsafe { EXEC_FILES.get(key) }.copied() {
         return Some(rule);
     }
     if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
         return Some(ANY);
     }
-    // FNV-1a of the file name: restarted after every `/`.
+    let n = ev.name_len as usize;
+    let mut h = FNV_OFFSET;
+    for i in 0..EXEC_NAME_MAX {
+        if i >= n {
+            break;
+        }
+        h = fnv_step(h, ev.name[i]);
+    }
+    // SAFETY: copied out at once.
+    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied()
+        && rule.flags & EXEC_RULE_CALLED_ONLY == 0
+    {
+        return Some(rule);
+    }
+    // The last component of the caller's string too: for a script seen
+    // after the fact the file is its interpreter, and the name the rule
+    // gives is the script's. FNV-1a restarted after every `/`.
     let n = ev.filename_len as usize;
     let mut h = FNV_OFFSET;
     for i in 0..FILENAME_MAX {
@@ -184,15 +250,9 @@ pub fn exec_candidate(ev: &ExecEvent, bprm: u64) -> Option<ExecRule> {
     if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
         return Some(rule);
     }
-    if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) {
-        let off = config().offsets;
-        let file: u64 = read(bprm, off.binprm_file).ok()?;
-        let inode: u64 = read(file, off.file_inode).ok()?;
-        let mode: u16 = read(inode, off.inode_mode).ok()?;
-        // S_ISUID | S_ISGID
-        if mode & 0o6000 != 0 {
-            return Some(ANY);
-        }
+    // S_ISUID | S_ISGID
+    if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) && ev.file.mode & 0o6000 != 0 {
+        return Some(ANY);
     }
     None
 }

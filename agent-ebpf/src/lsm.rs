@@ -6,11 +6,11 @@
 
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON,
-    EXEC_REFUSED, EXEC_RULE_KEY, EventKind, ExecEvent, FILE_APPROVED, FILE_CAND_DIR,
-    FILE_CAND_NAME, FILE_DENIED, FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX,
-    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FileEvent, HoldKey,
-    LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent,
-    RuleAction, Verdict, file_digest, fnv_step, net_digest,
+    EXEC_REFUSED, EventKind, ExecEvent, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED,
+    FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED,
+    FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FileEvent, HoldKey, LossReason, NET_APPROVED, NET_DENIED,
+    NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict, file_digest,
+    fnv_step, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, output_exec},
+    exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, exec_file, output_exec},
     hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
         EVENTS, EXEC_SCRATCH, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, LSM_APPROVED, config,
@@ -194,14 +194,14 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         .map(|s| s.len())
         .unwrap_or(0);
     ev.filename_len = len as u32;
-    let Some(rule) = exec_candidate(ev, bprm) else {
+    ev.flags = 0;
+    exec_file(ev, bprm);
+    let Some(rule) = exec_candidate(ev) else {
         let _ = ARGV_STASH.remove(pid_tgid);
         return Ok(LsmVerdict::Allow);
     };
     ev.header = header(EventKind::Exec, session_id);
     ev.filename_len = len as u32;
-    ev._pad = 0;
-    ev.flags = 0;
     ev.args_len = 0;
     ev.digest = 0;
     // The caller's argv, stashed at the syscall's entry.
@@ -270,18 +270,18 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     }
 }
 
-/// FNV-1a over the path and argv: the verdict covers this exact command.
+/// FNV-1a over the file (device and inode) and argv: the verdict covers
+/// this exact command, run from this exact file.
 #[inline(always)]
 fn exec_digest(ev: &ExecEvent) -> u64 {
     let mut h = FNV_OFFSET;
-    let n = ev.filename_len as usize;
-    for i in 0..EXEC_RULE_KEY {
-        if i >= n {
-            break;
-        }
-        h = fnv_step(h, ev.filename[i]);
+    for b in ev.file.ino.to_le_bytes() {
+        h = fnv_step(h, b);
     }
-    // One 0xff byte between the path and argv.
+    for b in ev.file.dev.to_le_bytes() {
+        h = fnv_step(h, b);
+    }
+    // One 0xff byte between the file and argv.
     h = fnv_step(h, 0xff);
     let n = ev.args_len as usize;
     for i in 0..ARGS_MAX {

@@ -2,8 +2,8 @@
 
 use airlock_common::{
     AgentConfig, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_SLOTS, CTL_STALE_NS,
-    EXEC_RULE_KEY, EventKind, ExecEvent, ExecRule, FileEvent, HoldKey, LOSS_REASONS, LossKey,
-    LossReason, NetRule, SessionEntry, VerdictEntry,
+    EventKind, ExecEvent, ExecRule, FileEvent, FileKey, HoldKey, LOSS_REASONS, LossKey, LossReason,
+    NetRule, SessionEntry, VerdictEntry,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -40,6 +40,10 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         dentry_d_name: 0,
         dentry_d_parent: 0,
         qstr_name: 0,
+        inode_i_ino: 0,
+        inode_i_sb: 0,
+        sb_s_dev: 0,
+        _pad: 0,
     },
     generation: 0,
 };
@@ -94,13 +98,15 @@ pub fn fail_open() -> bool {
 #[map]
 pub static SESSIONS: HashMap<u32, SessionEntry> = HashMap::with_max_entries(65536, 0);
 
-/// Exec rules by executable path (zero padded), written by the daemon from
-/// its rule list; checked for watched processes only.
+/// Exec candidates by the executed file itself (device and inode), written
+/// by the daemon for the files a policy names: catches every name and hard
+/// link of that file.
 #[map]
-pub static EXEC_RULES: HashMap<[u8; EXEC_RULE_KEY], ExecRule> = HashMap::with_max_entries(4096, 0);
+pub static EXEC_FILES: HashMap<FileKey, ExecRule> = HashMap::with_max_entries(4096, 0);
 
-/// Exec candidates by executable file name ([`airlock_common::name_hash`]
-/// of the bytes after the path's last `/`).
+/// Exec candidates by the executed file's own name
+/// ([`airlock_common::name_hash`] of its dentry's name, after every
+/// symlink: not of the string the caller passed).
 #[map]
 pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 0);
 

@@ -18,7 +18,7 @@ use syn::visit::Visit;
 fn floor(module: &str) -> Option<u8> {
     Some(match module {
         "model" => 0,
-        "config" | "policy" | "bpf" | "store" | "procfs" | "features" | "ctl" => 1,
+        "config" | "policy" | "bpf" | "store" | "procfs" | "features" | "ctl" | "exefile" => 1,
         "daemon" | "cli" => 2,
         _ => return None,
     })

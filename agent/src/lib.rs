@@ -17,6 +17,7 @@
 //!    language, evaluation, kernel candidates), [`bpf`] (the one owner of
 //!    the `Ebpf` object: load, attach, pin, decode, candidate maps),
 //!    [`store`] (SQLite; imports [`model`] only), [`procfs`], [`features`],
+//!    [`exefile`] (the executables a policy names, by device and inode),
 //!    [`ctl`] (the control socket's protocol and client). They import
 //!    [`model`] and each other for plain data, never [`daemon`] or [`cli`];
 //!    [`policy`] and [`store`] import [`model`] only.
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod exefile;
 pub mod features;
 pub mod model;
 pub mod policy;

@@ -50,6 +50,10 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         dentry_d_name: f("dentry", "d_name")?,
         dentry_d_parent: f("dentry", "d_parent")?,
         qstr_name: f("qstr", "name")?,
+        inode_i_ino: f("inode", "i_ino")?,
+        inode_i_sb: f("inode", "i_sb")?,
+        sb_s_dev: f("super_block", "s_dev")?,
+        _pad: 0,
     })
 }
 

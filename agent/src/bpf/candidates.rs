@@ -1,5 +1,5 @@
-//! Writes the policy's candidates into the kernel's pre-filter maps: exec
-//! paths and file names, connect address prefixes, file and directory
+//! Writes the policy's candidates into the kernel's pre-filter maps:
+//! executables by file (device and inode) and by name, connect address prefixes, file and directory
 //! names, and the "every exec" / "set-user-ID" switches.
 //!
 //! File candidates are the names the kernel's `lsm_file_open` looks up
@@ -11,8 +11,8 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
-    EXEC_RULE_KEY, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME, FILE_NAME_HASHED, MODE_EXEC_ALL,
-    MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
+    EXEC_RULE_CALLED_ONLY, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME, FILE_NAME_HASHED, FileKey,
+    MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
 };
 use aya::{
     Ebpf,
@@ -20,54 +20,40 @@ use aya::{
 };
 
 use super::BpfError;
-use crate::policy::candidates::Candidates;
+use crate::{
+    exefile::{self, ExeIndex},
+    policy::candidates::Candidates,
+};
 
 /// A candidate map entry says "hold and ask the daemon"; the daemon's
 /// policy decides.
 const CANDIDATE: ExecRule = ExecRule {
     action: RuleAction::Hold as u32,
+    flags: 0,
+};
+
+/// A multi-call binary's name: a candidate when the caller calls it by
+/// that name (not when an applet link opens it).
+const CALLED: ExecRule = ExecRule {
+    action: RuleAction::Hold as u32,
+    flags: EXEC_RULE_CALLED_ONLY,
 };
 
 /// An executable a deny rule alone decides: refused in the kernel.
 const DENIED: ExecRule = ExecRule {
     action: RuleAction::Deny as u32,
+    flags: 0,
 };
 
-/// Replaces the candidate maps' contents with `c`: new entries first, then
-/// the stale ones removed, so no candidate of both policies is missed.
-pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), BpfError> {
+/// Replaces the candidate maps' contents with `c` (and the files `exes`
+/// found for it): new entries first, then the stale ones removed, so no
+/// candidate of both policies is missed.
+pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), BpfError> {
     let verdict = |deny: bool| if deny { DENIED } else { CANDIDATE };
-    let mut paths = StdHashMap::new();
-    for p in &c.exec_paths {
-        let bytes = p.as_bytes();
-        if bytes.len() >= EXEC_RULE_KEY {
-            // Longer paths are matched by file name instead.
-            continue;
-        }
-        let mut key = [0u8; EXEC_RULE_KEY];
-        key[..bytes.len()].copy_from_slice(bytes);
-        paths.insert(key, verdict(c.exec_deny_paths.contains(p)));
-    }
-    sync(ebpf, "EXEC_RULES", &paths)?;
-
-    let long_paths = c
-        .exec_paths
-        .iter()
-        .filter(|p| p.len() >= EXEC_RULE_KEY)
-        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string());
-    let names: StdHashMap<u64, ExecRule> = c
-        .exec_names
-        .iter()
-        .cloned()
-        .chain(long_paths)
-        .map(|n| {
-            (
-                name_hash(n.as_bytes()),
-                verdict(c.exec_deny_names.contains(&n)),
-            )
-        })
-        .collect();
-    sync(ebpf, "EXEC_NAMES", &names)?;
+    let files: StdHashMap<FileKey, ExecRule> =
+        exes.files().map(|(k, deny)| (k, verdict(deny))).collect();
+    sync(ebpf, "EXEC_FILES", &files)?;
+    sync(ebpf, "EXEC_NAMES", &exec_names(c, exes))?;
 
     let mut net: LpmTrie<&mut MapData, [u8; 16], NetRule> =
         LpmTrie::try_from(map(ebpf, "NET_RULES")?).map_err(|e| BpfError::map("NET_RULES", e))?;
@@ -100,6 +86,56 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates) -> Result<(), BpfError> {
 
     set_mode(ebpf, MODE_EXEC_ALL, c.exec_all)?;
     set_mode(ebpf, MODE_EXEC_SETUID, c.exec_setuid)
+}
+
+/// The exec name map: each name a rule gives, the file name of each path a
+/// rule gives (a file made there after the policy loaded has no entry by
+/// inode), and, when any rule names an executable, the dynamic loaders
+/// (which run the program their first operand names) and the multi-call
+/// binaries (which run the applet their argv names; only when called by
+/// their own name). The kernel refuses a name itself only where every rule
+/// behind it is a deny rule that alone decides, and for a path only where
+/// the kernel cannot find its file by inode (a multi-call binary's applet
+/// link, a file not there yet). The rest are candidates: the daemon
+/// decides on the file.
+pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> {
+    let named = !c.exec_names.is_empty() || !c.exec_paths.is_empty();
+    let loaders = exefile::LOADERS
+        .iter()
+        .filter(|_| named)
+        .map(|n| (*n, CANDIDATE));
+    let multicall = exefile::MULTICALL
+        .iter()
+        .filter(|_| named)
+        .map(|n| (*n, CALLED));
+    let paths = c.exec_paths.iter().map(|p| {
+        let deny = c.exec_deny_paths.contains(p) && !exes.by_file(p);
+        (
+            p.rsplit('/').next().unwrap_or(p),
+            if deny { DENIED } else { CANDIDATE },
+        )
+    });
+    let names = c.exec_names.iter().map(|n| {
+        let deny = c.exec_deny_names.contains(n);
+        (n.as_str(), if deny { DENIED } else { CANDIDATE })
+    });
+    let mut map: StdHashMap<u64, ExecRule> = StdHashMap::new();
+    for (name, rule) in loaders.chain(multicall).chain(paths).chain(names) {
+        map.entry(name_hash(name.as_bytes()))
+            .and_modify(|had| *had = both(*had, rule))
+            .or_insert(rule);
+    }
+    map
+}
+
+/// One name entry for two reasons: a candidate if either is one, refused
+/// if both refuse (or one does and the other is a multi-call binary's).
+fn both(a: ExecRule, b: ExecRule) -> ExecRule {
+    match (a == DENIED || a == CALLED, b == DENIED || b == CALLED) {
+        _ if a == CALLED && b == CALLED => CALLED,
+        (true, true) => DENIED,
+        _ => CANDIDATE,
+    }
 }
 
 /// Turns a `MODE_*` switch the kernel programs read on or off.
@@ -170,5 +206,38 @@ mod tests {
         );
         assert_eq!(file_candidate(&"x".repeat(FILE_NAME_HASHED + 1), 1), None);
         assert_eq!(file_candidate("x", 4), None);
+    }
+
+    #[test]
+    fn the_kernel_refuses_a_name_only_where_every_reason_for_it_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "").unwrap();
+        let tool = tool.display().to_string();
+        let gone = dir.path().join("gone").display().to_string();
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let c = Candidates {
+            exec_paths: set(&[&tool, &gone, "/opt/x/nc"]),
+            exec_names: set(&["nc", "whoami", "curl"]),
+            exec_deny_paths: set(&[&tool, &gone]),
+            exec_deny_names: set(&["nc", "whoami"]),
+            ..Candidates::default()
+        };
+        let exes = ExeIndex::of(&c);
+        let names = exec_names(&c, &exes);
+        let of = |n: &str| names.get(&name_hash(n.as_bytes())).copied();
+        // Found by inode: refused by file, its name only a candidate.
+        assert_eq!(of("tool"), Some(CANDIDATE));
+        // Not there: refused by name.
+        assert_eq!(of("gone"), Some(DENIED));
+        assert_eq!(of("whoami"), Some(DENIED));
+        // Denied by name, held by the path /opt/x/nc: a candidate.
+        assert_eq!(of("nc"), Some(CANDIDATE));
+        assert_eq!(of("curl"), Some(CANDIDATE));
+        assert_eq!(of("busybox"), Some(CALLED));
+        assert_eq!(of("ld-linux-x86-64.so.2"), Some(CANDIDATE));
+        assert_eq!(both(CALLED, DENIED), DENIED);
+        assert_eq!(both(CALLED, CANDIDATE), CANDIDATE);
+        assert!(exes.by_file(&tool) && !exes.by_file(&gone));
     }
 }

@@ -4,14 +4,17 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILENAME_TRUNCATED,
-    EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON, EXEC_REFUSED, EventHeader, EventKind,
-    ExecEvent, ExitEvent, FILE_APPROVED, FILE_DENIED, FILE_HELD, FILE_NO_DAEMON, FILE_PATH_MAX,
-    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FileEvent, ForkEvent,
-    NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NetEvent,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILE_UNKNOWN,
+    EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NAME_MAX, EXEC_NO_DAEMON,
+    EXEC_REFUSED, EventHeader, EventKind, ExecEvent, ExitEvent, FILE_APPROVED, FILE_DENIED,
+    FILE_HELD, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE,
+    FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE,
+    NET_NO_DAEMON, NET_REFUSED, NetEvent,
 };
 
-use crate::model::{Clock, Detail, Enforcement, ExitStatus, HoldInfo, Process, Protocol, Record};
+use crate::model::{
+    Clock, Detail, Enforcement, ExecFile, ExitStatus, HoldInfo, Process, Protocol, Record,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -172,8 +175,17 @@ fn decode_exec(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             (EXEC_DENIED, Enforcement::Denied),
         ],
     );
-    let name_at = std::mem::offset_of!(ExecEvent, filename);
-    let path = String::from_utf8_lossy(&bytes[name_at..name_at + filename_len]).into_owned();
+    let text = |at: usize, len: usize| String::from_utf8_lossy(&bytes[at..at + len]).into_owned();
+    let path = text(std::mem::offset_of!(ExecEvent, filename), filename_len);
+    let name_len = (f(std::mem::offset_of!(ExecEvent, name_len)) as usize).min(EXEC_NAME_MAX);
+    let id: FileId = read(&bytes[std::mem::offset_of!(ExecEvent, file)..], "exec file")?;
+    let file = ExecFile {
+        name: text(std::mem::offset_of!(ExecEvent, name), name_len),
+        ino: id.ino,
+        dev: id.dev,
+        mode: id.mode,
+        unknown: flags & EXEC_FILE_UNKNOWN != 0,
+    };
     let args = &bytes[fixed..(fixed + args_len).min(bytes.len())];
     let detail = Detail::Exec {
         path,
@@ -182,6 +194,7 @@ fn decode_exec(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         path_truncated: flags & EXEC_FILENAME_TRUNCATED != 0,
         argv_unreadable: flags & EXEC_ARGS_UNREADABLE != 0,
         enforcement,
+        file,
     };
     let hold = held.then_some(HoldInfo {
         digest,
@@ -262,11 +275,18 @@ mod tests {
             filename_len: 8,
             args_len: 0,
             flags: airlock_common::EXEC_ARGS_TRUNCATED,
-            _pad: 0,
+            name_len: 4,
             digest: 0,
+            file: FileId {
+                ino: 12,
+                dev: (8 << 20) | 1,
+                mode: 0o104755,
+            },
             filename: [0; FILENAME_MAX],
+            name: [0; EXEC_NAME_MAX],
             args: [0; ARGS_MAX],
         };
+        ev.name[..5].copy_from_slice(b"dash\0");
         ev.filename[..8].copy_from_slice(b"/bin/sh\0");
         ev.filename_len = 7;
         let argv = b"sh\0-c\0echo hi\0";
@@ -298,6 +318,13 @@ mod tests {
                 path_truncated: false,
                 argv_unreadable: false,
                 enforcement: None,
+                file: ExecFile {
+                    name: "dash".into(),
+                    ino: 12,
+                    dev: (8 << 20) | 1,
+                    mode: 0o104755,
+                    unknown: false,
+                },
             }
         );
         assert_eq!(r.hold, None);

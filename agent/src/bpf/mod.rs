@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, FailMode},
+    exefile::ExeIndex,
     features::Features,
     model::{Clock, Record, wall_now_ns},
     policy::candidates::Candidates,
@@ -128,7 +129,7 @@ impl Bpf {
         features: &Features,
         daemon_tgid: u32,
         settings: &Config,
-        candidates: &Candidates,
+        candidates: (&Candidates, &ExeIndex),
         pins: &pins::PinDir,
     ) -> Result<Self, BpfError> {
         let ring_bytes = settings.ring_buffer_kib * 1024;
@@ -159,7 +160,7 @@ impl Bpf {
         features: &Features,
         daemon_tgid: u32,
         settings: &Config,
-        candidates: &Candidates,
+        candidates: (&Candidates, &ExeIndex),
         pins: &pins::PinDir,
         generation: u64,
     ) -> Result<Self, BpfError> {
@@ -212,7 +213,7 @@ impl Bpf {
         let loss_totals = take(&mut ebpf, "LOSS_TOTALS", PerCpuArray::try_from)?;
         let verdicts = take(&mut ebpf, "VERDICTS", HashMap::try_from)?;
         let hold_pending = take(&mut ebpf, "HOLD_PENDING", HashMap::try_from)?;
-        candidates::apply(&mut ebpf, candidates)?;
+        candidates::apply(&mut ebpf, candidates.0, candidates.1)?;
         Ok(Self {
             ebpf,
             ring: Some(ring),
@@ -290,8 +291,8 @@ impl Bpf {
     }
 
     /// Replaces the candidate maps with a new policy's.
-    pub fn apply_candidates(&mut self, c: &Candidates) -> Result<(), BpfError> {
-        candidates::apply(&mut self.ebpf, c)
+    pub fn apply_candidates(&mut self, c: &Candidates, exes: &ExeIndex) -> Result<(), BpfError> {
+        candidates::apply(&mut self.ebpf, c, exes)
     }
 
     /// The kernel-side loss counters, by reason, summed over CPUs.

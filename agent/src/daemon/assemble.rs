@@ -14,6 +14,7 @@ use std::{
 use tokio::sync::{broadcast, oneshot, watch};
 use tracing::warn;
 
+use super::inforce::InForce;
 use super::{
     api::ApiState,
     broker::{Broker, BrokerParts},
@@ -22,14 +23,14 @@ use super::{
     router::Router,
     stats::Stats,
 };
-use crate::{config::Approver, model::ApprovalRequest, policy::Policy, store::Store};
+use crate::{config::Approver, model::ApprovalRequest, store::Store};
 
 /// What the actors start from.
 pub struct Parts {
     /// The store's write connection (the recorder's from now on).
     pub store: Store,
     pub batch_max: usize,
-    pub policy: Policy,
+    pub in_force: InForce,
     pub approvers: Vec<Approver>,
     /// Requests still pending from an earlier daemon, and those of them
     /// whose hold ended while none ran.
@@ -47,7 +48,7 @@ pub struct Assembly {
     pub broker: BrokerHandle,
     pub sensor: SensorHandle,
     /// The policy in force; the reloader replaces it.
-    pub policy: watch::Sender<Arc<Policy>>,
+    pub policy: watch::Sender<Arc<InForce>>,
     pub api: Arc<ApiState>,
     pub stats: Arc<Stats>,
     /// New and resolved requests, as the broker announces them.
@@ -76,7 +77,7 @@ pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
                 recorder::run(store, recorder_rx, batch_max, stats, roots)
             })?
     };
-    let (policy, policy_rx) = watch::channel(Arc::new(p.policy));
+    let (policy, policy_rx) = watch::channel(Arc::new(p.in_force));
     let (updates, _) = broadcast::channel(256);
     let (broker, broker_rx) = BrokerHandle::channel();
     let broker_task = tokio::spawn(

@@ -4,13 +4,15 @@
 //! answer is due, await it through [`ask`]. A call site reads like a method
 //! call, and its handler is the match arm of the same name in the actor.
 
+use std::sync::Arc;
+
 use airlock_common::LossReason;
 use tokio::sync::{mpsc, oneshot};
 
+use super::inforce::InForce;
 use crate::{
     bpf::BpfError,
     model::{ApprovalRequest, DecideError, HoldInfo, PolicyLoad, Record},
-    policy::candidates::Candidates,
     store::{NewSession, StoreError},
 };
 
@@ -52,7 +54,7 @@ pub enum SensorMsg {
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
     Candidates {
-        candidates: Box<Candidates>,
+        in_force: Arc<InForce>,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
     LossTotals {
@@ -93,9 +95,9 @@ impl SensorHandle {
     }
 
     /// Replaces the kernel's candidate maps with a new policy's.
-    pub async fn candidates(&self, c: Candidates) -> Result<(), HandleError> {
+    pub async fn candidates(&self, in_force: Arc<InForce>) -> Result<(), HandleError> {
         Ok(ask(&self.0, "sensor", |reply| SensorMsg::Candidates {
-            candidates: Box::new(c),
+            in_force,
             reply,
         })
         .await??)

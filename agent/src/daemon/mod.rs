@@ -14,6 +14,7 @@ pub mod broker;
 mod control;
 mod handles;
 mod heartbeat;
+mod inforce;
 mod recorder;
 mod reload;
 mod router;
@@ -34,7 +35,7 @@ use tokio::{
     sync::watch,
 };
 
-use self::reload::PolicyStatus;
+use self::{inforce::InForce, reload::PolicyStatus};
 use tracing::{error, info};
 
 pub use self::assemble::{Assembly, Parts, assemble};
@@ -112,7 +113,7 @@ struct Servers {
 /// Everything bound and loaded, ready to serve.
 struct Ready {
     config: Config,
-    policy: Policy,
+    in_force: InForce,
     store: Store,
     bpf: Bpf,
     servers: Servers,
@@ -141,11 +142,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // Bound before the programs load: a daemon that cannot serve must not
     // replace the programs of one that does.
     let servers = bind(&config)?;
-    let candidates = policy.candidates();
-    for note in &candidates.notes {
+    let in_force = InForce::new(policy);
+    for note in &in_force.candidates.notes {
         info!("policy: {note}");
     }
-    let mut bpf = Bpf::load(features, std::process::id(), &config, &candidates, &pins)?;
+    let candidates = (&in_force.candidates, &in_force.exes);
+    let mut bpf = Bpf::load(features, std::process::id(), &config, candidates, &pins)?;
     // The programs hold only while the beat is fresh: beat from now on.
     let beat = Duration::from_millis(config.heartbeat_timeout_ms / 5);
     let heartbeat = heartbeat::Heartbeat::start(pins.control()?, beat)?;
@@ -158,7 +160,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let socket = config.socket_path.clone();
     let ready = Ready {
         config,
-        policy,
+        in_force,
         store,
         bpf,
         servers,
@@ -213,9 +215,9 @@ fn bind(config: &Config) -> Result<Servers, DaemonError> {
 /// to end on its own), then stops them in order under one deadline.
 async fn serve(r: Ready) -> (Result<(), DaemonError>, Option<std::thread::JoinHandle<()>>) {
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let policy_line = r.policy.describe();
-    let status = PolicyStatus::loaded_at_start(&r.policy);
-    let (mut a, sensor_rx) = match start_actors(r.store, &r.config, r.policy, &r.bpf, r.roots) {
+    let policy_line = r.in_force.policy.describe();
+    let status = PolicyStatus::loaded_at_start(&r.in_force.policy);
+    let (mut a, sensor_rx) = match start_actors(r.store, &r.config, r.in_force, &r.bpf, r.roots) {
         Ok(started) => started,
         Err(e) => return (Err(e), None),
     };
@@ -270,7 +272,7 @@ async fn serve(r: Ready) -> (Result<(), DaemonError>, Option<std::thread::JoinHa
 fn start_actors(
     store: Store,
     config: &Config,
-    policy: Policy,
+    in_force: InForce,
     bpf: &Bpf,
     roots: std::collections::HashMap<u64, u32>,
 ) -> Result<(Assembly, tokio::sync::mpsc::Receiver<handles::SensorMsg>), DaemonError> {
@@ -280,7 +282,7 @@ fn start_actors(
     let a = assemble(Parts {
         store,
         batch_max: config.batch_max,
-        policy,
+        in_force,
         approvers: config.approvers.clone(),
         pending,
         ended,

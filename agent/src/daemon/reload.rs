@@ -15,7 +15,10 @@ use tokio::{
 };
 use tracing::{error, info};
 
-use super::handles::{HandleError, RecorderHandle, SensorHandle};
+use super::{
+    handles::{HandleError, RecorderHandle, SensorHandle},
+    inforce::InForce,
+};
 use crate::{
     model::{PolicyLoad, wall_now_ns},
     policy::{Policy, PolicyErrors},
@@ -26,7 +29,7 @@ const POLL: Duration = Duration::from_secs(1);
 
 pub struct Reloader {
     pub dirs: Vec<PathBuf>,
-    pub policy: watch::Sender<Arc<Policy>>,
+    pub policy: watch::Sender<Arc<InForce>>,
     pub sensor: SensorHandle,
     pub recorder: RecorderHandle,
     /// The policy in force and the last reload's outcome, for `airlock status`.
@@ -111,29 +114,30 @@ impl Reloader {
 
     async fn reload(&self, trigger: &str) {
         let dirs = self.dirs.clone();
-        let loaded = match tokio::task::spawn_blocking(move || Policy::load_dirs(&dirs)).await {
+        let load = move || Policy::load_dirs(&dirs).map(InForce::new);
+        let loaded = match tokio::task::spawn_blocking(load).await {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "policy load panicked: the old policy stays in force");
                 return;
             }
         };
-        let mut record = load_record(trigger, loaded.as_ref());
+        let mut record = load_record(trigger, loaded.as_ref().map(|f| &f.policy));
         match loaded {
-            Ok(policy) => match self.install(&policy).await {
-                Ok(()) => {
-                    let line = policy.describe();
+            Ok(in_force) => match self.install(Arc::new(in_force)).await {
+                Ok(in_force) => {
+                    let line = in_force.policy.describe();
                     info!(trigger, "policy reloaded: {line}");
                     self.status.send_replace(PolicyStatus {
                         in_force: format!("{line}; reloaded ({trigger})"),
                         refused: None,
                     });
-                    let _ = self.policy.send(Arc::new(policy));
+                    let _ = self.policy.send(in_force);
                 }
                 Err(e) => {
                     error!(trigger, error = %e, "the new policy's candidates could not be written: the old policy stays in force");
                     let old = self.policy.borrow().clone();
-                    let _ = self.install(&old).await;
+                    let _ = self.install(old).await;
                     record.ok = false;
                     record.error = Some(e.to_string());
                 }
@@ -153,8 +157,10 @@ impl Reloader {
         }
     }
 
-    async fn install(&self, policy: &Policy) -> Result<(), HandleError> {
-        self.sensor.candidates(policy.candidates()).await
+    /// Writes the candidates into the kernel; `in_force` back when they are in.
+    async fn install(&self, in_force: Arc<InForce>) -> Result<Arc<InForce>, HandleError> {
+        self.sensor.candidates(in_force.clone()).await?;
+        Ok(in_force)
     }
 }
 

@@ -143,8 +143,8 @@ fn serve(bpf: &mut Bpf, msg: SensorMsg) {
         } => {
             let _ = reply.send(bpf.set_verdict(pid, digest, allow));
         }
-        SensorMsg::Candidates { candidates, reply } => {
-            let _ = reply.send(bpf.apply_candidates(&candidates));
+        SensorMsg::Candidates { in_force, reply } => {
+            let _ = reply.send(bpf.apply_candidates(&in_force.candidates, &in_force.exes));
         }
         SensorMsg::LossTotals { reply } => {
             let _ = reply.send(bpf.loss_totals());

@@ -133,6 +133,8 @@ pub enum Detail {
         child_tgid: u32,
     },
     Exec {
+        /// The path string the caller handed to execve: recorded as
+        /// written, never decided on.
         path: String,
         argv: Vec<String>,
         argv_truncated: bool,
@@ -140,6 +142,9 @@ pub enum Detail {
         argv_unreadable: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<Enforcement>,
+        /// The file the kernel opened to run (for a script, its
+        /// interpreter where the exec was seen after the fact).
+        file: ExecFile,
     },
     Exit(ExitStatus),
     Net {
@@ -191,6 +196,29 @@ fn kind_name<S: Serializer>(k: &EventKind, s: S) -> Result<S::Ok, S::Error> {
 
 fn reason_name<S: Serializer>(r: &LossReason, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(r.name())
+}
+
+/// The file an exec ran, as the kernel knows it: the same file under any
+/// name, link or copy path the caller used.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExecFile {
+    /// Its own name (after every symlink).
+    pub name: String,
+    /// Inode number and device (the kernel's encoding).
+    pub ino: u64,
+    pub dev: u32,
+    /// Type and permission bits: set-user-ID is 0o4000, set-group-ID 0o2000.
+    pub mode: u32,
+    /// The kernel could not read it: nothing above is known.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
+}
+
+impl ExecFile {
+    /// Set-user-ID or set-group-ID.
+    pub fn setuid(&self) -> bool {
+        self.mode & 0o6000 != 0
+    }
 }
 
 /// How a process ended, decoded from `task->exit_code` (a wait status).

@@ -22,7 +22,13 @@ pub struct Subject<'a> {
 /// An exec, with what matching needs prepared once.
 #[derive(Debug, Clone)]
 pub struct ExecAction {
+    /// The executable's path on this host (what ran, not what the caller
+    /// wrote).
     pub path: String,
+    /// Other paths of what runs, each matched as `path` is: the names the
+    /// policy knows the same file by (a hard link's other names), a
+    /// script's interpreter, a dynamic loader that runs the program.
+    pub aliases: Vec<String>,
     pub argv: Vec<String>,
     pub parent_exe: Option<String>,
     /// The executable has the set-user-ID or set-group-ID bit.
@@ -41,6 +47,7 @@ impl ExecAction {
         };
         Self {
             path,
+            aliases: Vec::new(),
             argv,
             parent_exe: None,
             setuid: false,
@@ -52,6 +59,16 @@ impl ExecAction {
     /// The executable's file name.
     pub fn name(&self) -> &str {
         file_name(&self.path)
+    }
+
+    /// `path` and then every alias.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.path.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    /// The file name of each of [`Self::paths`].
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.paths().map(file_name)
     }
 
     pub fn cmdline(&self) -> &str {
@@ -171,9 +188,10 @@ fn leaf(l: &Leaf, action: &Action, s: &Subject, explain: bool) -> Option<String>
         (Leaf::Group(ids), _) => ids
             .contains(&s.gid)
             .then(|| why(&|| format!("gid {} is listed", s.gid))),
-        (Leaf::Exe(pats), Action::Exec(e)) => pats
-            .first(&e.path, explain)
-            .map(|p| why(&|| format!("executable {} matches {p:?}", e.path))),
+        (Leaf::Exe(pats), Action::Exec(e)) => e.paths().find_map(|path| {
+            pats.first(path, explain)
+                .map(|p| why(&|| format!("executable {path} matches {p:?}")))
+        }),
         (Leaf::ParentExe(pats), Action::Exec(e)) => {
             let parent = e.parent_exe.as_deref()?;
             pats.first(parent, explain)

@@ -311,6 +311,18 @@ impl Policy {
     /// The rules that could match `action`, in order.
     fn rules_for<'a>(&'a self, action: &'a Action) -> RuleIter<'a> {
         match action {
+            Action::Exec(e) if !e.aliases.is_empty() => {
+                let mut all: Vec<u32> = e
+                    .names()
+                    .filter_map(|n| self.exec_by_name.get(n))
+                    .flatten()
+                    .chain(&self.exec_any)
+                    .copied()
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                RuleIter::Owned(all.into_iter())
+            }
             Action::Exec(e) => {
                 let named = self
                     .exec_by_name
@@ -384,7 +396,12 @@ impl Policy {
 /// Rule indexes in order: one list, or two sorted lists merged.
 enum RuleIter<'a> {
     One(std::slice::Iter<'a, u32>),
-    Merge { a: &'a [u32], b: &'a [u32] },
+    Merge {
+        a: &'a [u32],
+        b: &'a [u32],
+    },
+    /// An exec under several names: the rules of each, merged.
+    Owned(std::vec::IntoIter<u32>),
 }
 
 impl Iterator for RuleIter<'_> {
@@ -393,6 +410,7 @@ impl Iterator for RuleIter<'_> {
     fn next(&mut self) -> Option<u32> {
         match self {
             Self::One(it) => it.next().copied(),
+            Self::Owned(it) => it.next(),
             Self::Merge { a, b } => {
                 let take_a = match (a.first(), b.first()) {
                     (Some(x), Some(y)) => x <= y,

@@ -41,6 +41,7 @@ fn exec(session_id: u64, ts: i64) -> Record {
             path_truncated: false,
             argv_unreadable: false,
             enforcement: None,
+            file: Default::default(),
         },
     }
 }

@@ -19,18 +19,21 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, info_span, warn};
 
 use self::apply::Target;
-use super::handles::{BrokerMsg, RecorderHandle, SensorHandle};
+use super::{
+    handles::{BrokerMsg, RecorderHandle, SensorHandle},
+    inforce::InForce,
+};
 use crate::{
     config::Approver,
     model::{ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State, wall_now_ns},
-    policy::{self, Action, Policy, Subject},
+    policy::{self, Action, Subject},
     procfs,
     store::Store,
 };
 
 /// What the broker starts from.
 pub struct BrokerParts {
-    pub policy: watch::Receiver<Arc<Policy>>,
+    pub policy: watch::Receiver<Arc<InForce>>,
     pub approvers: Vec<Approver>,
     pub recorder: RecorderHandle,
     pub sensor: SensorHandle,
@@ -58,14 +61,22 @@ struct Held {
 const READ_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the kernel did not send (the process's start time, and what the
-/// policy looks at: its parent, working directory, set-user-ID bit), read
-/// off the runtime and within [`READ_LIMIT`]: a path on a stalled file
-/// system must not stall every other decision. No action: refuse it.
-async fn read_context(record: &Record) -> (Option<u64>, Option<Action>) {
+/// policy looks at: its parent, working directory, the paths of the file
+/// that runs), read off the runtime and within [`READ_LIMIT`]: a path on a
+/// stalled file system must not stall every other decision. No action:
+/// refuse it. With the action, why the policy sees less of it, if it does.
+async fn read_context(
+    record: &Record,
+    in_syscall: bool,
+    in_force: Arc<InForce>,
+) -> (Option<u64>, Option<(Action, Option<&'static str>)>) {
     let tgid = record.process.tgid;
     let read = {
         let r = record.clone();
-        tokio::task::spawn_blocking(move || (procfs::start_time(tgid), action::of(&r)))
+        tokio::task::spawn_blocking(move || {
+            let action = action::of(&r, in_syscall, &in_force.exes);
+            (procfs::start_time(tgid), action)
+        })
     };
     match tokio::time::timeout(READ_LIMIT, read).await {
         Ok(Ok(read)) => read,
@@ -81,7 +92,11 @@ async fn read_context(record: &Record) -> (Option<u64>, Option<Action>) {
 
 /// Why the policy saw less than the action, if it did: then only a hold or
 /// a denial stands, nothing goes through unasked.
-fn unseen(labels_read: bool, detail: &Detail) -> Option<&'static str> {
+fn unseen(
+    labels_read: bool,
+    detail: &Detail,
+    action: Option<&'static str>,
+) -> Option<&'static str> {
     if !labels_read {
         Some("the session's labels could not be read: refused (fail closed)")
     } else if incomplete(detail) {
@@ -89,7 +104,7 @@ fn unseen(labels_read: bool, detail: &Detail) -> Option<&'static str> {
             "the kernel's copy of its path or argv was cut or unreadable, so the policy did not see all of it: refused (fail closed)",
         )
     } else {
-        None
+        action
     }
 }
 
@@ -108,7 +123,7 @@ fn incomplete(detail: &Detail) -> bool {
 }
 
 pub struct Broker {
-    policy: watch::Receiver<Arc<Policy>>,
+    policy: watch::Receiver<Arc<InForce>>,
     approvers: Vec<Approver>,
     pending: HashMap<u64, ApprovalRequest>,
     recorder: RecorderHandle,
@@ -228,7 +243,8 @@ impl Broker {
             // A re-issued syscall of an action already waiting: one request.
             return;
         }
-        let (start_time, action) = read_context(&record).await;
+        let in_force = self.policy.borrow().clone();
+        let (start_time, action) = read_context(&record, hold.in_syscall, in_force.clone()).await;
         let target = Target {
             kind,
             pid: record.process.pid,
@@ -237,7 +253,7 @@ impl Broker {
             digest: hold.digest,
             in_syscall: hold.in_syscall,
         };
-        let Some(action) = action else {
+        let Some((action, unseen_action)) = action else {
             warn!(
                 kind = kind.name(),
                 "a held action without its details: refusing it"
@@ -246,18 +262,17 @@ impl Broker {
             return;
         };
         let labels = self.labels(record.session_id).await;
-        let policy = self.policy.borrow().clone();
         let none = BTreeMap::new();
         let subject = Subject {
             labels: labels.as_ref().unwrap_or(&none),
             uid: record.process.uid,
             gid: record.process.gid,
         };
-        let out = policy.evaluate(&action, &subject);
+        let out = in_force.policy.evaluate(&action, &subject);
         let monitor = out
             .monitor
             .map(|r| format!("would {} by {}", r.decision.name(), r.id));
-        let unseen = unseen(labels.is_some(), &record.detail);
+        let unseen = unseen(labels.is_some(), &record.detail, unseen_action);
         let held = Held {
             record,
             target,

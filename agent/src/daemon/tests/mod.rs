@@ -83,7 +83,7 @@ async fn harness_in(policy: &str, arg: &str, session: Option<u64>) -> Harness {
     let assembly = assemble(Parts {
         store,
         batch_max: 64,
-        policy,
+        in_force: super::inforce::InForce::new(policy),
         approvers: approvers(),
         pending: vec![],
         ended: Default::default(),
@@ -155,11 +155,30 @@ async fn hold_sleep_cut(
             path_truncated: false,
             argv_unreadable: false,
             enforcement: Some(Enforcement::Held),
+            file: file_of("/bin/sleep"),
         },
         hold: Some(hold),
     };
     assembly.broker.held(record, hold).await.unwrap();
     child
+}
+
+/// The kernel's report of the file at `path`.
+fn file_of(path: &str) -> crate::model::ExecFile {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    crate::model::ExecFile {
+        name: std::fs::canonicalize(path)
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+        ino: m.ino(),
+        dev: crate::exefile::kernel_dev(m.dev()),
+        mode: m.mode(),
+        unknown: false,
+    }
 }
 
 async fn harness_with(policy: &str, arg: &str) -> Harness {

@@ -1,0 +1,379 @@
+//! Executables as files: the ones a policy names, found on this host by
+//! device and inode (so a hard link under another name is the same file),
+//! and the dynamic loaders, which run the program named by their first
+//! operand.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use airlock_common::FileKey;
+
+use crate::policy::candidates::Candidates;
+
+/// Where a rule's executable name is looked up on this host.
+pub const SEARCH_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
+/// The dynamic loaders: `ld-linux-x86-64.so.2 /usr/bin/curl ...` runs curl.
+pub const LOADERS: &[&str] = &[
+    "ld-linux-x86-64.so.2",
+    "ld-linux.so.2",
+    "ld-linux-aarch64.so.1",
+    "ld-musl-x86_64.so.1",
+    "ld-musl-aarch64.so.1",
+    "ld.so",
+];
+
+/// Multi-call binaries: one file, many programs, chosen by the name in
+/// `argv[0]` (or by `argv[1]` when called by its own name). Every applet
+/// link opens the same file, so the file alone does not say what runs.
+pub const MULTICALL: &[&str] = &["busybox", "toybox", "coreutils"];
+
+/// Whether an executable's own name is a multi-call binary's.
+pub fn is_multicall(name: &str) -> bool {
+    MULTICALL.contains(&name)
+}
+
+/// The applet a multi-call binary runs for `argv`, and where in `argv`
+/// the applet's own argv starts: `argv[0]`'s file name (a login shell's
+/// leading `-` dropped), or `argv[1]` when `argv[0]` names the binary.
+pub fn applet(argv: &[String]) -> Option<(&str, usize)> {
+    let name = |a: &str| {
+        let base = a.rsplit('/').next().unwrap_or(a);
+        base.strip_prefix('-').unwrap_or(base).to_string()
+    };
+    let first = argv.first()?;
+    if !is_multicall(&name(first)) {
+        let base = first.rsplit('/').next().unwrap_or(first);
+        return Some((base.strip_prefix('-').unwrap_or(base), 0));
+    }
+    let second = argv.get(1)?;
+    Some((second.rsplit('/').next().unwrap_or(second), 1))
+}
+
+/// Where the loaders live.
+const LOADER_DIRS: &[&str] = &[
+    "/lib64",
+    "/lib",
+    "/usr/lib64",
+    "/usr/lib",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+];
+
+/// Whether an executable's own name is a dynamic loader's.
+pub fn is_loader(name: &str) -> bool {
+    LOADERS.contains(&name)
+}
+
+/// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor),
+/// as `inode->i_sb->s_dev` holds it, from the userspace `st_dev`.
+pub fn kernel_dev(st_dev: u64) -> u32 {
+    let major = libc::major(st_dev);
+    let minor = libc::minor(st_dev);
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+/// A file's identity as the kernel reports it, if it exists.
+pub fn file_key(path: &Path) -> Option<FileKey> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileKey {
+        ino: m.ino(),
+        dev: kernel_dev(m.dev()),
+        _pad: 0,
+    })
+}
+
+/// The executables a policy names, by file: every path each one has
+/// under the names and paths the rules give, and whether the kernel may
+/// refuse it on its own (only when every name it was found under is one a
+/// deny rule alone decides: another rule naming it by another name must
+/// get its say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExeIndex {
+    files: HashMap<FileKey, Entry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Entry {
+    paths: BTreeSet<String>,
+    deny: bool,
+    multicall: bool,
+}
+
+impl ExeIndex {
+    /// The executables the policy's candidates name (see [`Self::build`]).
+    pub fn of(c: &Candidates) -> Self {
+        Self::build(&c.exec_paths, &c.exec_names, |n| {
+            c.exec_deny_paths.contains(n) || c.exec_deny_names.contains(n)
+        })
+    }
+
+    /// Finds the named executables on this host: `paths` as given (after
+    /// symlinks), `names` in [`SEARCH_DIRS`], and, when there is any of
+    /// them, the loaders in their directories. `deny` says which of the
+    /// names and paths the kernel may refuse on its own.
+    pub fn build<'a>(
+        paths: impl IntoIterator<Item = &'a String>,
+        names: impl IntoIterator<Item = &'a String>,
+        deny: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut index = Self::default();
+        let mut any = false;
+        for p in paths {
+            any = true;
+            index.add(Path::new(p), deny(p));
+        }
+        for n in names {
+            any = true;
+            if n.contains('/') || n.is_empty() {
+                continue;
+            }
+            for d in SEARCH_DIRS {
+                index.add(&Path::new(d).join(n), deny(n));
+            }
+        }
+        if any {
+            for l in LOADERS {
+                for d in LOADER_DIRS {
+                    index.add(&Path::new(d).join(l), false);
+                }
+            }
+        }
+        index
+    }
+
+    fn add(&mut self, path: &Path, deny: bool) {
+        let Some(key) = file_key(path) else { return };
+        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        let fresh = !self.files.contains_key(&key);
+        let entry = self.files.entry(key).or_default();
+        entry.paths.insert(path.display().to_string());
+        entry.paths.insert(shown.display().to_string());
+        entry.deny = (fresh || entry.deny) && deny;
+        entry.multicall = shown
+            .file_name()
+            .is_some_and(|n| is_multicall(&n.to_string_lossy()));
+    }
+
+    /// Every file the kernel may look for by itself, and whether it
+    /// refuses it: not the multi-call binaries (their file alone does not
+    /// say which program runs; the kernel finds them by name instead).
+    pub fn files(&self) -> impl Iterator<Item = (FileKey, bool)> + '_ {
+        self.files
+            .iter()
+            .filter(|(_, e)| !e.multicall)
+            .map(|(k, e)| (*k, e.deny))
+    }
+
+    /// The paths the policy knows the file `key` by (none when it names
+    /// no such file).
+    pub fn paths_of(&self, key: &FileKey) -> impl Iterator<Item = &str> {
+        self.files
+            .get(key)
+            .into_iter()
+            .flat_map(|e| e.paths.iter().map(String::as_str))
+    }
+
+    /// Whether the kernel finds the file at `path` (a path a rule gives) by
+    /// its inode: it was there when the policy loaded, and is not a
+    /// multi-call binary.
+    pub fn by_file(&self, path: &str) -> bool {
+        self.files
+            .values()
+            .any(|e| !e.multicall && e.paths.contains(path))
+    }
+
+    /// How many files.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// Where the daemon finds what the string `said` named for the thread
+/// `pid` of process `tgid`: a relative path from its working directory, an
+/// absolute one from its root, and the names that mean "this process"
+/// (`/dev/fd/N`, `/proc/self/...`, `/proc/thread-self/...`, which in the
+/// daemon would mean the daemon) through its own /proc entries. Only
+/// where to look: what is found there counts only if [`true_name`] agrees
+/// it is the file the kernel ran.
+pub fn said_path(tgid: u32, pid: u32, said: &str) -> PathBuf {
+    let me = format!("/proc/{tgid}");
+    let rewrites = [
+        ("/dev/fd/", format!("{me}/fd/")),
+        ("/dev/stdin", format!("{me}/fd/0")),
+        ("/proc/self/", format!("{me}/")),
+        ("/proc/thread-self/", format!("{me}/task/{pid}/")),
+    ];
+    for (from, to) in rewrites {
+        if let Some(rest) = said.strip_prefix(from) {
+            return PathBuf::from(format!("{to}{rest}"));
+        }
+    }
+    match said.strip_prefix('/') {
+        Some(abs) => PathBuf::from(format!("{me}/root/{abs}")),
+        None => PathBuf::from(format!("{me}/cwd/{said}")),
+    }
+}
+
+/// Whether `said` names a file by an open descriptor (`/dev/fd/N`, as
+/// `fexecve` and `execveat(AT_EMPTY_PATH)` do, or through /proc).
+pub fn is_descriptor(said: &str) -> bool {
+    let fd_of = |rest: &str| rest.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty();
+    if let Some(rest) = said.strip_prefix("/dev/fd/") {
+        return fd_of(rest);
+    }
+    let Some(rest) = said.strip_prefix("/proc/") else {
+        return false;
+    };
+    let rest = match rest.split_once('/') {
+        Some(("self", r)) | Some(("thread-self", r)) => r,
+        Some((pid, r)) if pid.bytes().all(|b| b.is_ascii_digit()) => r,
+        _ => return false,
+    };
+    rest.strip_prefix("fd/").is_some_and(fd_of)
+}
+
+/// The path of `p` on this host, if `p` is the file `key` (the same device
+/// and inode, so a name the caller chose cannot stand in for another
+/// file): after every symlink, or what a /proc link says for a file with
+/// no name left (`... (deleted)`).
+pub fn true_name(p: &Path, key: FileKey) -> Option<String> {
+    if file_key(p)? != key {
+        return None;
+    }
+    if let Ok(c) = std::fs::canonicalize(p)
+        && file_key(&c) == Some(key)
+    {
+        return Some(c.display().to_string());
+    }
+    let link = std::fs::read_link(p).ok()?;
+    Some(link.display().to_string())
+}
+
+/// The options of glibc's `ld.so` that take a value.
+const LOADER_VALUE_OPTS: &[&str] = &[
+    "--library-path",
+    "--inhibit-rpath",
+    "--audit",
+    "--preload",
+    "--argv0",
+    "--glibc-hwcaps-prepend",
+    "--glibc-hwcaps-mask",
+];
+
+/// The options of glibc's `ld.so` without a value.
+const LOADER_FLAGS: &[&str] = &["--list", "--verify", "--inhibit-cache"];
+
+/// Where in a dynamic loader's argv the program it runs is: its first
+/// operand, after the loader's own options. None when there is none, or
+/// an option this reader does not know (so it cannot tell which word is
+/// the program).
+pub fn loader_program(argv: &[String]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(a) = argv.get(i) {
+        if LOADER_VALUE_OPTS.contains(&a.as_str()) {
+            i += 2;
+        } else if LOADER_FLAGS.contains(&a.as_str()) {
+            i += 1;
+        } else if a.starts_with('-') {
+            return None;
+        } else {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hard_link_is_the_same_file_and_a_symlink_leads_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("tool");
+        std::fs::write(&real, "#!/bin/sh\n").unwrap();
+        let link = dir.path().join("other-name");
+        std::fs::hard_link(&real, &link).unwrap();
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink(&real, &sym).unwrap();
+        assert_eq!(file_key(&real), file_key(&link));
+        assert_eq!(file_key(&real), file_key(&sym));
+        let p = real.display().to_string();
+        let index = ExeIndex::build([&p], [], |_| true);
+        let key = file_key(&link).unwrap();
+        assert!(index.paths_of(&key).any(|q| q == p), "{index:?}");
+        assert!(index.files().any(|(k, deny)| k == key && deny));
+        assert!(is_loader("ld-linux-x86-64.so.2") && !is_loader("curl"));
+        // Named again by a path no deny rule alone decides: held, not refused.
+        let l = link.display().to_string();
+        let index = ExeIndex::build([&p, &l], [], |q| q == p);
+        assert!(index.files().any(|(k, deny)| k == key && !deny));
+        let index = ExeIndex::build([&l, &p], [], |q| q == p);
+        assert!(index.files().any(|(k, deny)| k == key && !deny));
+    }
+
+    #[test]
+    fn names_that_mean_the_caller_are_read_through_its_proc_entries() {
+        let p = |s| said_path(7, 9, s).display().to_string();
+        assert_eq!(p("/dev/fd/3"), "/proc/7/fd/3");
+        assert_eq!(p("/dev/fd/3/tool"), "/proc/7/fd/3/tool");
+        assert_eq!(p("/proc/self/exe"), "/proc/7/exe");
+        assert_eq!(p("/proc/thread-self/fd/4"), "/proc/7/task/9/fd/4");
+        assert_eq!(p("/usr/bin/id"), "/proc/7/root/usr/bin/id");
+        assert_eq!(p("./id"), "/proc/7/cwd/./id");
+        assert!(is_descriptor("/dev/fd/3") && is_descriptor("/proc/self/fd/12"));
+        assert!(is_descriptor("/proc/42/fd/0") && !is_descriptor("/dev/fd/3/tool"));
+        assert!(!is_descriptor("/proc/self/exe") && !is_descriptor("/usr/bin/id"));
+    }
+
+    #[test]
+    fn a_true_name_is_only_one_of_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let key = file_key(&a).unwrap();
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink(&a, &sym).unwrap();
+        let real = std::fs::canonicalize(&a).unwrap().display().to_string();
+        assert_eq!(true_name(&sym, key), Some(real));
+        assert_eq!(true_name(&b, key), None);
+        assert_eq!(true_name(&dir.path().join("none"), key), None);
+    }
+
+    #[test]
+    fn a_loaders_program_is_its_first_operand() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(loader_program(&v("ld.so /usr/bin/curl -s x")), Some(1));
+        assert_eq!(
+            loader_program(&v("ld.so --library-path /l --preload p.so --list ./curl")),
+            Some(6)
+        );
+        assert_eq!(loader_program(&v("ld.so --new-option /usr/bin/curl")), None);
+        assert_eq!(loader_program(&v("ld.so --argv0")), None);
+        assert_eq!(loader_program(&v("ld.so")), None);
+    }
+
+    #[test]
+    fn kernel_devices_are_major_shifted_by_20() {
+        assert_eq!(kernel_dev(libc::makedev(8, 1)), (8 << 20) | 1);
+        assert_eq!(kernel_dev(libc::makedev(0, 0x23)), 0x23);
+    }
+}
