@@ -103,8 +103,9 @@ const SKIP: &[&str] = &[
 const NOT_ON: &[(&str, &str)] = &[("6.1", "record-")];
 
 /// Without BPF LSM: the suites that prove the fallbacks (execs held at
-/// sched_process_exec, flagged connects refused, opens not held)...
-const FALLBACK_SUITES: &[&str] = &["hold-", "files-"];
+/// sched_process_exec, flagged connects refused, opens not held, and
+/// execs identified by file)...
+const FALLBACK_SUITES: &[&str] = &["hold-", "files-", "identity-"];
 /// ...but not the tests of a connect held inside the syscall, which these
 /// kernels (no BPF LSM, cgroup hook before 6.18) cannot do.
 const FALLBACK_SKIP: &[&str] = &[

@@ -155,3 +155,39 @@ pub fn connect_rewritten(a: SocketAddrV4, b: SocketAddrV4) {
     unsafe { libc::close(fd) };
     println!("handled:{} errno:{errno}", HANDLED.load(Ordering::SeqCst));
 }
+
+/// Becomes `program` through its open file (`execveat(fd, "", argv, envp,
+/// AT_EMPTY_PATH)`, as `fexecve` does): the kernel's string for it is
+/// `/dev/fd/N`. Returns only on failure, with the errno.
+pub fn fexec(program: &str, rest: &[&str]) -> i32 {
+    use std::{ffi::CString, os::fd::AsRawFd, os::unix::ffi::OsStrExt};
+    let file = std::fs::File::open(program).expect("open the program");
+    let cstr = |s: &[u8]| CString::new(s).expect("no NUL in an argument");
+    let argv: Vec<CString> = std::iter::once(program)
+        .chain(rest.iter().copied())
+        .map(|a| cstr(a.as_bytes()))
+        .collect();
+    let envp: Vec<CString> = std::env::vars_os()
+        .map(|(k, v)| cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .collect();
+    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
+    // SAFETY: NUL-terminated strings and NULL-terminated arrays that
+    // outlive the call; on success it does not return.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            argv_p.as_ptr(),
+            envp_p.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+    }
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+}

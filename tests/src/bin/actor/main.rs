@@ -26,6 +26,9 @@
 //!                                  whose accept queue is full (so each waits in the kernel until its
 //!                                  MS send timeout); print "connects:<all connect calls made>"
 //! actor as-user UID GID PROGRAM [ARGS]  drop to UID/GID (no supplementary groups), then exec PROGRAM
+//! actor fexec PROGRAM [ARGS]       open PROGRAM and become it by execveat(fd, "", AT_EMPTY_PATH)
+//!                                  (what fexecve does: the kernel sees /dev/fd/N); if that
+//!                                  fails print "error:<errno>" and exit 126
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
@@ -258,6 +261,11 @@ fn main() -> ExitCode {
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             held::threads_connect(n.parse().expect("N"), file, addr);
+        }
+        ["fexec", program, rest @ ..] => {
+            let errno = held::fexec(program, rest);
+            println!("error:{errno}");
+            return ExitCode::from(126);
         }
         ["connect-rewritten", a, b, rest @ ..] if matches!(rest, [] | ["then-a"]) => {
             let a: std::net::SocketAddrV4 = a.parse().expect("A:PORT (IPv4)");

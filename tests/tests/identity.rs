@@ -1,0 +1,164 @@
+//! A rule that names a program holds it however the agent names it: the
+//! kernel reports the file it opened (device, inode, mode, its own name)
+//! and the daemon decides on that file, not on the string the caller
+//! wrote. Each trick below is refused as the plain form is, on the host
+//! (execs stopped after the fact) and in the VMs (BPF LSM: execve fails).
+use std::{os::unix::fs::PermissionsExt, path::Path};
+
+use airlock_tests::{
+    Daemon, can_run,
+    held::{expect_lsm, lsm_expected},
+};
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
+
+/// The dynamic loaders this test knows, by architecture.
+const LOADERS: &[&str] = &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"];
+
+/// What `run-timed` (or `fexec`) prints for an exec refused here: EPERM
+/// from execve itself with BPF LSM (`fexec` then exits 126), SIGKILL
+/// before the first instruction without it.
+fn refused(line: &str) -> bool {
+    if lsm_expected() {
+        line.ends_with("error:1") || line.ends_with("exit:126")
+    } else {
+        line.ends_with("signal:9")
+    }
+}
+
+/// One line of the script: `NAME <run-timed's last line>`.
+fn trick(name: &str, cmd: &str) -> String {
+    format!("printf '{name} '; {cmd} | tail -n 1\n")
+}
+
+#[test]
+fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
+    let test = "other_names_for_a_flagged_program_are_refused_as_the_program_is";
+    if !can_run(test) {
+        return;
+    }
+    let Some(loader) = LOADERS.iter().find(|l| Path::new(l).exists()) else {
+        airlock_tests::skip(test, "no dynamic loader this test knows on this machine");
+        return;
+    };
+    // The flagged programs: copies of the actor, made before the daemon
+    // starts (it looks the files a policy names up when it loads).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    let suid = format!("{d}/suid");
+    std::fs::copy(ACTOR, &probe).unwrap();
+    std::fs::copy(ACTOR, &suid).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink(&probe, format!("{d}/alias")).unwrap();
+    std::fs::hard_link(&probe, format!("{d}/other")).unwrap();
+    std::os::unix::fs::symlink(&suid, format!("{d}/suid-alias")).unwrap();
+    let policy = format!(
+        "pack: t\nrules:\n\
+         - {{name: no-probe-now, on: exec, when: {{exe: {probe}, args: now}}, decision: deny}}\n\
+         - {{name: no-setuid, on: exec, when: {{setuid: true}}, decision: deny}}\n\
+         - {{name: no-whoami, on: exec, when: {{exe: whoami}}, decision: deny}}\n"
+    );
+    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
+    expect_lsm(&daemon);
+
+    let base = Path::new(&d).file_name().unwrap().to_string_lossy();
+    let parent = Path::new(&d).parent().unwrap().display().to_string();
+    let padded = format!("{d}{}/probe", "/.".repeat(300));
+    let run = |cmd: &str| format!("{ACTOR} run-timed {cmd}");
+    let mut tricks = vec![
+        ("plain", run(&format!("{probe} now"))),
+        ("relative", format!("(cd {d} && {})", run("./probe now"))),
+        (
+            "dot-dot",
+            run(&format!("{parent}/{base}/../{base}/probe now")),
+        ),
+        ("double-slash", run(&format!("{d}//probe now"))),
+        ("padded-past-512", run(&format!("{padded} now"))),
+        ("symlink", run(&format!("{d}/alias now"))),
+        ("hard-link", run(&format!("{d}/other now"))),
+        ("fexecve", run(&format!("{ACTOR} fexec {probe} now"))),
+        ("loader", run(&format!("{loader} {probe} now"))),
+        (
+            "loader-with-options",
+            run(&format!("{loader} --inhibit-cache --argv0 x {d}/alias now")),
+        ),
+        ("setuid", run(&format!("{suid} now"))),
+        ("setuid-fexecve", run(&format!("{ACTOR} fexec {suid} now"))),
+        ("setuid-symlink", run(&format!("{d}/suid-alias now"))),
+        ("whoami", run("whoami")),
+    ];
+    // busybox is in every VM image; on a host only where it is installed.
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|b| Path::new(b).exists());
+    match busybox {
+        Some(b) => tricks.push(("busybox-applet", run(&format!("{b} whoami")))),
+        None => eprintln!("{test}: no busybox here, its trick is tried in the VMs only"),
+    }
+    let controls = [
+        ("control-alias", run(&format!("{d}/alias seq 1 /bin/true"))),
+        (
+            "control-loader",
+            run(&format!("{loader} {probe} seq 1 /bin/true")),
+        ),
+    ];
+    let script: String = tricks
+        .iter()
+        .chain(&controls)
+        .map(|(name, cmd)| trick(name, cmd))
+        .collect();
+    let (session, out) = daemon.run(&["agent=identity-test"], &["/bin/sh", "-c", &script]);
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", daemon.log()))
+            .to_string()
+    };
+    let escaped: Vec<String> = tricks
+        .iter()
+        .filter(|(name, _)| !refused(&line(name)))
+        .map(|(name, _)| format!("{name}: {}", line(name)))
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "these ran although a rule names what they run:\n{}\nall:\n{out}\ndaemon log:\n{}",
+        escaped.join("\n"),
+        daemon.log()
+    );
+    for (name, _) in &controls {
+        assert!(
+            line(name).ends_with("exit:0"),
+            "{name} is not flagged and runs: {out}"
+        );
+    }
+
+    // Each was recorded as the file it ran: the probe's inode, whatever
+    // name the caller used (the loader's own file is the loader's).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&probe).unwrap());
+    let events = daemon.events(session);
+    let probe_execs = events
+        .iter()
+        .filter(|e| e.kind == "exec" && e.detail["file"]["ino"].as_u64() == Some(ino))
+        .count();
+    // plain, relative, dot-dot, double-slash, padded, symlink, hard link,
+    // fexecve, and the alias control.
+    assert!(
+        probe_execs >= 9,
+        "{probe_execs} execs of the probe's file recorded: {:#?}",
+        events
+            .iter()
+            .filter(|e| e.kind == "exec")
+            .map(|e| &e.detail)
+            .collect::<Vec<_>>()
+    );
+    let decided = events
+        .iter()
+        .filter(|e| e.kind == "decision" && e.detail["rule"] == "t/no-probe-now")
+        .count();
+    assert!(
+        decided >= 10,
+        "the daemon's decisions by the probe rule: {decided} (one per trick on the probe)"
+    );
+}
