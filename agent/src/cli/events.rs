@@ -55,6 +55,20 @@ pub fn describe(e: &EventRow) -> String {
                 .map(|a| a.iter().map(|v| quote(v.as_str().unwrap_or(""))).collect())
                 .unwrap_or_default();
             let mut line = format!("{}  [{}]", s("path"), argv.join(" "));
+            // The file the kernel ran, where the caller named it otherwise
+            // (a symlink, a hard link, a descriptor).
+            let path = s("path");
+            let file = d.get("file").unwrap_or(&Value::Null);
+            match file.get("name").and_then(Value::as_str) {
+                _ if file.get("unknown").and_then(Value::as_bool) == Some(true) => {
+                    line.push_str(" (file unknown)");
+                }
+                Some(name) if !name.is_empty() && path.rsplit('/').next() != Some(name) => {
+                    let ino = file.get("ino").and_then(Value::as_u64).unwrap_or(0);
+                    line.push_str(&format!(" (runs file {name}, inode {ino})"));
+                }
+                _ => {}
+            }
             if d.get("argv_truncated").and_then(Value::as_bool) == Some(true) {
                 line.push_str(" (argv truncated)");
             }
@@ -163,6 +177,19 @@ mod tests {
             serde_json::json!({"path": "/bin/sh", "argv": ["sh", "-c", "echo 'hi'"], "argv_truncated": false}),
         );
         assert_eq!(describe(&e), r"/bin/sh  [sh -c 'echo '\''hi'\''']");
+        let e = row(
+            "exec",
+            serde_json::json!({"path": "/tmp/alias", "argv": ["alias"], "file": {"name": "curl", "ino": 12, "dev": 1, "mode": 33261}}),
+        );
+        assert_eq!(
+            describe(&e),
+            "/tmp/alias  [alias] (runs file curl, inode 12)"
+        );
+        let e = row(
+            "exec",
+            serde_json::json!({"path": "/usr/bin/curl", "argv": ["curl"], "file": {"name": "curl", "ino": 12, "dev": 1, "mode": 33261}}),
+        );
+        assert_eq!(describe(&e), "/usr/bin/curl  [curl]");
         let e = row(
             "connect",
             serde_json::json!({"protocol": "tcp", "addr": "::1", "port": 80, "ret": -111}),
