@@ -155,11 +155,20 @@ pub struct ExecRule {
 }
 const _: () = assert!(size_of::<ExecRule>() == 8);
 
-/// A name entry that matches only the last component of the caller's
-/// string, never the opened file's own name: a multi-call binary's
-/// (`busybox`), which every applet link opens, held only when called by
-/// its own name (`busybox wget ...`).
-pub const EXEC_RULE_CALLED_ONLY: u32 = 1;
+/// A multi-call binary (`busybox`, by file or by name): which program
+/// runs is the file name of `argv[0]` (or `argv[1]` when `argv[0]` names
+/// the binary itself), so the kernel decides on those words (agent-ebpf
+/// exec.rs `applet_rule`), not on the file.
+pub const EXEC_RULE_APPLET: u32 = 1;
+
+/// A name the kernel refuses only as a multi-call binary's applet (a deny
+/// rule's path is an applet link, `/usr/bin/whoami -> busybox`): any other
+/// file of that name is only a candidate (the daemon decides).
+pub const EXEC_RULE_DENY_AS_APPLET: u32 = 2;
+
+/// How many bytes of argv the kernel reads to find a multi-call binary's
+/// applet; an applet name not complete within them holds the exec.
+pub const APPLET_WINDOW: usize = 512;
 
 /// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4
 /// mapped into ::ffff:0:0/96). Every entry is a hold candidate whatever the

@@ -4,10 +4,11 @@
 use core::mem::offset_of;
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILE_UNKNOWN,
-    EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON, EXEC_RULE_CALLED_ONLY,
-    EventKind, ExecEvent, ExecRule, FILENAME_MAX, FNV_OFFSET, FileId, FileKey, LossReason,
-    MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
+    APPLET_WINDOW, ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED,
+    EXEC_FILE_UNKNOWN, EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON,
+    EXEC_RULE_APPLET, EXEC_RULE_DENY_AS_APPLET, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
+    FNV_OFFSET, FileId, FileKey, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC,
+    RuleAction, fnv_step,
 };
 use aya_ebpf::{
     helpers::{
@@ -193,14 +194,12 @@ fn read_exec_file(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
 /// The candidate entry for this exec, if the policy wants the daemon to
 /// decide it: the file a rule names (any name or hard link of it), a file
 /// with a name a rule names, every exec, or (when asked) a set-user-ID /
-/// set-group-ID executable. `ev.file` and `ev.name` describe the file the
-/// kernel opened (see [`exec_file`]).
+/// set-group-ID executable; for a multi-call binary (by file or by name),
+/// the applet its argv names (see [`applet_rule`]). `ev.file` and
+/// `ev.name` describe the file the kernel opened (see [`exec_file`]),
+/// `ev.args` holds argv.
 #[inline(always)]
 pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
-    const ANY: ExecRule = ExecRule {
-        action: RuleAction::Hold as u32,
-        flags: 0,
-    };
     if ev.flags & EXEC_FILE_UNKNOWN != 0 {
         return Some(ANY);
     }
@@ -209,9 +208,14 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         dev: ev.file.dev,
         _pad: 0,
     };
+    // A multi-call binary's entry: its applet decides, once, below.
+    let mut applet = false;
     // SAFETY: the rule is copied out at once.
     if let Some(rule) = unsafe { EXEC_FILES.get(key) }.copied() {
-        return Some(rule);
+        if rule.flags & EXEC_RULE_APPLET == 0 {
+            return Some(rule);
+        }
+        applet = true;
     }
     if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
         return Some(ANY);
@@ -225,10 +229,11 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         h = fnv_step(h, ev.name[i]);
     }
     // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied()
-        && rule.flags & EXEC_RULE_CALLED_ONLY == 0
-    {
-        return Some(rule);
+    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
+        if rule.flags & EXEC_RULE_APPLET == 0 {
+            return Some(by_name(rule));
+        }
+        applet = true;
     }
     // The last component of the caller's string too: for a script seen
     // after the fact the file is its interpreter, and the name the rule
@@ -248,6 +253,12 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
     }
     // SAFETY: copied out at once.
     if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
+        if rule.flags & EXEC_RULE_APPLET == 0 {
+            return Some(by_name(rule));
+        }
+        applet = true;
+    }
+    if applet && let Some(rule) = applet_rule(ev) {
         return Some(rule);
     }
     // S_ISUID | S_ISGID
@@ -255,6 +266,123 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         return Some(ANY);
     }
     None
+}
+
+/// Hold and let the daemon decide.
+const ANY: ExecRule = ExecRule {
+    action: RuleAction::Hold as u32,
+    flags: 0,
+};
+
+/// What a name entry says for an exec it names: a name refused only as a
+/// multi-call binary's applet is a candidate for any other file.
+#[inline(always)]
+fn by_name(rule: ExecRule) -> ExecRule {
+    if rule.flags & EXEC_RULE_DENY_AS_APPLET != 0 {
+        ANY
+    } else {
+        rule
+    }
+}
+
+/// A multi-call binary runs the program named by the file name of
+/// `argv[0]` (one leading `-` dropped, as for a login shell), or, when
+/// that names the binary itself (or, for toybox, nothing it knows), of
+/// `argv[1]`. So the first two words decide: `argv[0]`'s name entry as it
+/// stands (a multi-call name's: hold, the daemon reads on), any entry of
+/// `argv[1]`'s name: hold. No argv, or the two words not complete in the
+/// first [`APPLET_WINDOW`] bytes: hold (fail closed).
+#[inline(always)]
+fn applet_rule(ev: &ExecEvent) -> Option<ExecRule> {
+    let mut scan = AppletScan {
+        ev,
+        n: ev.args_len.min(ARGS_MAX as u32),
+        words: 0,
+        at_name: 1,
+        ended: 0,
+        h0: FNV_OFFSET,
+        h: FNV_OFFSET,
+    };
+    // bpf_loop: the verifier walks the callback once, not once per byte
+    // and per way the program got here.
+    // SAFETY: the callback only reads `scan` and the event it points to,
+    // both alive for the call.
+    unsafe {
+        generated::bpf_loop(
+            APPLET_WINDOW as u32,
+            applet_scan_byte as *mut core::ffi::c_void,
+            (&mut scan as *mut AppletScan).cast(),
+            0,
+        )
+    };
+    if scan.words == 0 || (scan.words == 1 && scan.ended == 0) {
+        return Some(ANY);
+    }
+    // SAFETY: copied out at once.
+    if let Some(rule) = unsafe { EXEC_NAMES.get(scan.h0) }.copied() {
+        return Some(if rule.flags & EXEC_RULE_APPLET != 0 {
+            ANY
+        } else {
+            ExecRule {
+                action: rule.action,
+                flags: 0,
+            }
+        });
+    }
+    // SAFETY: only looked at.
+    if scan.words == 2 && unsafe { EXEC_NAMES.get(scan.h) }.is_some() {
+        return Some(ANY);
+    }
+    None
+}
+
+/// [`applet_rule`]'s walk over argv: FNV-1a of each of the first two
+/// words' file name (restarted after every `/`, one leading `-` dropped).
+#[repr(C)]
+struct AppletScan {
+    ev: *const ExecEvent,
+    n: u32,
+    /// Words ended so far (at most 2).
+    words: u32,
+    /// At the start of a file name.
+    at_name: u32,
+    /// argv ended inside the window.
+    ended: u32,
+    h0: u64,
+    h: u64,
+}
+
+/// One byte of [`AppletScan`]: 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn applet_scan_byte(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer applet_rule gave it.
+    let scan = unsafe { &mut *ctx.cast::<AppletScan>() };
+    let i = (i as usize) & (ARGS_MAX - 1);
+    if i >= scan.n as usize {
+        scan.ended = 1;
+        return 1;
+    }
+    // SAFETY: `ev` is the per-CPU event slot, alive for the whole program;
+    // `i` is below ARGS_MAX.
+    let b = unsafe { (*scan.ev).args[i] };
+    if b == 0 {
+        scan.words += 1;
+        if scan.words >= 2 {
+            return 1;
+        }
+        scan.h0 = scan.h;
+        scan.h = FNV_OFFSET;
+        scan.at_name = 1;
+    } else if b == b'/' {
+        scan.h = FNV_OFFSET;
+        scan.at_name = 1;
+    } else if scan.at_name == 1 && b == b'-' {
+        scan.at_name = 0;
+    } else {
+        scan.at_name = 0;
+        scan.h = fnv_step(scan.h, b);
+    }
+    0
 }
 
 /// Publishes an exec event cut to the argv bytes used (most argv are far

@@ -195,35 +195,38 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         .unwrap_or(0);
     ev.filename_len = len as u32;
     ev.flags = 0;
-    exec_file(ev, bprm);
-    let Some(rule) = exec_candidate(ev) else {
-        let _ = ARGV_STASH.remove(pid_tgid);
-        return Ok(LsmVerdict::Allow);
-    };
-    ev.header = header(EventKind::Exec, session_id);
-    ev.filename_len = len as u32;
     ev.args_len = 0;
-    ev.digest = 0;
-    // The caller's argv, stashed at the syscall's entry.
+    exec_file(ev, bprm);
+    // The caller's argv, stashed at the syscall's entry (a multi-call
+    // binary's applet is named there, so before the candidate check).
     // SAFETY: the stash is read by this task only, before it is removed.
     if let Some(stash) = unsafe { ARGV_STASH.get(pid_tgid) } {
         let n = stash.len.min(ARGS_MAX as u32);
         if n > 0 {
             // SAFETY: copies at most ARGS_MAX bytes between two buffers of
             // at least that size.
-            unsafe {
+            let rc = unsafe {
                 aya_ebpf::helpers::generated::bpf_probe_read_kernel(
                     ev.args.as_mut_ptr().cast(),
                     n,
                     stash.bytes.as_ptr().cast(),
                 )
             };
-            ev.args_len = n;
+            if rc == 0 {
+                ev.args_len = n;
+            }
         }
         if stash.truncated != 0 {
             ev.flags |= EXEC_ARGS_TRUNCATED;
         }
     }
+    let Some(rule) = exec_candidate(ev) else {
+        let _ = ARGV_STASH.remove(pid_tgid);
+        return Ok(LsmVerdict::Allow);
+    };
+    ev.header = header(EventKind::Exec, session_id);
+    ev.filename_len = len as u32;
+    ev.digest = 0;
     if rule.action == RuleAction::Deny as u32 {
         ev.flags |= EXEC_DENIED;
         emit_exec(ev);

@@ -45,19 +45,35 @@ pub fn is_multicall(name: &str) -> bool {
 
 /// The applet a multi-call binary runs for `argv`, and where in `argv`
 /// the applet's own argv starts: `argv[0]`'s file name (a login shell's
-/// leading `-` dropped), or `argv[1]` when `argv[0]` names the binary.
+/// leading `-` dropped), or, when that names a multi-call binary (busybox
+/// takes any name that starts with `busybox` for itself), the applet of
+/// the rest (`busybox busybox wget`; coreutils' `--coreutils-prog=NAME`).
+/// None where this reader cannot tell: no words left, or an option.
 pub fn applet(argv: &[String]) -> Option<(&str, usize)> {
-    let name = |a: &str| {
+    let name = |a: &'_ str| {
         let base = a.rsplit('/').next().unwrap_or(a);
         base.strip_prefix('-').unwrap_or(base).to_string()
     };
-    let first = argv.first()?;
-    if !is_multicall(&name(first)) {
-        let base = first.rsplit('/').next().unwrap_or(first);
-        return Some((base.strip_prefix('-').unwrap_or(base), 0));
+    let mut at = 0;
+    loop {
+        let word = argv.get(at)?;
+        let n = name(word);
+        let itself = MULTICALL.iter().any(|m| n.starts_with(m));
+        if !itself {
+            if at > 0 && word.starts_with('-') {
+                return None;
+            }
+            let base = word.rsplit('/').next().unwrap_or(word);
+            return Some((base.strip_prefix('-').unwrap_or(base), at));
+        }
+        if let Some(prog) = argv
+            .get(at + 1)
+            .and_then(|w| w.strip_prefix("--coreutils-prog="))
+        {
+            return (!prog.is_empty() && !prog.contains('/')).then_some((prog, at + 1));
+        }
+        at += 1;
     }
-    let second = argv.get(1)?;
-    Some((second.rsplit('/').next().unwrap_or(second), 1))
 }
 
 /// Where the loaders live.
@@ -105,6 +121,17 @@ pub struct ExeIndex {
     files: HashMap<FileKey, Entry>,
 }
 
+/// What the kernel does with a file it finds by inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The daemon decides.
+    Candidate,
+    /// Refused in the kernel: only deny rules that alone decide name it.
+    Denied,
+    /// A multi-call binary: the applet its argv names decides.
+    Multicall,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Entry {
     paths: BTreeSet<String>,
@@ -150,6 +177,12 @@ impl ExeIndex {
                     index.add(&Path::new(d).join(l), false);
                 }
             }
+            // Every applet link opens one of these, whatever it is called.
+            for m in MULTICALL {
+                for d in SEARCH_DIRS {
+                    index.add_multicall(&Path::new(d).join(m));
+                }
+            }
         }
         index
     }
@@ -162,19 +195,49 @@ impl ExeIndex {
         entry.paths.insert(path.display().to_string());
         entry.paths.insert(shown.display().to_string());
         entry.deny = (fresh || entry.deny) && deny;
-        entry.multicall = shown
+        entry.multicall |= shown
             .file_name()
             .is_some_and(|n| is_multicall(&n.to_string_lossy()));
     }
 
-    /// Every file the kernel may look for by itself, and whether it
-    /// refuses it: not the multi-call binaries (their file alone does not
-    /// say which program runs; the kernel finds them by name instead).
-    pub fn files(&self) -> impl Iterator<Item = (FileKey, bool)> + '_ {
+    /// A multi-call binary found by its name, whatever its file is called
+    /// (a hard link, a versioned file).
+    fn add_multicall(&mut self, path: &Path) {
+        if let Some(key) = file_key(path) {
+            self.add(path, false);
+            if let Some(e) = self.files.get_mut(&key) {
+                e.multicall = true;
+            }
+        }
+    }
+
+    /// Every file the kernel looks for by itself, and what it does with
+    /// it.
+    pub fn files(&self) -> impl Iterator<Item = (FileKey, Role)> + '_ {
+        self.files.iter().map(|(k, e)| {
+            let role = if e.multicall {
+                Role::Multicall
+            } else if e.deny {
+                Role::Denied
+            } else {
+                Role::Candidate
+            };
+            (*k, role)
+        })
+    }
+
+    /// Whether the file `key` is a multi-call binary the index found.
+    pub fn is_multicall(&self, key: &FileKey) -> bool {
+        self.files.get(key).is_some_and(|e| e.multicall)
+    }
+
+    /// Whether `path` (a path a rule gives) is a multi-call binary's
+    /// applet link, `/usr/bin/whoami -> busybox`: its file says nothing
+    /// of which program runs, its name (as `argv[0]`) does.
+    pub fn applet_link(&self, path: &str) -> bool {
         self.files
-            .iter()
-            .filter(|(_, e)| !e.multicall)
-            .map(|(k, e)| (*k, e.deny))
+            .values()
+            .any(|e| e.multicall && e.paths.contains(path))
     }
 
     /// The paths the policy knows the file `key` by (none when it names
@@ -184,15 +247,6 @@ impl ExeIndex {
             .get(key)
             .into_iter()
             .flat_map(|e| e.paths.iter().map(String::as_str))
-    }
-
-    /// Whether the kernel finds the file at `path` (a path a rule gives) by
-    /// its inode: it was there when the policy loaded, and is not a
-    /// multi-call binary.
-    pub fn by_file(&self, path: &str) -> bool {
-        self.files
-            .values()
-            .any(|e| !e.multicall && e.paths.contains(path))
     }
 
     /// How many files.
@@ -319,14 +373,14 @@ mod tests {
         let index = ExeIndex::build([&p], [], |_| true);
         let key = file_key(&link).unwrap();
         assert!(index.paths_of(&key).any(|q| q == p), "{index:?}");
-        assert!(index.files().any(|(k, deny)| k == key && deny));
+        assert!(index.files().any(|(k, r)| k == key && r == Role::Denied));
         assert!(is_loader("ld-linux-x86-64.so.2") && !is_loader("curl"));
         // Named again by a path no deny rule alone decides: held, not refused.
         let l = link.display().to_string();
         let index = ExeIndex::build([&p, &l], [], |q| q == p);
-        assert!(index.files().any(|(k, deny)| k == key && !deny));
+        assert!(index.files().any(|(k, r)| k == key && r == Role::Candidate));
         let index = ExeIndex::build([&l, &p], [], |q| q == p);
-        assert!(index.files().any(|(k, deny)| k == key && !deny));
+        assert!(index.files().any(|(k, r)| k == key && r == Role::Candidate));
     }
 
     #[test]
@@ -369,6 +423,24 @@ mod tests {
         assert_eq!(loader_program(&v("ld.so --new-option /usr/bin/curl")), None);
         assert_eq!(loader_program(&v("ld.so --argv0")), None);
         assert_eq!(loader_program(&v("ld.so")), None);
+    }
+
+    #[test]
+    fn a_multicall_binary_runs_the_applet_its_argv_names() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let a = |s: &str| applet(&v(s)).map(|(n, at)| (n.to_string(), at));
+        let is = |n: &str, at| Some((n.to_string(), at));
+        assert_eq!(a("/tmp/x/ls -l"), is("ls", 0));
+        assert_eq!(a("-sh -c x"), is("sh", 0));
+        assert_eq!(a("busybox wget x"), is("wget", 1));
+        assert_eq!(a("/bin/busybox busybox /usr/bin/wget"), is("wget", 2));
+        assert_eq!(a("busybox.static -wget"), None);
+        assert_eq!(a("busybox-1.36 wget"), is("wget", 1));
+        assert_eq!(a("coreutils --coreutils-prog=rm -rf /"), is("rm", 1));
+        assert_eq!(a("coreutils --coreutils-prog=a/rm"), None);
+        assert_eq!(a("busybox --install -s"), None);
+        assert_eq!(a("busybox"), None);
+        assert_eq!(applet(&[]), None);
     }
 
     #[test]

@@ -92,17 +92,43 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .find(|b| Path::new(b).exists());
-    match busybox {
-        Some(b) => tricks.push(("busybox-applet", run(&format!("{b} whoami")))),
-        None => eprintln!("{test}: no busybox here, its trick is tried in the VMs only"),
-    }
-    let controls = [
+    let mut controls = vec![
         ("control-alias", run(&format!("{d}/alias seq 1 /bin/true"))),
         (
             "control-loader",
             run(&format!("{loader} {probe} seq 1 /bin/true")),
         ),
     ];
+    match busybox {
+        Some(b) => {
+            // An applet link by another name: busybox runs what argv[0]
+            // says, whatever the file is called.
+            std::os::unix::fs::symlink(b, format!("{d}/ls")).unwrap();
+            let ls = format!("{d}/ls");
+            tricks.extend([
+                ("busybox-applet", run(&format!("{b} whoami"))),
+                ("busybox-argv0", run(&format!("{ACTOR} argv0 whoami {ls}"))),
+                ("busybox-twice", run(&format!("{b} busybox whoami"))),
+                (
+                    "busybox-prefixed-argv0",
+                    run(&format!("{ACTOR} argv0 busybox.x {ls} whoami")),
+                ),
+                (
+                    "busybox-login-argv0",
+                    run(&format!("{ACTOR} argv0 -whoami {ls}")),
+                ),
+            ]);
+            controls.extend([
+                ("control-busybox", run(&format!("{b} true"))),
+                ("control-busybox-link", run(&format!("{ls} /"))),
+                (
+                    "control-busybox-argv0",
+                    run(&format!("{ACTOR} argv0 true {ls} whoami")),
+                ),
+            ]);
+        }
+        None => eprintln!("{test}: no busybox here, its tricks are tried in the VMs only"),
+    }
     let script: String = tricks
         .iter()
         .chain(&controls)

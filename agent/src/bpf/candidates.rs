@@ -11,8 +11,8 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
-    EXEC_RULE_CALLED_ONLY, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME, FILE_NAME_HASHED, FileKey,
-    MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
+    EXEC_RULE_APPLET, EXEC_RULE_DENY_AS_APPLET, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME,
+    FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
 };
 use aya::{
     Ebpf,
@@ -21,7 +21,7 @@ use aya::{
 
 use super::BpfError;
 use crate::{
-    exefile::{self, ExeIndex},
+    exefile::{self, ExeIndex, Role},
     policy::candidates::Candidates,
 };
 
@@ -32,11 +32,18 @@ const CANDIDATE: ExecRule = ExecRule {
     flags: 0,
 };
 
-/// A multi-call binary's name: a candidate when the caller calls it by
-/// that name (not when an applet link opens it).
-const CALLED: ExecRule = ExecRule {
+/// A multi-call binary (by file or by name): the kernel decides on the
+/// applet its argv names.
+const APPLET: ExecRule = ExecRule {
     action: RuleAction::Hold as u32,
-    flags: EXEC_RULE_CALLED_ONLY,
+    flags: EXEC_RULE_APPLET,
+};
+
+/// A name a deny rule alone decides for a multi-call binary's applet link:
+/// refused as that applet, a candidate as any other file's name.
+const DENIED_AS_APPLET: ExecRule = ExecRule {
+    action: RuleAction::Deny as u32,
+    flags: EXEC_RULE_DENY_AS_APPLET,
 };
 
 /// An executable a deny rule alone decides: refused in the kernel.
@@ -49,9 +56,17 @@ const DENIED: ExecRule = ExecRule {
 /// found for it): new entries first, then the stale ones removed, so no
 /// candidate of both policies is missed.
 pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), BpfError> {
-    let verdict = |deny: bool| if deny { DENIED } else { CANDIDATE };
-    let files: StdHashMap<FileKey, ExecRule> =
-        exes.files().map(|(k, deny)| (k, verdict(deny))).collect();
+    let files: StdHashMap<FileKey, ExecRule> = exes
+        .files()
+        .map(|(k, role)| {
+            let rule = match role {
+                Role::Multicall => APPLET,
+                Role::Denied => DENIED,
+                Role::Candidate => CANDIDATE,
+            };
+            (k, rule)
+        })
+        .collect();
     sync(ebpf, "EXEC_FILES", &files)?;
     sync(ebpf, "EXEC_NAMES", &exec_names(c, exes))?;
 
@@ -92,12 +107,11 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
 /// rule gives (a file made there after the policy loaded has no entry by
 /// inode), and, when any rule names an executable, the dynamic loaders
 /// (which run the program their first operand names) and the multi-call
-/// binaries (which run the applet their argv names; only when called by
-/// their own name). The kernel refuses a name itself only where every rule
-/// behind it is a deny rule that alone decides, and for a path only where
-/// the kernel cannot find its file by inode (a multi-call binary's applet
-/// link, a file not there yet). The rest are candidates: the daemon
-/// decides on the file.
+/// binaries (which run the applet their argv names: the kernel reads it).
+/// The kernel refuses a name itself only where every rule behind it is a
+/// deny rule that alone decides: a name a rule gives, and the applet
+/// link's name of a path a rule gives (as an applet only). The rest are
+/// candidates: the daemon decides on the file.
 pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> {
     let named = !c.exec_names.is_empty() || !c.exec_paths.is_empty();
     let loaders = exefile::LOADERS
@@ -107,12 +121,12 @@ pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> 
     let multicall = exefile::MULTICALL
         .iter()
         .filter(|_| named)
-        .map(|n| (*n, CALLED));
+        .map(|n| (*n, APPLET));
     let paths = c.exec_paths.iter().map(|p| {
-        let deny = c.exec_deny_paths.contains(p) && !exes.by_file(p);
+        let deny = c.exec_deny_paths.contains(p) && exes.applet_link(p);
         (
             p.rsplit('/').next().unwrap_or(p),
-            if deny { DENIED } else { CANDIDATE },
+            if deny { DENIED_AS_APPLET } else { CANDIDATE },
         )
     });
     let names = c.exec_names.iter().map(|n| {
@@ -122,19 +136,25 @@ pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> 
     let mut map: StdHashMap<u64, ExecRule> = StdHashMap::new();
     for (name, rule) in loaders.chain(multicall).chain(paths).chain(names) {
         map.entry(name_hash(name.as_bytes()))
-            .and_modify(|had| *had = both(*had, rule))
+            .and_modify(|had| *had = join(*had, rule))
             .or_insert(rule);
     }
     map
 }
 
-/// One name entry for two reasons: a candidate if either is one, refused
-/// if both refuse (or one does and the other is a multi-call binary's).
-fn both(a: ExecRule, b: ExecRule) -> ExecRule {
-    match (a == DENIED || a == CALLED, b == DENIED || b == CALLED) {
-        _ if a == CALLED && b == CALLED => CALLED,
-        (true, true) => DENIED,
-        _ => CANDIDATE,
+/// One name entry for two reasons: refused where both refuse (a name a
+/// deny rule gives stays refused as a multi-call binary's name: that file
+/// is refused whatever it runs), else a candidate.
+fn join(a: ExecRule, b: ExecRule) -> ExecRule {
+    let pair = |x, y| (a == x && b == y) || (a == y && b == x);
+    if a == b {
+        a
+    } else if pair(DENIED, DENIED_AS_APPLET) {
+        DENIED_AS_APPLET
+    } else if pair(DENIED, APPLET) {
+        DENIED
+    } else {
+        CANDIDATE
     }
 }
 
@@ -228,16 +248,43 @@ mod tests {
         let of = |n: &str| names.get(&name_hash(n.as_bytes())).copied();
         // Found by inode: refused by file, its name only a candidate.
         assert_eq!(of("tool"), Some(CANDIDATE));
-        // Not there: refused by name.
-        assert_eq!(of("gone"), Some(DENIED));
+        // Not there: the daemon decides (the name may be another file's).
+        assert_eq!(of("gone"), Some(CANDIDATE));
         assert_eq!(of("whoami"), Some(DENIED));
         // Denied by name, held by the path /opt/x/nc: a candidate.
         assert_eq!(of("nc"), Some(CANDIDATE));
         assert_eq!(of("curl"), Some(CANDIDATE));
-        assert_eq!(of("busybox"), Some(CALLED));
+        assert_eq!(of("busybox"), Some(APPLET));
         assert_eq!(of("ld-linux-x86-64.so.2"), Some(CANDIDATE));
-        assert_eq!(both(CALLED, DENIED), DENIED);
-        assert_eq!(both(CALLED, CANDIDATE), CANDIDATE);
-        assert!(exes.by_file(&tool) && !exes.by_file(&gone));
+        assert_eq!(join(APPLET, DENIED), DENIED);
+        assert_eq!(join(APPLET, CANDIDATE), CANDIDATE);
+        assert_eq!(join(DENIED_AS_APPLET, DENIED), DENIED_AS_APPLET);
+        assert_eq!(join(DENIED_AS_APPLET, CANDIDATE), CANDIDATE);
+        assert_eq!(join(DENIED_AS_APPLET, APPLET), CANDIDATE);
+        assert!(!exes.applet_link(&tool) && !exes.applet_link(&gone));
+    }
+
+    #[test]
+    fn an_applet_link_is_refused_by_its_name_only_as_the_applet() {
+        let dir = tempfile::tempdir().unwrap();
+        let busybox = dir.path().join("busybox");
+        std::fs::write(&busybox, "").unwrap();
+        let link = dir.path().join("whoami");
+        std::os::unix::fs::symlink(&busybox, &link).unwrap();
+        let link = link.display().to_string();
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let c = Candidates {
+            exec_paths: set(&[&link]),
+            exec_deny_paths: set(&[&link]),
+            ..Candidates::default()
+        };
+        let exes = ExeIndex::of(&c);
+        assert!(exes.applet_link(&link));
+        let key = exefile::file_key(&busybox).unwrap();
+        assert!(exes.files().any(|(k, r)| k == key && r == Role::Multicall));
+        let names = exec_names(&c, &exes);
+        let of = |n: &str| names.get(&name_hash(n.as_bytes())).copied();
+        assert_eq!(of("whoami"), Some(DENIED_AS_APPLET));
+        assert_eq!(of("busybox"), Some(APPLET));
     }
 }

@@ -105,12 +105,21 @@ fn exec(
     aliases.extend(exes.paths_of(&key).filter(|p| *p != path).map(String::from));
     let mut argv = argv.to_vec();
     let mut path = path;
-    if exefile::is_multicall(&file.name) || exefile::is_multicall(file_name(&path)) {
+    let multicall = exes.is_multicall(&key)
+        || exefile::is_multicall(&file.name)
+        || exefile::is_multicall(file_name(&path));
+    if multicall {
         match exefile::applet(&argv) {
             Some((applet, at)) => {
                 let applet = applet.to_string();
+                // toybox runs `argv[1]` when `argv[0]` is no command it
+                // knows: that may be the program too.
+                let next = (at == 0 && [file.name.as_str(), file_name(&path)].contains(&"toybox"))
+                    .then(|| argv.get(1).map(|w| file_name(w).to_string()))
+                    .flatten();
                 aliases.retain(|p| file_name(p) == applet);
                 aliases.push(applet);
+                aliases.extend(next);
                 argv.drain(..at);
             }
             None => unseen = unseen.or(Some(MULTICALL)),

@@ -29,6 +29,8 @@
 //! actor fexec PROGRAM [ARGS]       open PROGRAM and become it by execveat(fd, "", AT_EMPTY_PATH)
 //!                                  (what fexecve does: the kernel sees /dev/fd/N); if that
 //!                                  fails print "error:<errno>" and exit 126
+//! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
+//!                                  print "error:<errno>" and exit 126
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
@@ -261,6 +263,15 @@ fn main() -> ExitCode {
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             held::threads_connect(n.parse().expect("N"), file, addr);
+        }
+        ["argv0", name, program, rest @ ..] => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(program)
+                .arg0(name)
+                .args(rest)
+                .exec();
+            println!("error:{}", e.raw_os_error().unwrap_or(-1));
+            return ExitCode::from(126);
         }
         ["fexec", program, rest @ ..] => {
             let errno = held::fexec(program, rest);
