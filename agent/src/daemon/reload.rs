@@ -20,12 +20,18 @@ use super::{
     inforce::InForce,
 };
 use crate::{
+    exefile::ExeIndex,
     model::{PolicyLoad, wall_now_ns},
     policy::{Policy, PolicyErrors},
 };
 
 /// How often the policy directories are looked at for changes.
 const POLL: Duration = Duration::from_secs(1);
+
+/// How often the executables the policy names are looked up again: a
+/// package upgrade replaces `/usr/bin/curl` with a new file (a new inode),
+/// and a file a rule names may appear after the policy loaded.
+const REINDEX: Duration = Duration::from_secs(5);
 
 pub struct Reloader {
     pub dirs: Vec<PathBuf>,
@@ -95,8 +101,13 @@ impl Reloader {
         };
         let mut last = fingerprint(&self.dirs);
         let mut tick = tokio::time::interval(POLL);
+        let mut reindex = tokio::time::interval(REINDEX);
         loop {
             let (trigger, now) = tokio::select! {
+                _ = reindex.tick() => {
+                    self.reindex().await;
+                    continue;
+                }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => ("SIGHUP", fingerprint(&self.dirs)),
                 _ = tick.tick() => {
                     let now = fingerprint(&self.dirs);
@@ -154,6 +165,38 @@ impl Reloader {
         }
         if let Err(e) = self.recorder.policy_load(record).await {
             error!("{e}: a policy load was not stored");
+        }
+    }
+
+    /// Looks the policy's executables up again and, where a file changed
+    /// (replaced, new, gone), puts the new files in force.
+    async fn reindex(&self) {
+        let current = self.policy.borrow().clone();
+        let c = current.clone();
+        let Ok(exes) = tokio::task::spawn_blocking(move || ExeIndex::of(&c.candidates)).await
+        else {
+            return;
+        };
+        if exes == current.exes {
+            return;
+        }
+        let in_force = Arc::new(InForce {
+            policy: current.policy.clone(),
+            candidates: current.candidates.clone(),
+            exes,
+        });
+        match self.install(in_force).await {
+            Ok(in_force) => {
+                info!(
+                    files = in_force.exes.len(),
+                    "the executables the policy names changed on disk: their files are in force"
+                );
+                let _ = self.policy.send(in_force);
+            }
+            Err(e) => {
+                error!(error = %e, "the policy's changed executables could not be written: the old files stay in force");
+                let _ = self.install(current).await;
+            }
         }
     }
 

@@ -198,8 +198,10 @@ fn reason_name<S: Serializer>(r: &LossReason, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(r.name())
 }
 
-/// The file an exec ran, as the kernel knows it: the same file under any
-/// name, link or copy path the caller used.
+/// The file an exec ran, as the kernel knows it: the same file whatever
+/// name, symlink, hard link or descriptor the caller used (a copy is
+/// another file). For a script held inside execve (BPF LSM) the script;
+/// seen after the exec, its interpreter.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ExecFile {
     /// Its own name (after every symlink).

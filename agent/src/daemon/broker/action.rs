@@ -95,7 +95,9 @@ fn exec(
         // caller's string names the script. (A descriptor closed on exec
         // names nothing now: fexecve.)
         (None, Some(interp)) => match std::fs::canonicalize(&said_at) {
-            Ok(script) => (script.display().to_string(), vec![interp], None),
+            Ok(script) if is_script(&script) => (script.display().to_string(), vec![interp], None),
+            // Neither the file that runs nor a script (any more).
+            Ok(_) => (interp, Vec::new(), Some(GONE)),
             Err(_) if exefile::is_descriptor(said) => (interp, Vec::new(), None),
             Err(_) => (interp, Vec::new(), Some(GONE)),
         },
@@ -172,6 +174,17 @@ fn loaded_program(
     Some((path, more, at))
 }
 
+/// Whether the file at `p` starts with `#!` (the kernel ran its
+/// interpreter, not it).
+fn is_script(p: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 2];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == *b"#!"
+}
+
 fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
@@ -209,4 +222,162 @@ pub(super) fn render(
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use airlock_common::EventKind;
+
+    use super::*;
+    use crate::model::Process;
+
+    /// An exec by this test process, reported as the file at `ran` (by
+    /// device and inode; unknown if None) under the name `name`.
+    fn record(ran: Option<&Path>, name: &str) -> (Record, ExecFile) {
+        let file = match ran.and_then(exefile::file_key) {
+            Some(key) => ExecFile {
+                name: name.into(),
+                ino: key.ino,
+                dev: key.dev,
+                mode: 0o100755,
+                unknown: false,
+            },
+            None => ExecFile {
+                unknown: true,
+                ..ExecFile::default()
+            },
+        };
+        let me = std::process::id();
+        let r = Record {
+            session_id: 1,
+            ts_ns: 0,
+            kind: EventKind::Exec,
+            process: Process {
+                pid: me,
+                tgid: me,
+                ..Process::default()
+            },
+            detail: Detail::Exit(crate::model::ExitStatus {
+                exit_code: Some(0),
+                signal: None,
+                core_dumped: false,
+            }),
+            hold: None,
+        };
+        (r, file)
+    }
+
+    fn v(s: &str) -> Vec<String> {
+        s.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn an_exec_is_the_file_the_kernel_ran_or_refused_as_unseen() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "\x7fELF").unwrap();
+        let real = std::fs::canonicalize(&tool).unwrap().display().to_string();
+        let none = ExeIndex::default();
+        let said = tool.display().to_string();
+
+        // Named by the caller's string, which names that file.
+        let (r, f) = record(Some(&tool), "tool");
+        let (a, unseen) = exec(&r, &said, &v("tool -x"), &f, true, &none);
+        assert_eq!((a.path.as_str(), unseen), (real.as_str(), None));
+
+        // The kernel could not read the file.
+        let (r, f) = record(None, "");
+        let (_, unseen) = exec(&r, &said, &v("tool"), &f, true, &none);
+        assert_eq!(unseen, Some(UNKNOWN));
+
+        // The string names another file now, and nothing else names it.
+        let other = dir.path().join("other");
+        std::fs::write(&other, "x").unwrap();
+        let (r, f) = record(Some(&other), "other");
+        let (_, unseen) = exec(&r, &said, &v("tool"), &f, true, &none);
+        assert_eq!(unseen, Some(GONE));
+
+        // ... but the policy's index does (held inside execve).
+        let o = other.display().to_string();
+        let index = ExeIndex::build([&o], [], |_| false);
+        let (a, unseen) = exec(&r, &said, &v("tool"), &f, true, &index);
+        assert_eq!(unseen, None);
+        assert_eq!(
+            a.path,
+            std::fs::canonicalize(&other).unwrap().display().to_string()
+        );
+    }
+
+    #[test]
+    fn after_the_fact_a_script_is_named_by_the_callers_string_if_it_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("job");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let not_script = dir.path().join("data");
+        std::fs::write(&not_script, "hello").unwrap();
+        // The kernel reports the interpreter: this test's own binary, as
+        // /proc/self/exe says.
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        let none = ExeIndex::default();
+        let said = script.display().to_string();
+        let (r, f) = record(Some(&me), "interp");
+        let (a, unseen) = exec(&r, &said, &v("job"), &f, false, &none);
+        assert_eq!(unseen, None);
+        assert_eq!(
+            a.path,
+            std::fs::canonicalize(&script)
+                .unwrap()
+                .display()
+                .to_string()
+        );
+        assert!(
+            a.aliases.iter().any(|p| Path::new(p) == me),
+            "{:?}",
+            a.aliases
+        );
+        let said = not_script.display().to_string();
+        let (_, unseen) = exec(&r, &said, &v("data"), &f, false, &none);
+        assert_eq!(unseen, Some(GONE));
+    }
+
+    #[test]
+    fn a_multicall_binary_or_a_loader_is_judged_by_what_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let bb = dir.path().join("busybox");
+        std::fs::write(&bb, "\x7fELF").unwrap();
+        let none = ExeIndex::default();
+        let said = bb.display().to_string();
+        let (r, f) = record(Some(&bb), "busybox");
+        let (a, unseen) = exec(&r, &said, &v("busybox wget -q x"), &f, true, &none);
+        assert_eq!(unseen, None);
+        assert!(a.aliases.contains(&"wget".to_string()), "{:?}", a.aliases);
+        assert_eq!(a.argv, v("wget -q x"));
+        let (_, unseen) = exec(&r, &said, &v("busybox"), &f, true, &none);
+        assert_eq!(unseen, Some(MULTICALL));
+
+        let ld = dir.path().join("ld-linux-x86-64.so.2");
+        std::fs::write(&ld, "\x7fELF").unwrap();
+        let said = ld.display().to_string();
+        let (r, f) = record(Some(&ld), "ld-linux-x86-64.so.2");
+        // A program by bare name: the loader's search, not ours.
+        let (_, unseen) = exec(&r, &said, &v("ld.so curl"), &f, true, &none);
+        assert_eq!(unseen, Some(LOADER));
+        let prog = bb.display().to_string();
+        let (a, unseen) = exec(
+            &r,
+            &said,
+            &v(&format!("ld.so {prog} wget")),
+            &f,
+            true,
+            &none,
+        );
+        assert_eq!(unseen, None);
+        assert_eq!(
+            a.path,
+            std::fs::canonicalize(&bb).unwrap().display().to_string()
+        );
+        assert_eq!(a.argv, v(&format!("{prog} wget")));
+    }
 }

@@ -108,15 +108,18 @@ fn unseen(
     }
 }
 
-/// The kernel's copy of the action is not all of it.
+/// The kernel's copy of the action is not all of it. (An exec's path is
+/// the caller's string: what runs is the file the kernel reports, so a cut
+/// string matters only when that file is unknown.)
 fn incomplete(detail: &Detail) -> bool {
     match detail {
         Detail::Exec {
             argv_truncated,
             path_truncated,
             argv_unreadable,
+            file,
             ..
-        } => *argv_truncated || *path_truncated || *argv_unreadable,
+        } => *argv_truncated || (*path_truncated && file.unknown) || *argv_unreadable,
         Detail::File { path_truncated, .. } => *path_truncated,
         _ => false,
     }
