@@ -120,6 +120,7 @@ pub const CTL_SLOTS: u32 = 8;
 /// any of them changes: a daemon finding other pins starts afresh.
 /// 2: exec and connect events in the pinned ring buffer carry padding
 /// where a rule id was.
+/// 3: exec events carry the file the kernel ran (`FileId`, its own name).
 pub const PIN_LAYOUT: u64 = 3;
 
 /// What a kernel-side rule does to a matching action.

@@ -458,12 +458,19 @@ fn stash_argv(ctx: &TracePointContext, argv_at: usize) {
     let stash = unsafe { &mut *stash };
     stash.truncated = 0;
     let mut off: u32 = 0;
+    // Every way this copy ends short of the whole argv (more than
+    // MAX_ARGS words, ARGS_MAX bytes, a page not in memory) marks it
+    // truncated: the daemon then fails closed on it.
+    let mut ended = false;
     for i in 0..MAX_ARGS {
         // SAFETY: user memory read that fails cleanly.
         let Ok(p) = (unsafe { bpf_probe_read_user((argv + i as u64 * 8) as *const u64) }) else {
+            stash.truncated = 1;
+            ended = true;
             break;
         };
         if p == 0 {
+            ended = true;
             break;
         }
         // black_box keeps the mask: LLVM would drop it as redundant, but the
@@ -479,13 +486,25 @@ fn stash_argv(ctx: &TracePointContext, argv_at: usize) {
             )
         };
         if n <= 0 {
+            stash.truncated = 1;
+            ended = true;
             break;
         }
         off += n as u32;
         if off >= ARGS_MAX as u32 {
             off = ARGS_MAX as u32;
             stash.truncated = 1;
+            ended = true;
             break;
+        }
+    }
+    if !ended {
+        // MAX_ARGS words read: truncated unless argv ends right here.
+        // SAFETY: user memory read that fails cleanly.
+        let next =
+            unsafe { bpf_probe_read_user((argv + MAX_ARGS as u64 * 8) as *const u64) }.unwrap_or(1);
+        if next != 0 {
+            stash.truncated = 1;
         }
     }
     stash.len = off;

@@ -5,12 +5,12 @@
 //! a syscall that took as long as the approval.
 
 use airlock_common::{
-    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_DENIED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON,
-    EXEC_REFUSED, EventKind, ExecEvent, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED,
-    FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED,
-    FILE_WRITE, FILENAME_MAX, FNV_OFFSET, FileEvent, HoldKey, LossReason, NET_APPROVED, NET_DENIED,
-    NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict, file_digest,
-    fnv_step, net_digest,
+    ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_HELD,
+    EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON, EXEC_REFUSED, EventKind, ExecEvent, FILE_APPROVED,
+    FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD, FILE_NAME_HASHED, FILE_NO_DAEMON,
+    FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FNV_OFFSET,
+    FileEvent, HoldKey, LossReason, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED,
+    NET_RET_UNKNOWN, NetEvent, RuleAction, Verdict, file_digest, fnv_step, net_digest,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
@@ -214,11 +214,17 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             };
             if rc == 0 {
                 ev.args_len = n;
+            } else {
+                ev.flags |= EXEC_ARGS_UNREADABLE;
             }
         }
         if stash.truncated != 0 {
             ev.flags |= EXEC_ARGS_TRUNCATED;
         }
+    } else {
+        // No copy from the syscall's entry (a compat `int $0x80` execve,
+        // or the stash map full): the policy cannot see argv.
+        ev.flags |= EXEC_ARGS_UNREADABLE;
     }
     let Some(rule) = exec_candidate(ev) else {
         let _ = ARGV_STASH.remove(pid_tgid);

@@ -87,6 +87,13 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
         ("setuid-fexecve", run(&format!("{ACTOR} fexec {suid} now"))),
         ("setuid-symlink", run(&format!("{d}/suid-alias now"))),
         ("whoami", run("whoami")),
+        // The argument a rule looks for past the kernel's copy of argv at
+        // the syscall's entry (64 words): the copy is cut, so it fails
+        // closed.
+        (
+            "argument-65",
+            run(&format!("{probe} {}now", "x ".repeat(70))),
+        ),
     ];
     // busybox is in every VM image; on a host only where it is installed.
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -187,4 +194,60 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
         decided >= 10,
         "the daemon's decisions by the probe rule: {decided} (one per trick on the probe)"
     );
+}
+
+/// A package upgrade replaces a program with a new file (a new inode): the
+/// daemon looks the policy's executables up again, so a hard link made to
+/// the new file afterwards is refused as the program is.
+#[test]
+fn a_replaced_program_is_found_again_by_its_new_file() {
+    let test = "a_replaced_program_is_found_again_by_its_new_file";
+    if !can_run(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    std::fs::copy(ACTOR, &probe).unwrap();
+    let policy = format!(
+        "pack: t\nrules:\n\
+         - {{name: no-probe-now, on: exec, when: {{exe: {probe}, args: now}}, decision: deny}}\n"
+    );
+    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
+    expect_lsm(&daemon);
+    // The upgrade: a new file renamed over the old one, then another name
+    // for it (neither is a name the policy gives).
+    std::fs::copy(ACTOR, format!("{d}/.probe.new")).unwrap();
+    std::fs::rename(format!("{d}/.probe.new"), &probe).unwrap();
+    std::fs::hard_link(&probe, format!("{d}/other")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !daemon.log().contains("changed on disk") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not look the policy's files up again in 30 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let script = trick(
+        "upgraded-hard-link",
+        &format!("{ACTOR} run-timed {d}/other now"),
+    ) + &trick(
+        "control",
+        &format!("{ACTOR} run-timed {d}/other seq 1 /bin/true"),
+    );
+    let (_, out) = daemon.run(&["agent=identity-test"], &["/bin/sh", "-c", &script]);
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", daemon.log()))
+            .to_string()
+    };
+    assert!(
+        refused(&line("upgraded-hard-link")),
+        "a hard link of the replaced program ran: {out}\n{}",
+        daemon.log()
+    );
+    assert!(line("control").ends_with("exit:0"), "{out}");
 }
