@@ -157,9 +157,9 @@ pub struct ExecRule {
 const _: () = assert!(size_of::<ExecRule>() == 8);
 
 /// A multi-call binary (`busybox`, by file or by name): which program
-/// runs is the file name of `argv[0]` (or `argv[1]` when `argv[0]` names
-/// the binary itself), so the kernel decides on those words (agent-ebpf
-/// exec.rs `applet_rule`), not on the file.
+/// runs is named by its argv, not its file or the caller's path, so every
+/// exec of it is held for the daemon to read argv (agent-ebpf exec.rs
+/// `applet_rule`), except one the kernel refuses by `argv[0]`'s name.
 pub const EXEC_RULE_APPLET: u32 = 1;
 
 /// A name the kernel refuses only as a multi-call binary's applet (a deny
@@ -167,8 +167,8 @@ pub const EXEC_RULE_APPLET: u32 = 1;
 /// file of that name is only a candidate (the daemon decides).
 pub const EXEC_RULE_DENY_AS_APPLET: u32 = 2;
 
-/// How many bytes of argv the kernel reads to find a multi-call binary's
-/// applet; an applet name not complete within them holds the exec.
+/// How many bytes of `argv[0]` the kernel reads for a multi-call binary's
+/// applet name (longer, the exec is only held).
 pub const APPLET_WINDOW: usize = 512;
 
 /// Value of the network candidate LPM trie (key: an IPv6 prefix, IPv4

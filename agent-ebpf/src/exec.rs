@@ -208,7 +208,8 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         dev: ev.file.dev,
         _pad: 0,
     };
-    // A multi-call binary's entry: its applet decides, once, below.
+    // A multi-call binary (by file, else by its own name): its applet
+    // decides, not its names.
     let mut applet = false;
     // SAFETY: the rule is copied out at once.
     if let Some(rule) = unsafe { EXEC_FILES.get(key) }.copied() {
@@ -220,46 +221,50 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
     if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
         return Some(ANY);
     }
-    let n = ev.name_len as usize;
-    let mut h = FNV_OFFSET;
-    for i in 0..EXEC_NAME_MAX {
-        if i >= n {
-            break;
+    if !applet {
+        let n = ev.name_len as usize;
+        let mut h = FNV_OFFSET;
+        for i in 0..EXEC_NAME_MAX {
+            if i >= n {
+                break;
+            }
+            h = fnv_step(h, ev.name[i]);
         }
-        h = fnv_step(h, ev.name[i]);
-    }
-    // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
-        if rule.flags & EXEC_RULE_APPLET == 0 {
-            return Some(by_name(rule));
+        // SAFETY: copied out at once.
+        if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
+            if rule.flags & EXEC_RULE_APPLET == 0 {
+                return Some(by_name(rule));
+            }
+            applet = true;
         }
-        applet = true;
     }
-    // The last component of the caller's string too: for a script seen
-    // after the fact the file is its interpreter, and the name the rule
-    // gives is the script's. FNV-1a restarted after every `/`.
-    let n = ev.filename_len as usize;
-    let mut h = FNV_OFFSET;
-    for i in 0..FILENAME_MAX {
-        if i >= n {
-            break;
+    if !applet {
+        // The last component of the caller's string too: for a script seen
+        // after the fact the file is its interpreter, and the name the rule
+        // gives is the script's. FNV-1a restarted after every `/`.
+        let n = ev.filename_len as usize;
+        let mut h = FNV_OFFSET;
+        for i in 0..FILENAME_MAX {
+            if i >= n {
+                break;
+            }
+            let b = ev.filename[i];
+            h = if b == b'/' {
+                FNV_OFFSET
+            } else {
+                fnv_step(h, b)
+            };
         }
-        let b = ev.filename[i];
-        h = if b == b'/' {
-            FNV_OFFSET
-        } else {
-            fnv_step(h, b)
-        };
-    }
-    // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
-        if rule.flags & EXEC_RULE_APPLET == 0 {
-            return Some(by_name(rule));
+        // SAFETY: copied out at once.
+        if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
+            if rule.flags & EXEC_RULE_APPLET == 0 {
+                return Some(by_name(rule));
+            }
+            applet = true;
         }
-        applet = true;
     }
-    if applet && let Some(rule) = applet_rule(ev) {
-        return Some(rule);
+    if applet {
+        return Some(applet_rule(ev));
     }
     // S_ISUID | S_ISGID
     if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) && ev.file.mode & 0o6000 != 0 {
@@ -285,22 +290,21 @@ fn by_name(rule: ExecRule) -> ExecRule {
     }
 }
 
-/// A multi-call binary runs the program named by the file name of
-/// `argv[0]` (one leading `-` dropped, as for a login shell), or, when
-/// that names the binary itself (or, for toybox, nothing it knows), of
-/// `argv[1]`. So the first two words decide: `argv[0]`'s name entry as it
-/// stands (a multi-call name's: hold, the daemon reads on), any entry of
-/// `argv[1]`'s name: hold. No argv, or the two words not complete in the
-/// first [`APPLET_WINDOW`] bytes: hold (fail closed).
+/// A multi-call binary runs the program its argv names: `argv[0]`'s file
+/// name, or more words when that names the binary itself, with rules of
+/// its own per binary (busybox takes any name starting `busybox` for
+/// itself, toybox and uutils fall back to `argv[1]`, uutils strips
+/// prefixes and extensions). So every exec of one is held for the daemon
+/// to read argv whole, except where the kernel can refuse it alone:
+/// `argv[0]`'s file name (one leading `-` dropped, as for a login shell)
+/// is a name only deny rules give.
 #[inline(always)]
-fn applet_rule(ev: &ExecEvent) -> Option<ExecRule> {
+fn applet_rule(ev: &ExecEvent) -> ExecRule {
     let mut scan = AppletScan {
         ev,
         n: ev.args_len.min(ARGS_MAX as u32),
-        words: 0,
-        at_name: 1,
         ended: 0,
-        h0: FNV_OFFSET,
+        at_name: 1,
         h: FNV_OFFSET,
     };
     // bpf_loop: the verifier walks the callback once, not once per byte
@@ -315,40 +319,29 @@ fn applet_rule(ev: &ExecEvent) -> Option<ExecRule> {
             0,
         )
     };
-    if scan.words == 0 || (scan.words == 1 && scan.ended == 0) {
-        return Some(ANY);
+    if scan.ended == 0 {
+        return ANY;
     }
     // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(scan.h0) }.copied() {
-        return Some(if rule.flags & EXEC_RULE_APPLET != 0 {
-            ANY
-        } else {
-            ExecRule {
-                action: rule.action,
-                flags: 0,
-            }
-        });
+    match unsafe { EXEC_NAMES.get(scan.h) }.copied() {
+        Some(rule) if rule.action == RuleAction::Deny as u32 => ExecRule {
+            action: rule.action,
+            flags: 0,
+        },
+        _ => ANY,
     }
-    // SAFETY: only looked at.
-    if scan.words == 2 && unsafe { EXEC_NAMES.get(scan.h) }.is_some() {
-        return Some(ANY);
-    }
-    None
 }
 
-/// [`applet_rule`]'s walk over argv: FNV-1a of each of the first two
-/// words' file name (restarted after every `/`, one leading `-` dropped).
+/// [`applet_rule`]'s walk over `argv[0]`: FNV-1a of its file name
+/// (restarted after every `/`, one leading `-` dropped).
 #[repr(C)]
 struct AppletScan {
     ev: *const ExecEvent,
     n: u32,
-    /// Words ended so far (at most 2).
-    words: u32,
+    /// `argv[0]` ended inside the window.
+    ended: u32,
     /// At the start of a file name.
     at_name: u32,
-    /// argv ended inside the window.
-    ended: u32,
-    h0: u64,
     h: u64,
 }
 
@@ -359,20 +352,14 @@ extern "C" fn applet_scan_byte(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let scan = unsafe { &mut *ctx.cast::<AppletScan>() };
     let i = (i as usize) & (ARGS_MAX - 1);
     if i >= scan.n as usize {
-        scan.ended = 1;
         return 1;
     }
     // SAFETY: `ev` is the per-CPU event slot, alive for the whole program;
     // `i` is below ARGS_MAX.
     let b = unsafe { (*scan.ev).args[i] };
     if b == 0 {
-        scan.words += 1;
-        if scan.words >= 2 {
-            return 1;
-        }
-        scan.h0 = scan.h;
-        scan.h = FNV_OFFSET;
-        scan.at_name = 1;
+        scan.ended = 1;
+        return 1;
     } else if b == b'/' {
         scan.h = FNV_OFFSET;
         scan.at_name = 1;
@@ -435,6 +422,31 @@ pub fn exec_sys_enter_execve(ctx: TracePointContext) -> u32 {
 pub fn exec_sys_enter_execveat(ctx: TracePointContext) -> u32 {
     stash_argv(&ctx, 32);
     0
+}
+
+/// syscalls:sys_exit_execve: the stash is this call's only. A call that
+/// failed before the LSM hook (a missing file, E2BIG) must not leave its
+/// argv for a later exec the stash does not see (a compat `int $0x80`
+/// execve fires no syscall tracepoint). A held exec leaves here too, and
+/// its restart stashes afresh.
+#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
+pub fn exec_sys_exit_execve(_ctx: TracePointContext) -> u32 {
+    drop_stash();
+    0
+}
+
+/// syscalls:sys_exit_execveat: as execve.
+#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
+pub fn exec_sys_exit_execveat(_ctx: TracePointContext) -> u32 {
+    drop_stash();
+    0
+}
+
+#[inline(always)]
+fn drop_stash() {
+    if MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1) {
+        let _ = ARGV_STASH.remove(bpf_get_current_pid_tgid());
+    }
 }
 
 #[inline(always)]

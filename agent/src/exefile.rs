@@ -43,14 +43,19 @@ pub fn is_multicall(name: &str) -> bool {
     MULTICALL.contains(&name)
 }
 
-/// The applet a multi-call binary runs for `argv`, and where in `argv`
-/// the applet's own argv starts: `argv[0]`'s file name (a login shell's
-/// leading `-` dropped), or, when that names a multi-call binary (busybox
-/// takes any name that starts with `busybox` for itself), the applet of
-/// the rest (`busybox busybox wget`; coreutils' `--coreutils-prog=NAME`).
-/// None where this reader cannot tell: no words left, or an option.
-pub fn applet(argv: &[String]) -> Option<(&str, usize)> {
-    let name = |a: &'_ str| {
+/// The applet a multi-call binary runs for `argv`: the names it may go by
+/// and where in `argv` its own argv starts. The word is `argv[0]`'s file
+/// name (a login shell's leading `-` dropped), or, when that names a
+/// multi-call binary (busybox takes any name that starts with `busybox`
+/// for itself), the applet of the rest (`busybox busybox wget`;
+/// coreutils' `--coreutils-prog=NAME`). Its names: the word, its stem
+/// before a `.` and its part after the last `-` or `_` (uutils strips
+/// both), and, for `argv[0]` where `falls_back`, `argv[1]`'s file name
+/// too (toybox and uutils run `argv[1]` when they know no `argv[0]`;
+/// busybox does not). None where this reader cannot tell: no words left,
+/// or an option.
+pub fn applet(argv: &[String], falls_back: bool) -> Option<(Vec<String>, usize)> {
+    let name = |a: &str| {
         let base = a.rsplit('/').next().unwrap_or(a);
         base.strip_prefix('-').unwrap_or(base).to_string()
     };
@@ -63,14 +68,25 @@ pub fn applet(argv: &[String]) -> Option<(&str, usize)> {
             if at > 0 && word.starts_with('-') {
                 return None;
             }
-            let base = word.rsplit('/').next().unwrap_or(word);
-            return Some((base.strip_prefix('-').unwrap_or(base), at));
+            let stem = n.split('.').next().unwrap_or(&n);
+            let last = |s: &str| s.rsplit(['-', '_']).next().unwrap_or(s).to_string();
+            let mut names = vec![n.clone(), stem.to_string(), last(stem), last(&n)];
+            if at == 0
+                && falls_back
+                && let Some(next) = argv.get(1).filter(|w| !w.starts_with('-'))
+            {
+                names.push(name(next));
+            }
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
+            return Some((names, at));
         }
         if let Some(prog) = argv
             .get(at + 1)
             .and_then(|w| w.strip_prefix("--coreutils-prog="))
         {
-            return (!prog.is_empty() && !prog.contains('/')).then_some((prog, at + 1));
+            let ok = !prog.is_empty() && !prog.contains('/');
+            return ok.then(|| (vec![prog.to_string()], at + 1));
         }
         at += 1;
     }
@@ -137,6 +153,7 @@ struct Entry {
     paths: BTreeSet<String>,
     deny: bool,
     multicall: bool,
+    loader: bool,
 }
 
 impl ExeIndex {
@@ -174,7 +191,7 @@ impl ExeIndex {
         if any {
             for l in LOADERS {
                 for d in LOADER_DIRS {
-                    index.add(&Path::new(d).join(l), false);
+                    index.add_loader(&Path::new(d).join(l));
                 }
             }
             // Every applet link opens one of these, whatever it is called.
@@ -198,6 +215,22 @@ impl ExeIndex {
         entry.multicall |= shown
             .file_name()
             .is_some_and(|n| is_multicall(&n.to_string_lossy()));
+    }
+
+    /// A dynamic loader found by its name, whatever its file is called
+    /// (glibc before 2.34: `ld-linux-x86-64.so.2 -> ld-2.31.so`).
+    fn add_loader(&mut self, path: &Path) {
+        if let Some(key) = file_key(path) {
+            self.add(path, false);
+            if let Some(e) = self.files.get_mut(&key) {
+                e.loader = true;
+            }
+        }
+    }
+
+    /// Whether the file `key` is a dynamic loader the index found.
+    pub fn is_loader(&self, key: &FileKey) -> bool {
+        self.files.get(key).is_some_and(|e| e.loader)
     }
 
     /// A multi-call binary found by its name, whatever its file is called
@@ -428,19 +461,26 @@ mod tests {
     #[test]
     fn a_multicall_binary_runs_the_applet_its_argv_names() {
         let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
-        let a = |s: &str| applet(&v(s)).map(|(n, at)| (n.to_string(), at));
-        let is = |n: &str, at| Some((n.to_string(), at));
+        let a = |s: &str| applet(&v(s), true);
+        let is = |n: &str, at| Some((v(n), at));
         assert_eq!(a("/tmp/x/ls -l"), is("ls", 0));
         assert_eq!(a("-sh -c x"), is("sh", 0));
         assert_eq!(a("busybox wget x"), is("wget", 1));
         assert_eq!(a("/bin/busybox busybox /usr/bin/wget"), is("wget", 2));
+        assert_eq!(a("/tmp/busyboxA busyboxB wget"), is("wget", 2));
         assert_eq!(a("busybox.static -wget"), None);
         assert_eq!(a("busybox-1.36 wget"), is("wget", 1));
+        // uutils: a prefix, an extension; toybox: argv[1] when argv[0] is
+        // no command it knows.
+        assert_eq!(a("uu-rm.x -rf /"), is("uu-rm.x uu-rm rm rm.x", 0));
+        assert_eq!(a("x_rm"), is("x_rm rm", 0));
+        assert_eq!(a("x rm -rf"), is("x rm", 0));
         assert_eq!(a("coreutils --coreutils-prog=rm -rf /"), is("rm", 1));
         assert_eq!(a("coreutils --coreutils-prog=a/rm"), None);
         assert_eq!(a("busybox --install -s"), None);
         assert_eq!(a("busybox"), None);
-        assert_eq!(applet(&[]), None);
+        assert_eq!(applet(&v("x rm -rf"), false), is("x", 0));
+        assert_eq!(applet(&[], true), None);
     }
 
     #[test]

@@ -29,10 +29,13 @@ const NET_TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_accept", "sys_exit_accept"),
 ];
 
-/// The argv stash the LSM exec hook reads (program, tracepoint).
+/// The argv stash the LSM exec hook reads, made at each call's entry and
+/// dropped at its exit (program, tracepoint).
 const EXEC_STASH: &[(&str, &str)] = &[
     ("exec_sys_enter_execve", "sys_enter_execve"),
     ("exec_sys_enter_execveat", "sys_enter_execveat"),
+    ("exec_sys_exit_execve", "sys_exit_execve"),
+    ("exec_sys_exit_execveat", "sys_exit_execveat"),
 ];
 
 /// Connect hooks that can hold (need bpf_send_signal in cgroup programs,

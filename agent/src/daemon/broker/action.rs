@@ -111,22 +111,21 @@ fn exec(
         || exefile::is_multicall(&file.name)
         || exefile::is_multicall(file_name(&path));
     if multicall {
-        match exefile::applet(&argv) {
-            Some((applet, at)) => {
-                let applet = applet.to_string();
-                // toybox runs `argv[1]` when `argv[0]` is no command it
-                // knows: that may be the program too.
-                let next = (at == 0 && [file.name.as_str(), file_name(&path)].contains(&"toybox"))
-                    .then(|| argv.get(1).map(|w| file_name(w).to_string()))
-                    .flatten();
-                aliases.retain(|p| file_name(p) == applet);
-                aliases.push(applet);
-                aliases.extend(next);
+        let busybox = [file.name.as_str(), file_name(&path)]
+            .iter()
+            .any(|n| n.starts_with("busybox"));
+        match exefile::applet(&argv, !busybox) {
+            Some((names, at)) => {
+                aliases.retain(|p| names.iter().any(|n| n == file_name(p)));
+                aliases.extend(names);
                 argv.drain(..at);
             }
             None => unseen = unseen.or(Some(MULTICALL)),
         }
-    } else if exefile::is_loader(&file.name) || exefile::is_loader(file_name(&path)) {
+    } else if exes.is_loader(&key)
+        || exefile::is_loader(&file.name)
+        || exefile::is_loader(file_name(&path))
+    {
         match loaded_program(tgid, pid, &argv, exes) {
             Some((program, more, at)) => {
                 aliases.push(std::mem::replace(&mut path, program));
