@@ -99,6 +99,17 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .find(|b| Path::new(b).exists());
+    // A 32-bit execve fires no syscall tracepoint: where this kernel runs
+    // them at all (IA-32 emulation), it must not run on a stale argv.
+    let compat = std::process::Command::new(ACTOR)
+        .args(["exec32", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if compat {
+        tricks.push(("compat-execve", run(&format!("{ACTOR} exec32 {probe} now"))));
+    } else {
+        eprintln!("{test}: no 32-bit execve here (IA-32 emulation off): its trick is not tried");
+    }
     let mut controls = vec![
         ("control-alias", run(&format!("{d}/alias seq 1 /bin/true"))),
         (
@@ -119,6 +130,10 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
                 (
                     "busybox-prefixed-argv0",
                     run(&format!("{ACTOR} argv0 busybox.x {ls} whoami")),
+                ),
+                (
+                    "busybox-named-twice-otherwise",
+                    run(&format!("{ACTOR} argv0 busyboxA {ls} busyboxB whoami")),
                 ),
                 (
                     "busybox-login-argv0",

@@ -191,3 +191,73 @@ pub fn fexec(program: &str, rest: &[&str]) -> i32 {
     }
     std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
 }
+
+/// Becomes `program` by the 32-bit `int $0x80` execve (which fires no
+/// syscall tracepoint), after a 64-bit execve of a missing file with
+/// other argv (which fails before any LSM hook). x86_64 only. Returns only
+/// on failure, with the errno.
+#[cfg(target_arch = "x86_64")]
+pub fn exec32(program: &str, rest: &[&str]) -> i32 {
+    use std::ffi::CString;
+    let decoy = [c"decoy".as_ptr(), std::ptr::null()];
+    // SAFETY: NUL-terminated strings and a NULL-terminated array; the call
+    // fails (ENOENT).
+    unsafe { libc::execv(c"/nonexistent-airlock-decoy".as_ptr(), decoy.as_ptr()) };
+    // Strings and the pointer array below 4 GiB, where 32-bit pointers
+    // reach.
+    // SAFETY: a fresh anonymous mapping.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            1 << 16,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    }
+    let base = mem as usize;
+    let mut at = base + 4096;
+    let mut put = |bytes: &[u8]| -> u32 {
+        let p = at;
+        // SAFETY: inside the 64 KiB mapping (the test's words are short).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p as *mut u8, bytes.len()) };
+        at += bytes.len();
+        p as u32
+    };
+    let cstr = |s: &str| CString::new(s).expect("no NUL in an argument");
+    let path = put(cstr(program).as_bytes_with_nul());
+    let words: Vec<u32> = std::iter::once(program)
+        .chain(rest.iter().copied())
+        .map(|w| put(cstr(w).as_bytes_with_nul()))
+        .collect();
+    let argv = base as *mut u32;
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: the first 4 KiB of the mapping hold the pointer array.
+        unsafe { argv.add(i).write(*w) };
+    }
+    // SAFETY: NULL terminator, inside the mapping.
+    unsafe { argv.add(words.len()).write(0) };
+    let envp = argv as usize + (words.len() + 1) * 4;
+    // SAFETY: an empty environment.
+    unsafe { (envp as *mut u32).write(0) };
+    let ret: i32;
+    // SAFETY: the 32-bit execve (11) with 32-bit pointers into the mapping;
+    // on success it does not return.
+    unsafe {
+        // rbx is LLVM's: swapped in and out around the call.
+        std::arch::asm!(
+            "xchg rbx, {path:r}",
+            "int 0x80",
+            "xchg rbx, {path:r}",
+            path = inout(reg) u64::from(path) => _,
+            inlateout("eax") 11i32 => ret,
+            in("ecx") argv as u32,
+            in("edx") envp as u32,
+        );
+    }
+    -ret
+}

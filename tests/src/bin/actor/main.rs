@@ -29,6 +29,9 @@
 //! actor fexec PROGRAM [ARGS]       open PROGRAM and become it by execveat(fd, "", AT_EMPTY_PATH)
 //!                                  (what fexecve does: the kernel sees /dev/fd/N); if that
 //!                                  fails print "error:<errno>" and exit 126
+//! actor exec32 PROGRAM [ARGS]      fail a 64-bit execve with other argv, then become PROGRAM by the
+//!                                  32-bit `int $0x80` execve (x86_64); if that fails print
+//!                                  "error:<errno>" and exit 126
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
@@ -263,6 +266,12 @@ fn main() -> ExitCode {
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
             held::threads_connect(n.parse().expect("N"), file, addr);
+        }
+        #[cfg(target_arch = "x86_64")]
+        ["exec32", program, rest @ ..] => {
+            let errno = held::exec32(program, rest);
+            println!("error:{errno}");
+            return ExitCode::from(126);
         }
         ["argv0", name, program, rest @ ..] => {
             use std::os::unix::process::CommandExt;
