@@ -648,10 +648,15 @@ pub struct KernelOffsets {
     pub inode_i_sb: u32,
     /// `super_block.s_dev`
     pub sb_s_dev: u32,
+    /// `msghdr.msg_name` (the destination of a sendto/sendmsg, a kernel
+    /// copy)
+    pub msghdr_msg_name: u32,
+    /// `msghdr.msg_flags` (the send's flags, `MSG_FASTOPEN` among them)
+    pub msghdr_msg_flags: u32,
     /// Padding, always zero.
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 104);
+const _: () = assert!(size_of::<KernelOffsets>() == 112);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -669,7 +674,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 120);
+const _: () = assert!(size_of::<AgentConfig>() == 128);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -43,6 +43,8 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         inode_i_ino: 0,
         inode_i_sb: 0,
         sb_s_dev: 0,
+        msghdr_msg_name: 0,
+        msghdr_msg_flags: 0,
         _pad: 0,
     },
     generation: 0,

@@ -40,18 +40,37 @@ pub static PENDING_CONNECT: HashMap<u64, NetEvent> = HashMap::with_max_entries(8
 #[map]
 static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
-/// Datagram destinations already recorded per process.
+/// A process's datagram destination.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UdpSeenKey {
-    tgid: u32,
-    family: u16,
-    port: u16,
-    addr: [u8; 16],
+pub struct UdpSeenKey {
+    pub tgid: u32,
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
 }
 
+impl UdpSeenKey {
+    #[inline(always)]
+    pub fn of(tgid: u32, event: &NetEvent) -> Self {
+        Self {
+            tgid,
+            family: event.family,
+            port: event.port,
+            addr: event.addr,
+        }
+    }
+}
+
+/// Datagram destinations already recorded per process.
 #[map]
 static UDP_SEEN: LruHashMap<UdpSeenKey, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// The verdict on a process's datagrams to a candidate destination: one
+/// decision covers the flow (every datagram after the first held one),
+/// as a connect's covers the connected socket.
+#[map]
+pub static UDP_DECIDED: LruHashMap<UdpSeenKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// Builds a network event from a cgroup sock_addr context.
 #[inline(always)]
@@ -110,7 +129,7 @@ fn from_sock_addr<const V6: bool>(
 }
 
 #[inline(always)]
-fn emit(event: &NetEvent) {
+pub fn emit(event: &NetEvent) {
     if EVENTS.output::<NetEvent>(event, submit_flags()).is_err() {
         count_loss(
             event.header.session_id,
@@ -206,7 +225,7 @@ pub fn pend_connect(pid_tgid: u64, event: &NetEvent) {
 
 /// True while the LSM socket_connect program holds connects.
 #[inline(always)]
-fn lsm_holds_connects() -> bool {
+pub fn lsm_holds_connects() -> bool {
     MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
 }
 
@@ -287,10 +306,31 @@ pub fn net_connect6(ctx: SockAddrContext) -> i32 {
 /// the connect the cgroup hook saw on this thread.
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    finish_connect(&ctx);
+    0
+}
+
+/// syscalls:sys_exit_sendto: a TCP Fast Open connect (`sendto` with
+/// `MSG_FASTOPEN`) ends here, not in connect(2).
+#[tracepoint(category = "syscalls", name = "sys_exit_sendto")]
+pub fn net_sys_exit_sendto(ctx: TracePointContext) -> u32 {
+    finish_connect(&ctx);
+    0
+}
+
+/// syscalls:sys_exit_sendmsg: as sendto.
+#[tracepoint(category = "syscalls", name = "sys_exit_sendmsg")]
+pub fn net_sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
+    finish_connect(&ctx);
+    0
+}
+
+#[inline(always)]
+fn finish_connect(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }) else {
-        return 0;
+        return;
     };
     let mut event = *pending;
     let _ = PENDING_CONNECT.remove(pid_tgid);
@@ -299,43 +339,100 @@ pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
     event.ret = ret as i32;
     event.has_ret = 1;
     emit(&event);
-    0
 }
 
 /// Datagram sends to an explicit address (sendto/sendmsg on an unconnected
-/// UDP socket, e.g. DNS queries): recorded once per destination per process.
+/// UDP socket, e.g. DNS queries): recorded once per destination per
+/// process; to a connect candidate, held like a connect (once per
+/// destination per process: the verdict covers the flow), unless the LSM
+/// hook decided it already or this kernel cannot hold here (then refused).
+/// Returns 1 to let the datagram go, 0 to refuse or hold it.
 #[inline(always)]
-fn on_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(session_id) = session_of(tgid) else {
         return 1;
     };
-    let event = from_sock_addr::<V6>(ctx, EventKind::UdpSend, session_id);
-    let key = UdpSeenKey {
-        tgid,
-        family: event.family,
-        port: event.port,
-        addr: event.addr,
-    };
+    let mut event = from_sock_addr::<V6>(ctx, EventKind::UdpSend, session_id);
+    let flow = UdpSeenKey::of(tgid, &event);
+    if net_candidate::<V6>(&event) && !lsm_holds_connects() {
+        // SAFETY: copied out at once.
+        if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {
+            return (v == Verdict::Allow as u32) as i32;
+        }
+        if !HOLD {
+            event.flags |= NET_DENIED | NET_HOLD_UNAVAILABLE;
+            emit(&event);
+            return 0;
+        }
+        let key = HoldKey {
+            tgid,
+            _pad: 0,
+            digest: net_digest(event.family, event.protocol, event.port, &event.addr),
+        };
+        event.digest = key.digest;
+        match take_verdict(pid_tgid as u32, key) {
+            Some(v) => {
+                let _ = UDP_DECIDED.insert(flow, v, 0);
+                if v != Verdict::Allow as u32 {
+                    event.flags |= NET_REFUSED;
+                    emit(&event);
+                    return 0;
+                }
+                event.flags |= NET_APPROVED;
+            }
+            None => match hold(key, session_id, EventKind::ConnectHeld, || {
+                publish_connect(&event)
+            }) {
+                HoldOutcome::Held => {
+                    // SAFETY: sets this syscall's return value: restart
+                    // after the stop.
+                    unsafe { bpf_set_retval(ERESTARTNOINTR) };
+                    return 0;
+                }
+                HoldOutcome::Unpublished => return 0,
+                HoldOutcome::FailOpen => event.flags |= NET_NO_DAEMON,
+                HoldOutcome::FailClosed => {
+                    event.flags |= NET_NO_DAEMON | NET_DENIED;
+                    emit(&event);
+                    return 0;
+                }
+            },
+        }
+    }
     // SAFETY: only the presence of the key is used.
-    if unsafe { UDP_SEEN.get(key) }.is_some() {
+    if unsafe { UDP_SEEN.get(flow) }.is_some() && event.flags == 0 {
         return 1;
     }
-    let _ = UDP_SEEN.insert(key, 1, 0);
+    let _ = UDP_SEEN.insert(flow, 1, 0);
     emit(&event);
     1
 }
 
-/// cgroup/sendmsg4 (udp_sendmsg with a destination address).
+/// cgroup/sendmsg4 (udp_sendmsg with a destination address), holding
+/// (Linux 6.18+).
 #[cgroup_sock_addr(sendmsg4)]
-pub fn net_sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_sendmsg::<false>(&ctx)
+pub fn net_sendmsg4_hold(ctx: SockAddrContext) -> i32 {
+    on_sendmsg::<false, true>(&ctx)
 }
 
-/// cgroup/sendmsg6 (udpv6_sendmsg with a destination address).
+/// cgroup/sendmsg6: as `net_sendmsg4_hold`, for IPv6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn net_sendmsg6_hold(ctx: SockAddrContext) -> i32 {
+    on_sendmsg::<true, true>(&ctx)
+}
+
+/// cgroup/sendmsg4 where the kernel refuses bpf_send_signal here.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn net_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_sendmsg::<false, false>(&ctx)
+}
+
+/// cgroup/sendmsg6: as `net_sendmsg4`, for IPv6.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn net_sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_sendmsg::<true>(&ctx)
+    on_sendmsg::<true, false>(&ctx)
 }
 
 /// syscalls:sys_enter_accept4 (`upeer_sockaddr` at offset 24): remembers where

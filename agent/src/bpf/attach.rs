@@ -23,6 +23,8 @@ const TP_BTF: &[(&str, &str)] = &[
 /// Connect and accept outcomes: syscall tracepoints (program, tracepoint).
 const NET_TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_connect", "sys_exit_connect"),
+    ("net_sys_exit_sendto", "sys_exit_sendto"),
+    ("net_sys_exit_sendmsg", "sys_exit_sendmsg"),
     ("net_sys_enter_accept4", "sys_enter_accept4"),
     ("net_sys_enter_accept", "sys_enter_accept"),
     ("net_sys_exit_accept4", "sys_exit_accept4"),
@@ -38,11 +40,21 @@ const EXEC_STASH: &[(&str, &str)] = &[
     ("exec_sys_exit_execveat", "sys_exit_execveat"),
 ];
 
-/// Connect hooks that can hold (need bpf_send_signal in cgroup programs,
-/// Linux 6.18+), and the ones used where the kernel refuses that.
-const CONNECT_HOLD: &[&str] = &["net_connect4_hold", "net_connect6_hold"];
-const CONNECT_PLAIN: &[&str] = &["net_connect4", "net_connect6"];
-const SENDMSG: &[&str] = &["net_sendmsg4", "net_sendmsg6"];
+/// Connect and datagram hooks that can hold (need bpf_send_signal in
+/// cgroup programs, Linux 6.18+), and the ones used where the kernel
+/// refuses that (they refuse what they cannot hold).
+const CONNECT_HOLD: &[&str] = &[
+    "net_connect4_hold",
+    "net_connect6_hold",
+    "net_sendmsg4_hold",
+    "net_sendmsg6_hold",
+];
+const CONNECT_PLAIN: &[&str] = &[
+    "net_connect4",
+    "net_connect6",
+    "net_sendmsg4",
+    "net_sendmsg6",
+];
 
 /// The program `name`, as the type its hook needs.
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
@@ -118,13 +130,12 @@ pub fn network(ebpf: &mut Ebpf, cgroup2: &str, links: &mut LinkPins) -> Result<b
             false
         }
     };
-    load_cgroup(ebpf, SENDMSG)?;
-    let connect = if can_hold {
+    let programs = if can_hold {
         CONNECT_HOLD
     } else {
         CONNECT_PLAIN
     };
-    for &name in connect.iter().chain(SENDMSG) {
+    for &name in programs {
         let p: &mut CgroupSockAddr = program(ebpf, name)?;
         // On 5.7+ aya attaches through bpf_link_create, whose links always
         // coexist with other programs (systemd's, Cilium's) and which refuses

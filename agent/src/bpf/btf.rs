@@ -53,6 +53,8 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         inode_i_ino: f("inode", "i_ino")?,
         inode_i_sb: f("inode", "i_sb")?,
         sb_s_dev: f("super_block", "s_dev")?,
+        msghdr_msg_name: f("msghdr", "msg_name")?,
+        msghdr_msg_flags: f("msghdr", "msg_flags")?,
         _pad: 0,
     })
 }

@@ -354,13 +354,21 @@ fn attach_lsm(
     links: &mut pins::LinkPins,
     holds: &mut Holds,
 ) -> Result<(), BpfError> {
-    match attach::lsm(ebpf, btf, links, "lsm_socket_connect", "socket_connect") {
+    // The ways out that never call connect(2) first: connect holds move
+    // to BPF LSM only with both hooks in place (socket_sendmsg acts only
+    // once MODE_LSM_CONNECT is set).
+    let sendmsg = attach::lsm(ebpf, btf, links, "lsm_socket_sendmsg", "socket_sendmsg");
+    let connect = match sendmsg {
+        Ok(()) => attach::lsm(ebpf, btf, links, "lsm_socket_connect", "socket_connect"),
+        Err(e) => Err(e),
+    };
+    match connect {
         Ok(()) => {
             candidates::set_mode(ebpf, MODE_LSM_CONNECT, true)?;
             holds.lsm_connect = true;
             holds.connect = true;
         }
-        Err(why) => info!("BPF LSM socket_connect not attached: {why}"),
+        Err(why) => info!("BPF LSM socket_sendmsg and socket_connect not attached: {why}"),
     }
     if holds.lsm_connect {
         match attach::lsm_exec(ebpf, btf, links) {

@@ -105,13 +105,14 @@ const NOT_ON: &[(&str, &str)] = &[("6.1", "record-")];
 /// Without BPF LSM: the suites that prove the fallbacks (execs held at
 /// sched_process_exec, flagged connects refused, opens not held, and
 /// execs identified by file)...
-const FALLBACK_SUITES: &[&str] = &["hold-", "files-", "identity-"];
+const FALLBACK_SUITES: &[&str] = &["hold-", "files-", "identity-", "egress-"];
 /// ...but not the tests of a connect held inside the syscall, which these
 /// kernels (no BPF LSM, cgroup hook before 6.18) cannot do.
 const FALLBACK_SKIP: &[&str] = &[
     "multi_threaded_process_is_held_and_resumed_whole",
     "connect_rewritten_while_held_is_held_again",
     "approval_of_an_attempt_never_made_does_not_cover_a_later_one",
+    "a_held_datagram_flow_waits_for_one_approval",
 ];
 
 /// How much slower the emulated guest is than the host, for the tests'

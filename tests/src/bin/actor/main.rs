@@ -32,6 +32,9 @@
 //! actor exec32 PROGRAM [ARGS]      fail a 64-bit execve with other argv, then become PROGRAM by the
 //!                                  32-bit `int $0x80` execve (x86_64); if that fails print
 //!                                  "error:<errno>" and exit 126
+//! actor udp-send ADDR:PORT        one datagram by sendto on an unconnected socket; print the errno
+//! actor tfo ADDR:PORT              a TCP Fast Open connect (sendto with MSG_FASTOPEN and data on a
+//!                                  fresh socket); print the errno
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
@@ -91,6 +94,24 @@ fn main() -> ExitCode {
             for _ in 0..count.parse::<u32>().expect("COUNT") {
                 sock.send_to(b"airlock-test", addr).expect("send_to");
             }
+        }
+        ["udp-send", addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let sock = UdpSocket::bind(bind).expect("bind");
+            let errno = match sock.send_to(b"airlock-test", addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{errno}");
+        }
+        ["tfo", addr] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            println!("{}", held::fast_open(addr));
         }
         ["connect-blocked", n, ms] => {
             let n: usize = n.parse().expect("N");

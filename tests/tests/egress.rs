@@ -1,0 +1,161 @@
+//! A connect rule covers every way out to its destination, not only
+//! connect(2): a UDP datagram sent with `sendto` to an explicit address,
+//! a TCP Fast Open connect (`sendto(MSG_FASTOPEN)`, data in the SYN), the
+//! same destination as an IPv4-mapped IPv6 address. Each is refused as the
+//! plain connect is, and recorded.
+use std::net::{TcpListener, UdpSocket};
+
+use airlock_tests::{
+    Daemon, can_run,
+    held::{connects_held, expect_lsm},
+};
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
+
+#[test]
+fn every_way_out_to_a_denied_destination_is_refused_and_recorded() {
+    let test = "every_way_out_to_a_denied_destination_is_refused_and_recorded";
+    if !can_run(test) {
+        return;
+    }
+    let policy = "pack: t\nrules:\n\
+         - {name: no-3, on: connect, when: {dest: 127.0.0.3/32}, decision: deny}\n";
+    let daemon = Daemon::start_with_policy(&[("t.yaml", policy)], "");
+    expect_lsm(&daemon);
+    // Listeners at both destinations, so anything let through succeeds.
+    let tcp = TcpListener::bind("127.0.0.3:0").unwrap();
+    let tcp_ok = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.3:0").unwrap();
+    let udp_ok = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (t, u) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let (t_ok, u_ok) = (
+        tcp_ok.local_addr().unwrap().port(),
+        udp_ok.local_addr().unwrap().port(),
+    );
+    let tricks = [
+        ("connect", format!("{ACTOR} connect 127.0.0.3:{t}")),
+        ("udp-sendto", format!("{ACTOR} udp-send 127.0.0.3:{u}")),
+        (
+            "udp-sendto-v4-mapped",
+            format!("{ACTOR} udp-send [::ffff:127.0.0.3]:{u}"),
+        ),
+        ("tcp-fast-open", format!("{ACTOR} tfo 127.0.0.3:{t}")),
+        (
+            "tcp-fast-open-v4-mapped",
+            format!("{ACTOR} tfo [::ffff:127.0.0.3]:{t}"),
+        ),
+    ];
+    let controls = [
+        ("control-udp", format!("{ACTOR} udp-send 127.0.0.1:{u_ok}")),
+        ("control-tfo", format!("{ACTOR} tfo 127.0.0.1:{t_ok}")),
+    ];
+    let script: String = tricks
+        .iter()
+        .chain(&controls)
+        .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
+        .collect();
+    let (session, out) = daemon.run(&["agent=egress-test"], &["/bin/sh", "-c", &script]);
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let errno = |name: &str| -> i32 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|e| e.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no errno for {name}:\n{out}\n{}", daemon.log()))
+    };
+    let escaped: Vec<String> = tricks
+        .iter()
+        .filter(|(name, _)| errno(name) != libc::EPERM)
+        .map(|(name, _)| format!("{name}: errno {}", errno(name)))
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "these reached a denied destination (or failed otherwise than EPERM):\n{}\nall:\n{out}\ndaemon log:\n{}",
+        escaped.join("\n"),
+        daemon.log()
+    );
+    for (name, _) in &controls {
+        assert_eq!(errno(name), 0, "{name} is not flagged and goes: {out}");
+    }
+    // Nothing reached the denied UDP listener.
+    udp.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "a datagram reached 127.0.0.3"
+    );
+
+    // Each refusal is recorded, as a connect or a datagram to 127.0.0.3
+    // with what was done.
+    let events = daemon.events(session);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            matches!(e.kind.as_str(), "connect" | "udp_send")
+                && e.detail["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with("127.0.0.3"))
+                && e.detail["enforcement"].is_string()
+        })
+        .map(|e| (e.kind.clone(), e.detail["protocol"].clone()))
+        .collect();
+    let udp_refused = refused.iter().filter(|(k, _)| k == "udp_send").count();
+    let tcp_refused = refused.iter().filter(|(k, _)| k == "connect").count();
+    assert!(
+        udp_refused >= 2 && tcp_refused >= 3,
+        "refusals recorded: {refused:?}\nall events: {:#?}",
+        events
+            .iter()
+            .map(|e| (&e.kind, &e.detail))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A datagram flow to a held destination waits for one decision: the
+/// first `sendto` is held (the process stopped inside it), approved once,
+/// and every datagram of the flow then arrives, with no second request.
+#[test]
+fn a_held_datagram_flow_waits_for_one_approval() {
+    let test = "a_held_datagram_flow_waits_for_one_approval";
+    if !can_run(test) || !connects_held(test) {
+        return;
+    }
+    const ALICE: &str = "alice-token-0123456789";
+    let policy = "pack: t\nrules:\n\
+         - {name: hold-4, on: connect, when: {dest: 127.0.0.4/32}, decision: hold, hold: {timeout: 120}}\n";
+    let daemon = Daemon::start_with_policy(
+        &[("t.yaml", policy)],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let udp = UdpSocket::bind("127.0.0.4:0").unwrap();
+    let target = udp.local_addr().unwrap().to_string();
+    let run = daemon.spawn_run(&[], &[ACTOR, "udp", &target, "3"]);
+    let pending = daemon.wait_pending(ALICE, 1);
+    assert_eq!(pending[0]["kind"], "connect");
+    assert_eq!(pending[0]["action"]["protocol"], "udp", "{pending:#?}");
+    // Nothing went while it waits.
+    udp.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(udp.recv_from(&mut buf).is_err(), "a datagram left unasked");
+    let id = pending[0]["id"].as_u64().unwrap().to_string();
+    let out = daemon.approvals(ALICE, &["approve", &id, "--reason", "test", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    airlock_tests::held::finish(run);
+    udp.set_nonblocking(false).unwrap();
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    for i in 0..3 {
+        assert!(
+            udp.recv_from(&mut buf).is_ok(),
+            "datagram {i} of the approved flow did not arrive"
+        );
+    }
+    assert_eq!(
+        daemon.requests(ALICE, false).len(),
+        1,
+        "one request for the flow"
+    );
+}
