@@ -159,8 +159,9 @@ const _: () = assert!(size_of::<ExecRule>() == 8);
 /// A multi-call binary (`busybox`, by file or by name): which program
 /// runs is named by its argv, not its file or the caller's path, so every
 /// exec of it is held for the daemon to read argv (agent-ebpf exec.rs
-/// `applet_rule`), except one the kernel refuses by `argv[0]`'s name.
-pub const EXEC_RULE_APPLET: u32 = 1;
+/// `multicall_rule`), except one the kernel refuses by `argv[0]`'s name
+/// (or a deny rule refuses the binary itself).
+pub const EXEC_RULE_MULTICALL: u32 = 1;
 
 /// A name the kernel refuses only as a multi-call binary's applet (a deny
 /// rule's path is an applet link, `/usr/bin/whoami -> busybox`): any other

@@ -6,7 +6,7 @@ use core::mem::offset_of;
 use airlock_common::{
     APPLET_WINDOW, ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED,
     EXEC_FILE_UNKNOWN, EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON,
-    EXEC_RULE_APPLET, EXEC_RULE_DENY_AS_APPLET, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
+    EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
     FNV_OFFSET, FileId, FileKey, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC,
     RuleAction, fnv_step,
 };
@@ -194,97 +194,102 @@ fn read_exec_file(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
 /// The candidate entry for this exec, if the policy wants the daemon to
 /// decide it: the file a rule names (any name or hard link of it), a file
 /// with a name a rule names, every exec, or (when asked) a set-user-ID /
-/// set-group-ID executable; for a multi-call binary (by file or by name),
-/// the applet its argv names (see [`applet_rule`]). `ev.file` and
-/// `ev.name` describe the file the kernel opened (see [`exec_file`]),
-/// `ev.args` holds argv.
+/// set-group-ID executable; a multi-call binary (by file or by name)
+/// always (see [`multicall_rule`]). `ev.file` and `ev.name` describe the
+/// file the kernel opened (see [`exec_file`]), `ev.args` holds argv.
 #[inline(always)]
 pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
     if ev.flags & EXEC_FILE_UNKNOWN != 0 {
-        return Some(ANY);
+        return Some(ASK);
     }
     let key = FileKey {
         ino: ev.file.ino,
         dev: ev.file.dev,
         _pad: 0,
     };
-    // A multi-call binary (by file, else by its own name): its applet
-    // decides, not its names.
-    let mut applet = false;
+    let n = ev.name_len as usize;
+    let mut own = FNV_OFFSET;
+    for i in 0..EXEC_NAME_MAX {
+        if i >= n {
+            break;
+        }
+        own = fnv_step(own, ev.name[i]);
+    }
     // SAFETY: the rule is copied out at once.
     if let Some(rule) = unsafe { EXEC_FILES.get(key) }.copied() {
-        if rule.flags & EXEC_RULE_APPLET == 0 {
-            return Some(rule);
+        if rule.flags & EXEC_RULE_MULTICALL == 0 || rule.action == RuleAction::Deny as u32 {
+            return Some(plain(rule));
         }
-        applet = true;
+        // A multi-call binary the daemon found: its own name may still be
+        // one a deny rule alone refuses (`busybox`, a hard link's).
+        // SAFETY: copied out at once.
+        if let Some(by_name) = unsafe { EXEC_NAMES.get(own) }.copied()
+            && by_name.flags == 0
+            && by_name.action == RuleAction::Deny as u32
+        {
+            return Some(by_name);
+        }
+        return Some(multicall_rule(ev));
     }
     if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
-        return Some(ANY);
+        return Some(ASK);
     }
-    if !applet {
-        let n = ev.name_len as usize;
-        let mut h = FNV_OFFSET;
-        for i in 0..EXEC_NAME_MAX {
-            if i >= n {
-                break;
-            }
-            h = fnv_step(h, ev.name[i]);
-        }
-        // SAFETY: copied out at once.
-        if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
-            if rule.flags & EXEC_RULE_APPLET == 0 {
-                return Some(by_name(rule));
-            }
-            applet = true;
-        }
+    // SAFETY: copied out at once.
+    if let Some(rule) = unsafe { EXEC_NAMES.get(own) }.copied() {
+        return Some(by_name(ev, rule));
     }
-    if !applet {
-        // The last component of the caller's string too: for a script seen
-        // after the fact the file is its interpreter, and the name the rule
-        // gives is the script's. FNV-1a restarted after every `/`.
-        let n = ev.filename_len as usize;
-        let mut h = FNV_OFFSET;
-        for i in 0..FILENAME_MAX {
-            if i >= n {
-                break;
-            }
-            let b = ev.filename[i];
-            h = if b == b'/' {
-                FNV_OFFSET
-            } else {
-                fnv_step(h, b)
-            };
+    // The last component of the caller's string too: for a script seen
+    // after the fact the file is its interpreter, and the name the rule
+    // gives is the script's. FNV-1a restarted after every `/`.
+    let n = ev.filename_len as usize;
+    let mut h = FNV_OFFSET;
+    for i in 0..FILENAME_MAX {
+        if i >= n {
+            break;
         }
-        // SAFETY: copied out at once.
-        if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
-            if rule.flags & EXEC_RULE_APPLET == 0 {
-                return Some(by_name(rule));
-            }
-            applet = true;
-        }
+        let b = ev.filename[i];
+        h = if b == b'/' {
+            FNV_OFFSET
+        } else {
+            fnv_step(h, b)
+        };
     }
-    if applet {
-        return Some(applet_rule(ev));
+    // SAFETY: copied out at once.
+    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
+        return Some(by_name(ev, rule));
     }
     // S_ISUID | S_ISGID
     if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) && ev.file.mode & 0o6000 != 0 {
-        return Some(ANY);
+        return Some(ASK);
     }
     None
 }
 
-/// Hold and let the daemon decide.
-const ANY: ExecRule = ExecRule {
+/// Hold and ask the daemon.
+const ASK: ExecRule = ExecRule {
     action: RuleAction::Hold as u32,
     flags: 0,
 };
 
-/// What a name entry says for an exec it names: a name refused only as a
-/// multi-call binary's applet is a candidate for any other file.
+/// The rule without its flags (what the LSM hook and the tracepoint act
+/// on: hold or deny).
 #[inline(always)]
-fn by_name(rule: ExecRule) -> ExecRule {
-    if rule.flags & EXEC_RULE_DENY_AS_APPLET != 0 {
-        ANY
+fn plain(rule: ExecRule) -> ExecRule {
+    ExecRule {
+        action: rule.action,
+        flags: 0,
+    }
+}
+
+/// What a name entry says for an exec it names: a multi-call binary's
+/// name defers to the applet ([`multicall_rule`]); a name refused only as
+/// a multi-call binary's applet is only asked about for any other file.
+#[inline(always)]
+fn by_name(ev: &ExecEvent, rule: ExecRule) -> ExecRule {
+    if rule.flags & EXEC_RULE_MULTICALL != 0 {
+        multicall_rule(ev)
+    } else if rule.flags & EXEC_RULE_DENY_AS_APPLET != 0 {
+        ASK
     } else {
         rule
     }
@@ -299,7 +304,7 @@ fn by_name(rule: ExecRule) -> ExecRule {
 /// `argv[0]`'s file name (one leading `-` dropped, as for a login shell)
 /// is a name only deny rules give.
 #[inline(always)]
-fn applet_rule(ev: &ExecEvent) -> ExecRule {
+fn multicall_rule(ev: &ExecEvent) -> ExecRule {
     let mut scan = AppletScan {
         ev,
         n: ev.args_len.min(ARGS_MAX as u32),
@@ -320,19 +325,16 @@ fn applet_rule(ev: &ExecEvent) -> ExecRule {
         )
     };
     if scan.ended == 0 {
-        return ANY;
+        return ASK;
     }
     // SAFETY: copied out at once.
     match unsafe { EXEC_NAMES.get(scan.h) }.copied() {
-        Some(rule) if rule.action == RuleAction::Deny as u32 => ExecRule {
-            action: rule.action,
-            flags: 0,
-        },
-        _ => ANY,
+        Some(rule) if rule.action == RuleAction::Deny as u32 => plain(rule),
+        _ => ASK,
     }
 }
 
-/// [`applet_rule`]'s walk over `argv[0]`: FNV-1a of its file name
+/// [`multicall_rule`]'s walk over `argv[0]`: FNV-1a of its file name
 /// (restarted after every `/`, one leading `-` dropped).
 #[repr(C)]
 struct AppletScan {
@@ -348,7 +350,7 @@ struct AppletScan {
 /// One byte of [`AppletScan`]: 0 to go on, 1 to stop.
 #[inline(never)]
 extern "C" fn applet_scan_byte(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer applet_rule gave it.
+    // SAFETY: bpf_loop passes back the pointer multicall_rule gave it.
     let scan = unsafe { &mut *ctx.cast::<AppletScan>() };
     let i = (i as usize) & (ARGS_MAX - 1);
     if i >= scan.n as usize {

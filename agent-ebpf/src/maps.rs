@@ -102,10 +102,10 @@ pub static SESSIONS: HashMap<u32, SessionEntry> = HashMap::with_max_entries(6553
 
 /// Exec candidates by the executed file itself (device and inode), written
 /// by the daemon for the files a policy names: catches every name and hard
-/// link of that file. A multi-call binary's entry ([`EXEC_RULE_APPLET`])
+/// link of that file. A multi-call binary's entry ([`EXEC_RULE_MULTICALL`])
 /// defers to the applet its argv names.
 ///
-/// [`EXEC_RULE_APPLET`]: airlock_common::EXEC_RULE_APPLET
+/// [`EXEC_RULE_MULTICALL`]: airlock_common::EXEC_RULE_MULTICALL
 #[map]
 pub static EXEC_FILES: HashMap<FileKey, ExecRule> = HashMap::with_max_entries(4096, 0);
 
@@ -113,7 +113,7 @@ pub static EXEC_FILES: HashMap<FileKey, ExecRule> = HashMap::with_max_entries(40
 /// for the executed file's own name (its dentry's, after every symlink),
 /// the last component of the caller's string (a script's name where the
 /// kernel reports its interpreter), and a multi-call binary's applet
-/// (the file names of argv's first two words).
+/// (the file name of `argv[0]`, for a deny rule's name).
 #[map]
 pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 0);
 

@@ -43,52 +43,70 @@ pub fn is_multicall(name: &str) -> bool {
     MULTICALL.contains(&name)
 }
 
-/// The applet a multi-call binary runs for `argv`: the names it may go by
-/// and where in `argv` its own argv starts. The word is `argv[0]`'s file
-/// name (a login shell's leading `-` dropped), or, when that names a
-/// multi-call binary (busybox takes any name that starts with `busybox`
-/// for itself), the applet of the rest (`busybox busybox wget`;
-/// coreutils' `--coreutils-prog=NAME`). Its names: the word, its stem
-/// before a `.` and its part after the last `-` or `_` (uutils strips
-/// both), and, for `argv[0]` where `falls_back`, `argv[1]`'s file name
-/// too (toybox and uutils run `argv[1]` when they know no `argv[0]`;
-/// busybox does not). None where this reader cannot tell: no words left,
-/// or an option.
-pub fn applet(argv: &[String], falls_back: bool) -> Option<(Vec<String>, usize)> {
+/// The applet a multi-call binary runs for `argv`, as far as this reader
+/// can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applet {
+    /// Every name the program that runs may go by.
+    pub names: Vec<String>,
+    /// Where its own argv starts in `argv`.
+    pub argv_at: usize,
+}
+
+/// The applet a multi-call binary runs for `argv`. The word that names it
+/// is `argv[0]`'s file name (a login shell's leading `-` dropped), or,
+/// when that names a multi-call binary (busybox takes any name that starts
+/// with `busybox` for itself), the next word's (`busybox busybox wget`);
+/// GNU coreutils' `--coreutils-prog=NAME` and `--coreutils-prog-shebang=NAME`
+/// name it outright. Its names: the word and each run of letters and
+/// digits in it (uutils strips any prefix and extension: `x+rm.1` is
+/// `rm`), and, where `falls_back` (not busybox), `argv[1]`'s file name too
+/// (uutils runs `argv[1]` when it knows no `argv[0]`). None where this
+/// reader cannot tell: no words left, or an option where it expects the
+/// applet.
+pub fn applet(argv: &[String], falls_back: bool) -> Option<Applet> {
     let name = |a: &str| {
         let base = a.rsplit('/').next().unwrap_or(a);
         base.strip_prefix('-').unwrap_or(base).to_string()
     };
+    let named = |at: usize| {
+        let prog = argv.get(at).and_then(|w| {
+            w.strip_prefix("--coreutils-prog=")
+                .or_else(|| w.strip_prefix("--coreutils-prog-shebang="))
+        })?;
+        Some((!prog.is_empty() && !prog.contains('/')).then(|| Applet {
+            names: vec![prog.to_string()],
+            argv_at: at,
+        }))
+    };
     let mut at = 0;
     loop {
+        if let Some(outright) = named(at + 1) {
+            return outright;
+        }
         let word = argv.get(at)?;
         let n = name(word);
-        let itself = MULTICALL.iter().any(|m| n.starts_with(m));
-        if !itself {
-            if at > 0 && word.starts_with('-') {
-                return None;
-            }
-            let stem = n.split('.').next().unwrap_or(&n);
-            let last = |s: &str| s.rsplit(['-', '_']).next().unwrap_or(s).to_string();
-            let mut names = vec![n.clone(), stem.to_string(), last(stem), last(&n)];
-            if at == 0
-                && falls_back
-                && let Some(next) = argv.get(1).filter(|w| !w.starts_with('-'))
-            {
-                names.push(name(next));
-            }
-            let mut seen = std::collections::HashSet::new();
-            names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
-            return Some((names, at));
+        if MULTICALL.iter().any(|m| n.starts_with(m)) {
+            at += 1;
+            continue;
         }
-        if let Some(prog) = argv
-            .get(at + 1)
-            .and_then(|w| w.strip_prefix("--coreutils-prog="))
+        if at > 0 && word.starts_with('-') {
+            return None;
+        }
+        let mut names = vec![n.clone()];
+        names.extend(
+            n.split(|c: char| !c.is_ascii_alphanumeric())
+                .map(String::from),
+        );
+        if at == 0
+            && falls_back
+            && let Some(next) = argv.get(1).filter(|w| !w.starts_with('-'))
         {
-            let ok = !prog.is_empty() && !prog.contains('/');
-            return ok.then(|| (vec![prog.to_string()], at + 1));
+            names.push(name(next));
         }
-        at += 1;
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
+        return Some(Applet { names, argv_at: at });
     }
 }
 
@@ -144,8 +162,9 @@ pub enum Role {
     Candidate,
     /// Refused in the kernel: only deny rules that alone decide name it.
     Denied,
-    /// A multi-call binary: the applet its argv names decides.
-    Multicall,
+    /// A multi-call binary: the applet its argv names decides, unless a
+    /// deny rule alone refuses the binary itself.
+    Multicall { deny: bool },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -211,37 +230,49 @@ impl ExeIndex {
         let entry = self.files.entry(key).or_default();
         entry.paths.insert(path.display().to_string());
         entry.paths.insert(shown.display().to_string());
-        entry.deny = (fresh || entry.deny) && deny;
-        entry.multicall |= shown
-            .file_name()
-            .is_some_and(|n| is_multicall(&n.to_string_lossy()));
+        let named_multicall = |p: &Path| {
+            p.file_name()
+                .is_some_and(|n| is_multicall(&n.to_string_lossy()))
+        };
+        let multicall = named_multicall(&shown);
+        // A deny rule's applet link (`/usr/bin/whoami -> busybox`) refuses
+        // that applet (by name, see bpf/candidates.rs), never the binary.
+        let applet_link = multicall && !named_multicall(path);
+        entry.deny = (fresh || entry.deny) && deny && !applet_link;
+        entry.multicall |= multicall;
     }
 
     /// A dynamic loader found by its name, whatever its file is called
     /// (glibc before 2.34: `ld-linux-x86-64.so.2 -> ld-2.31.so`).
     fn add_loader(&mut self, path: &Path) {
-        if let Some(key) = file_key(path) {
-            self.add(path, false);
-            if let Some(e) = self.files.get_mut(&key) {
-                e.loader = true;
-            }
+        if let Some(e) = self.add_role(path) {
+            e.loader = true;
         }
     }
 
     /// Whether the file `key` is a dynamic loader the index found.
-    pub fn is_loader(&self, key: &FileKey) -> bool {
+    pub fn loader_file(&self, key: &FileKey) -> bool {
         self.files.get(key).is_some_and(|e| e.loader)
     }
 
     /// A multi-call binary found by its name, whatever its file is called
     /// (a hard link, a versioned file).
     fn add_multicall(&mut self, path: &Path) {
-        if let Some(key) = file_key(path) {
-            self.add(path, false);
-            if let Some(e) = self.files.get_mut(&key) {
-                e.multicall = true;
-            }
+        if let Some(e) = self.add_role(path) {
+            e.multicall = true;
         }
+    }
+
+    /// The entry of the file at `path` with `path` among its names; a new
+    /// one is not refused (a deny rule's entry stays one).
+    fn add_role(&mut self, path: &Path) -> Option<&mut Entry> {
+        let key = file_key(path)?;
+        if !self.files.contains_key(&key) {
+            self.add(path, false);
+        }
+        let entry = self.files.get_mut(&key)?;
+        entry.paths.insert(path.display().to_string());
+        Some(entry)
     }
 
     /// Every file the kernel looks for by itself, and what it does with
@@ -249,7 +280,7 @@ impl ExeIndex {
     pub fn files(&self) -> impl Iterator<Item = (FileKey, Role)> + '_ {
         self.files.iter().map(|(k, e)| {
             let role = if e.multicall {
-                Role::Multicall
+                Role::Multicall { deny: e.deny }
             } else if e.deny {
                 Role::Denied
             } else {
@@ -260,7 +291,7 @@ impl ExeIndex {
     }
 
     /// Whether the file `key` is a multi-call binary the index found.
-    pub fn is_multicall(&self, key: &FileKey) -> bool {
+    pub fn multicall_file(&self, key: &FileKey) -> bool {
         self.files.get(key).is_some_and(|e| e.multicall)
     }
 
@@ -461,7 +492,7 @@ mod tests {
     #[test]
     fn a_multicall_binary_runs_the_applet_its_argv_names() {
         let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
-        let a = |s: &str| applet(&v(s), true);
+        let a = |s: &str| applet(&v(s), true).map(|a| (a.names, a.argv_at));
         let is = |n: &str, at| Some((v(n), at));
         assert_eq!(a("/tmp/x/ls -l"), is("ls", 0));
         assert_eq!(a("-sh -c x"), is("sh", 0));
@@ -470,16 +501,20 @@ mod tests {
         assert_eq!(a("/tmp/busyboxA busyboxB wget"), is("wget", 2));
         assert_eq!(a("busybox.static -wget"), None);
         assert_eq!(a("busybox-1.36 wget"), is("wget", 1));
-        // uutils: a prefix, an extension; toybox: argv[1] when argv[0] is
-        // no command it knows.
-        assert_eq!(a("uu-rm.x -rf /"), is("uu-rm.x uu-rm rm rm.x", 0));
-        assert_eq!(a("x_rm"), is("x_rm rm", 0));
+        // uutils: any prefix and extension; argv[1] when argv[0] is no
+        // command it knows.
+        assert_eq!(a("uu-rm.x -rf /"), is("uu-rm.x uu rm x", 0));
+        assert_eq!(a("x+rm"), is("x+rm x rm", 0));
         assert_eq!(a("x rm -rf"), is("x rm", 0));
+        // GNU coreutils names it outright, after any argv[0].
         assert_eq!(a("coreutils --coreutils-prog=rm -rf /"), is("rm", 1));
+        assert_eq!(a("x --coreutils-prog=rm -rf /"), is("rm", 1));
+        assert_eq!(a("x --coreutils-prog-shebang=rm /s"), is("rm", 1));
         assert_eq!(a("coreutils --coreutils-prog=a/rm"), None);
         assert_eq!(a("busybox --install -s"), None);
         assert_eq!(a("busybox"), None);
-        assert_eq!(applet(&v("x rm -rf"), false), is("x", 0));
+        let b = applet(&v("x rm -rf"), false).map(|a| (a.names, a.argv_at));
+        assert_eq!(b, is("x", 0));
         assert_eq!(applet(&[], true), None);
     }
 

@@ -11,7 +11,7 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
-    EXEC_RULE_APPLET, EXEC_RULE_DENY_AS_APPLET, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME,
+    EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME,
     FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
 };
 use aya::{
@@ -32,11 +32,11 @@ const CANDIDATE: ExecRule = ExecRule {
     flags: 0,
 };
 
-/// A multi-call binary (by file or by name): the kernel decides on the
-/// applet its argv names.
-const APPLET: ExecRule = ExecRule {
+/// A multi-call binary (by file or by name): held, or refused in the
+/// kernel by the applet its argv names.
+const MULTICALL: ExecRule = ExecRule {
     action: RuleAction::Hold as u32,
-    flags: EXEC_RULE_APPLET,
+    flags: EXEC_RULE_MULTICALL,
 };
 
 /// A name a deny rule alone decides for a multi-call binary's applet link:
@@ -60,7 +60,11 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
         .files()
         .map(|(k, role)| {
             let rule = match role {
-                Role::Multicall => APPLET,
+                Role::Multicall { deny: false } => MULTICALL,
+                Role::Multicall { deny: true } => ExecRule {
+                    action: RuleAction::Deny as u32,
+                    ..MULTICALL
+                },
                 Role::Denied => DENIED,
                 Role::Candidate => CANDIDATE,
             };
@@ -121,7 +125,7 @@ pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> 
     let multicall = exefile::MULTICALL
         .iter()
         .filter(|_| named)
-        .map(|n| (*n, APPLET));
+        .map(|n| (*n, MULTICALL));
     let paths = c.exec_paths.iter().map(|p| {
         let deny = c.exec_deny_paths.contains(p) && exes.applet_link(p);
         (
@@ -151,7 +155,7 @@ fn join(a: ExecRule, b: ExecRule) -> ExecRule {
         a
     } else if pair(DENIED, DENIED_AS_APPLET) {
         DENIED_AS_APPLET
-    } else if pair(DENIED, APPLET) {
+    } else if pair(DENIED, MULTICALL) {
         DENIED
     } else {
         CANDIDATE
@@ -254,13 +258,13 @@ mod tests {
         // Denied by name, held by the path /opt/x/nc: a candidate.
         assert_eq!(of("nc"), Some(CANDIDATE));
         assert_eq!(of("curl"), Some(CANDIDATE));
-        assert_eq!(of("busybox"), Some(APPLET));
+        assert_eq!(of("busybox"), Some(MULTICALL));
         assert_eq!(of("ld-linux-x86-64.so.2"), Some(CANDIDATE));
-        assert_eq!(join(APPLET, DENIED), DENIED);
-        assert_eq!(join(APPLET, CANDIDATE), CANDIDATE);
+        assert_eq!(join(MULTICALL, DENIED), DENIED);
+        assert_eq!(join(MULTICALL, CANDIDATE), CANDIDATE);
         assert_eq!(join(DENIED_AS_APPLET, DENIED), DENIED_AS_APPLET);
         assert_eq!(join(DENIED_AS_APPLET, CANDIDATE), CANDIDATE);
-        assert_eq!(join(DENIED_AS_APPLET, APPLET), CANDIDATE);
+        assert_eq!(join(DENIED_AS_APPLET, MULTICALL), CANDIDATE);
         assert!(!exes.applet_link(&tool) && !exes.applet_link(&gone));
     }
 
@@ -281,10 +285,25 @@ mod tests {
         let exes = ExeIndex::of(&c);
         assert!(exes.applet_link(&link));
         let key = exefile::file_key(&busybox).unwrap();
-        assert!(exes.files().any(|(k, r)| k == key && r == Role::Multicall));
+        assert!(
+            exes.files()
+                .any(|(k, r)| k == key && r == Role::Multicall { deny: false })
+        );
         let names = exec_names(&c, &exes);
         let of = |n: &str| names.get(&name_hash(n.as_bytes())).copied();
         assert_eq!(of("whoami"), Some(DENIED_AS_APPLET));
-        assert_eq!(of("busybox"), Some(APPLET));
+        assert_eq!(of("busybox"), Some(MULTICALL));
+        // A deny rule on the binary itself refuses it, whatever it runs.
+        let b = busybox.display().to_string();
+        let c = Candidates {
+            exec_paths: set(&[&b]),
+            exec_deny_paths: set(&[&b]),
+            ..Candidates::default()
+        };
+        let exes = ExeIndex::of(&c);
+        assert!(
+            exes.files()
+                .any(|(k, r)| k == key && r == Role::Multicall { deny: true })
+        );
     }
 }

@@ -173,9 +173,12 @@ impl Reloader {
     async fn reindex(&self) {
         let current = self.policy.borrow().clone();
         let c = current.clone();
-        let Ok(exes) = tokio::task::spawn_blocking(move || ExeIndex::of(&c.candidates)).await
-        else {
-            return;
+        let exes = match tokio::task::spawn_blocking(move || ExeIndex::of(&c.candidates)).await {
+            Ok(exes) => exes,
+            Err(e) => {
+                error!(error = %e, "looking the policy's executables up again failed: the old files stay in force");
+                return;
+            }
         };
         if exes == current.exes {
             return;

@@ -54,12 +54,13 @@ pub(super) fn of(
 
 /// An exec as the policy sees it: the file the kernel ran (by device and
 /// inode), under the path that names it on this host, never the string
-/// the caller wrote unchecked. Its aliases: the other names the policy
-/// gives that file, a script's interpreter (held after the exec, the
-/// kernel reports the interpreter's file), for a multi-call binary the
-/// applet its argv picks (by name, and the policy's paths of that name),
-/// and for a dynamic loader the program it runs in its place (with the
-/// argv from there on).
+/// the caller wrote unchecked, and what that file runs in its turn. Its
+/// aliases: the other names the policy gives that file, a script's
+/// interpreter (held after the exec, the kernel reports the interpreter's
+/// file), for a dynamic loader the program it runs in its place, and for
+/// a multi-call binary (run directly or by a loader) the applet its argv
+/// picks (by name, and the policy's paths of that name); argv from where
+/// the program that runs takes it.
 fn exec(
     record: &Record,
     said: &str,
@@ -74,6 +75,59 @@ fn exec(
         dev: file.dev,
         _pad: 0,
     };
+    let (path, mut aliases, mut unseen) = ran(record, said, file, key, in_syscall, exes);
+    aliases.extend(exes.paths_of(&key).filter(|p| *p != path).map(String::from));
+    let mut argv = argv.to_vec();
+    let mut path = path;
+    // What runs in the file's place: a loader's program...
+    let (mut key, mut name) = (key, file.name.clone());
+    let loader = exes.loader_file(&key)
+        || [&name, file_name(&path)]
+            .iter()
+            .any(|n| exefile::is_loader(n));
+    if loader {
+        match loaded_program(tgid, pid, &argv, exes) {
+            Some(program) => {
+                aliases.push(std::mem::replace(&mut path, program.path));
+                aliases.extend(program.more);
+                argv.drain(..program.argv_at);
+                (key, name) = (program.key, file_name(&path).to_string());
+            }
+            None => unseen = unseen.or(Some(LOADER)),
+        }
+    }
+    // ...and a multi-call binary's applet (run directly or by a loader).
+    let names = [name.as_str(), file_name(&path)];
+    if exes.multicall_file(&key) || names.iter().any(|n| exefile::is_multicall(n)) {
+        let busybox = names.iter().any(|n| n.starts_with("busybox"));
+        match exefile::applet(&argv, !busybox) {
+            Some(applet) => {
+                aliases.retain(|p| applet.names.iter().any(|n| n == file_name(p)));
+                aliases.extend(applet.names);
+                argv.drain(..applet.argv_at);
+            }
+            None => unseen = unseen.or(Some(MULTICALL)),
+        }
+    }
+    let mut a = ExecAction::new(path, argv);
+    a.aliases = aliases;
+    a.setuid = file.setuid();
+    a.cwd = procfs::cwd(tgid).map(|p| p.display().to_string());
+    a.parent_exe = procfs::exe(record.process.ppid).map(|p| p.display().to_string());
+    (a, unseen)
+}
+
+/// The path of the file the kernel ran (`key`), other paths of what runs
+/// (a script's interpreter), and why the policy sees less if it does.
+fn ran(
+    record: &Record,
+    said: &str,
+    file: &ExecFile,
+    key: FileKey,
+    in_syscall: bool,
+    exes: &ExeIndex,
+) -> (String, Vec<String>, Option<&'static str>) {
+    let (tgid, pid) = (record.process.tgid, record.process.pid);
     let said_at = exefile::said_path(tgid, pid, said);
     let by_said = (!file.unknown)
         .then(|| exefile::true_name(&said_at, key))
@@ -88,59 +142,30 @@ fn exec(
     } else {
         exefile::true_name(&PathBuf::from(format!("/proc/{tgid}/exe")), key)
     };
-    let (path, mut aliases, mut unseen) = match (by_said, by_exe) {
+    let cut = matches!(
+        record.detail,
+        Detail::Exec {
+            path_truncated: true,
+            ..
+        }
+    );
+    match (by_said, by_exe) {
         (Some(p), _) => (p, Vec::new(), None),
         (None, Some(known)) if in_syscall => (known, Vec::new(), None),
         // After the exec the kernel reports a script's interpreter: the
-        // caller's string names the script. (A descriptor closed on exec
-        // names nothing now: fexecve.)
+        // caller's string names the script, if it is whole and one. (A
+        // descriptor closed on exec names nothing now: fexecve.)
         (None, Some(interp)) => match std::fs::canonicalize(&said_at) {
-            Ok(script) if is_script(&script) => (script.display().to_string(), vec![interp], None),
-            // Neither the file that runs nor a script (any more).
+            Ok(script) if !cut && is_script(&script) => {
+                (script.display().to_string(), vec![interp], None)
+            }
             Ok(_) => (interp, Vec::new(), Some(GONE)),
             Err(_) if exefile::is_descriptor(said) => (interp, Vec::new(), None),
             Err(_) => (interp, Vec::new(), Some(GONE)),
         },
         (None, None) if file.unknown => (said.to_string(), Vec::new(), Some(UNKNOWN)),
         (None, None) => (said.to_string(), Vec::new(), Some(GONE)),
-    };
-    aliases.extend(exes.paths_of(&key).filter(|p| *p != path).map(String::from));
-    let mut argv = argv.to_vec();
-    let mut path = path;
-    let multicall = exes.is_multicall(&key)
-        || exefile::is_multicall(&file.name)
-        || exefile::is_multicall(file_name(&path));
-    if multicall {
-        let busybox = [file.name.as_str(), file_name(&path)]
-            .iter()
-            .any(|n| n.starts_with("busybox"));
-        match exefile::applet(&argv, !busybox) {
-            Some((names, at)) => {
-                aliases.retain(|p| names.iter().any(|n| n == file_name(p)));
-                aliases.extend(names);
-                argv.drain(..at);
-            }
-            None => unseen = unseen.or(Some(MULTICALL)),
-        }
-    } else if exes.is_loader(&key)
-        || exefile::is_loader(&file.name)
-        || exefile::is_loader(file_name(&path))
-    {
-        match loaded_program(tgid, pid, &argv, exes) {
-            Some((program, more, at)) => {
-                aliases.push(std::mem::replace(&mut path, program));
-                aliases.extend(more);
-                argv.drain(..at);
-            }
-            None => unseen = unseen.or(Some(LOADER)),
-        }
     }
-    let mut a = ExecAction::new(path, argv);
-    a.aliases = aliases;
-    a.setuid = file.setuid();
-    a.cwd = procfs::cwd(tgid).map(|p| p.display().to_string());
-    a.parent_exe = procfs::exe(record.process.ppid).map(|p| p.display().to_string());
-    (a, unseen)
 }
 
 const UNKNOWN: &str = "the kernel could not read which file runs, so the policy did not see it: refused (fail closed)";
@@ -148,14 +173,18 @@ const GONE: &str = "the path it was run by no longer names the file the kernel r
 const MULTICALL: &str = "a multi-call binary runs an applet its argv does not name, so the policy did not see which program runs: refused (fail closed)";
 const LOADER: &str = "a dynamic loader runs a program this reader could not name from its argv, so the policy did not see which program runs: refused (fail closed)";
 
-/// The program a dynamic loader runs: its path, the policy's other names
-/// for it, and where in argv its own argv starts.
-fn loaded_program(
-    tgid: u32,
-    pid: u32,
-    argv: &[String],
-    exes: &ExeIndex,
-) -> Option<(String, Vec<String>, usize)> {
+/// The program a dynamic loader runs.
+struct Loaded {
+    path: String,
+    key: FileKey,
+    /// The policy's other names for it.
+    more: Vec<String>,
+    /// Where in argv its own argv starts.
+    argv_at: usize,
+}
+
+/// The program a dynamic loader runs, named by its first operand.
+fn loaded_program(tgid: u32, pid: u32, argv: &[String], exes: &ExeIndex) -> Option<Loaded> {
     let at = exefile::loader_program(argv)?;
     // A name without `/` the loader looks for in its library path, not
     // where this reader would.
@@ -170,7 +199,12 @@ fn loaded_program(
         .filter(|p| *p != path)
         .map(String::from)
         .collect();
-    Some((path, more, at))
+    Some(Loaded {
+        path,
+        key,
+        more,
+        argv_at: at,
+    })
 }
 
 /// Whether the file at `p` starts with `#!` (the kernel ran its
@@ -363,20 +397,27 @@ mod tests {
         // A program by bare name: the loader's search, not ours.
         let (_, unseen) = exec(&r, &said, &v("ld.so curl"), &f, true, &none);
         assert_eq!(unseen, Some(LOADER));
+        // A loader running a multi-call binary runs its applet.
         let prog = bb.display().to_string();
-        let (a, unseen) = exec(
-            &r,
-            &said,
-            &v(&format!("ld.so {prog} wget")),
-            &f,
-            true,
-            &none,
-        );
+        let cmd = format!("ld.so {prog} wget -q");
+        let (a, unseen) = exec(&r, &said, &v(&cmd), &f, true, &none);
         assert_eq!(unseen, None);
         assert_eq!(
             a.path,
             std::fs::canonicalize(&bb).unwrap().display().to_string()
         );
-        assert_eq!(a.argv, v(&format!("{prog} wget")));
+        assert!(a.aliases.contains(&"wget".to_string()), "{:?}", a.aliases);
+        assert_eq!(a.argv, v("wget -q"));
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "\x7fELF").unwrap();
+        let prog = tool.display().to_string();
+        let cmd = format!("ld.so {prog} -x");
+        let (a, unseen) = exec(&r, &said, &v(&cmd), &f, true, &none);
+        assert_eq!(unseen, None);
+        assert_eq!(
+            a.path,
+            std::fs::canonicalize(&tool).unwrap().display().to_string()
+        );
+        assert_eq!(a.argv, v(&format!("{prog} -x")));
     }
 }

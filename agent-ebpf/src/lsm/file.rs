@@ -1,0 +1,196 @@
+//! Opens of protected files held inside open.
+
+use airlock_common::{
+    EventKind, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD,
+    FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE,
+    FNV_OFFSET, FileEvent, HoldKey, LossReason, Verdict, file_digest, fnv_step,
+};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
+
+use crate::{
+    hold::{HoldOutcome, hold},
+    maps::{
+        EVENTS, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, config, count_loss, file_f_path_offset,
+        session_of, take_verdict,
+    },
+    task::{header, read},
+};
+
+use super::{LsmVerdict, earlier_denial};
+
+/// FMODE_WRITE in `file->f_mode`: opened write-only or read-write.
+const FMODE_WRITE: u32 = 0x2;
+
+/// `int security_file_open(struct file *file)`, called from do_dentry_open
+/// once the file is set up, before open(2) returns it (and for the opens
+/// inside execve and the like). Only *candidates* are looked at: files
+/// whose own name, or whose directory's name, is in FILE_NAMES. Every other
+/// open of a watched process returns at once and is not recorded. A
+/// candidate open is held like an exec: stopped, published once, re-issued
+/// until a verdict for this exact path and access exists. On an internal
+/// error it fails open (0).
+#[lsm(hook = "file_open")]
+pub fn lsm_file_open(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(1)) {
+        return earlier;
+    }
+    match try_lsm_file_open(&ctx) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// FNV-1a over a dentry's name, if it is at most FILE_NAME_HASHED bytes
+/// (the key of FILE_NAMES, as `airlock_common::name_hash` computes it).
+#[inline(always)]
+fn dentry_name_hash(dentry: u64) -> Option<u64> {
+    let off = config().offsets;
+    let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name).ok()?;
+    // Two bytes more than hashed: one for the NUL, one to tell a name that
+    // fits from a longer one cut to fit.
+    let mut buf = [0u8; FILE_NAME_HASHED + 2];
+    // SAFETY: a kernel string read into a bounded stack buffer.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+            buf.as_mut_ptr().cast(),
+            buf.len() as u32,
+            name as *const core::ffi::c_void,
+        )
+    };
+    // n counts the NUL: 2..=FILE_NAME_HASHED+1 is a whole, non-empty name.
+    if n < 2 || n > FILE_NAME_HASHED as i64 + 1 {
+        return None;
+    }
+    let n = (n - 1) as usize;
+    let mut h = FNV_OFFSET;
+    for (i, b) in buf.iter().enumerate().take(FILE_NAME_HASHED) {
+        if i >= n {
+            break;
+        }
+        h = fnv_step(h, *b);
+    }
+    Some(h)
+}
+
+/// The FILE_CAND_* bits FILE_NAMES holds for a name hash (0 for none).
+#[inline(always)]
+fn candidate_bits(hash: Option<u64>) -> u32 {
+    match hash {
+        // SAFETY: copied out at once.
+        Some(h) => unsafe { FILE_NAMES.get(h) }.copied().unwrap_or(0),
+        None => 0,
+    }
+}
+
+fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(LsmVerdict::Allow);
+    };
+    let off = config().offsets;
+    let file: u64 = ctx.arg(0);
+    // The candidate test first, and nothing else before it.
+    let dentry: u64 = read(file, off.file_f_path + off.path_dentry)?;
+    let by_name = candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_NAME != 0;
+    let by_dir = !by_name && {
+        let parent: u64 = read(dentry, off.dentry_d_parent)?;
+        candidate_bits(dentry_name_hash(parent)) & FILE_CAND_DIR != 0
+    };
+    if !by_name && !by_dir {
+        return Ok(LsmVerdict::Allow);
+    }
+
+    let Some(ev) = FILE_SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let ev: &mut FileEvent = unsafe { &mut *ev };
+    ev.header = header(EventKind::FileOpen, session_id);
+    ev.flags = 0;
+    let f_mode: u32 = read(file, off.file_f_mode).unwrap_or(0);
+    let write = f_mode & FMODE_WRITE != 0;
+    if write {
+        ev.flags |= FILE_WRITE;
+    }
+    // `&file->f_path` as a typed kernel pointer: bpf_d_path checks that it
+    // points at a struct path (a constant offset into the file argument).
+    let path = (file + file_f_path_offset() as u64) as *mut aya_ebpf::bindings::path;
+    // SAFETY: bpf_d_path writes at most FILE_PATH_MAX bytes into the slot's
+    // buffer of that size; it is allowed in security_file_open.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_d_path(
+            path,
+            ev.path.as_mut_ptr().cast(),
+            FILE_PATH_MAX as u32,
+        )
+    };
+    if n > 0 && n <= FILE_PATH_MAX as i64 {
+        ev.path_len = (n - 1) as u32;
+    } else {
+        // Too long (or unresolvable): record the file's own name instead.
+        ev.flags |= FILE_PATH_TRUNCATED;
+        let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
+        // SAFETY: a kernel string read into the slot's bounded buffer.
+        let n = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+                ev.path.as_mut_ptr().cast(),
+                FILE_PATH_MAX as u32,
+                name as *const core::ffi::c_void,
+            )
+        };
+        ev.path_len = if n > 0 && n <= FILE_PATH_MAX as i64 {
+            (n - 1) as u32
+        } else {
+            0
+        };
+    }
+    let digest = file_digest(&ev.path, ev.path_len as usize, write);
+    ev.digest = digest;
+    let key = HoldKey {
+        tgid,
+        _pad: 0,
+        digest,
+    };
+    match take_verdict(pid_tgid as u32, key) {
+        Some(v) => {
+            if v == Verdict::Allow as u32 {
+                ev.flags |= FILE_APPROVED;
+                emit_file(ev);
+                Ok(LsmVerdict::Allow)
+            } else {
+                ev.flags |= FILE_REFUSED;
+                emit_file(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        }
+        None => match hold(key, session_id, EventKind::FileOpen, || {
+            ev.flags |= FILE_HELD;
+            EVENTS.output::<FileEvent>(&*ev, FORCE_WAKEUP).is_ok()
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                ev.flags |= FILE_NO_DAEMON;
+                emit_file(ev);
+                Ok(LsmVerdict::Allow)
+            }
+            HoldOutcome::FailClosed => {
+                ev.flags |= FILE_NO_DAEMON | FILE_DENIED;
+                emit_file(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        },
+    }
+}
+
+#[inline(always)]
+fn emit_file(ev: &FileEvent) {
+    if EVENTS.output::<FileEvent>(ev, FORCE_WAKEUP).is_err() {
+        count_loss(
+            ev.header.session_id,
+            EventKind::FileOpen,
+            LossReason::RingbufFull,
+        );
+    }
+}
