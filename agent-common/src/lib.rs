@@ -663,8 +663,9 @@ const _: () = assert!(size_of::<KernelOffsets>() == 112);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// The daemon's own tgid: never recorded.
-    pub daemon_tgid: u32,
+    /// Padding, always zero (the daemon's tgid was here: no pid is
+    /// exempt from watching, see agent-ebpf maps.rs `session_of`).
+    pub _pad: u32,
     /// Wake the daemon only once this many bytes wait in the ring buffer;
     /// it also drains on a short timer. Batching wakeups keeps the cost of a
     /// watched exec low (one wakeup per event costs two context switches).

@@ -15,7 +15,7 @@ use aya_ebpf::{
 /// the kernel field offsets read from BTF.
 #[unsafe(no_mangle)]
 static AGENT_CONFIG: AgentConfig = AgentConfig {
-    daemon_tgid: 0,
+    _pad: 0,
     wakeup_bytes: 0,
     offsets: airlock_common::KernelOffsets {
         task_pid: 0,
@@ -191,13 +191,15 @@ pub fn count_loss(session_id: u64, kind: EventKind, reason: LossReason) {
     }
 }
 
-/// The session of a tgid, unless the tgid is unwatched or the daemon itself.
+/// The session of a tgid, unless the tgid is unwatched. (No pid is
+/// exempt: the daemon is never in a session, and refuses to start inside
+/// one; a pid it had may be a watched process's once it is gone.)
 #[inline(always)]
 pub fn session_of(tgid: u32) -> Option<u64> {
     let cfg = config();
     // Only the active generation acts: during a hand-over between daemons
     // both sets of programs are attached, and one must stay silent.
-    if tgid == cfg.daemon_tgid || control(CTL_GENERATION) != cfg.generation {
+    if control(CTL_GENERATION) != cfg.generation {
         return None;
     }
     // SAFETY: the value is copied out at once.

@@ -318,6 +318,11 @@ impl Daemon {
         self.start_again();
     }
 
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the daemon with SIGKILL, as a crash would: nothing is drained,
     /// its pinned programs stay attached.
     pub fn kill(&mut self) {

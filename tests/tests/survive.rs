@@ -382,6 +382,64 @@ fn a_kernel_deny_rule_holds_with_no_daemon() {
     assert_eq!(exec.detail["enforcement"], "denied", "{exec:?}");
 }
 
+/// The programs exempt no pid: a watched process that gets the pid a dead
+/// daemon had (pids are reused) is watched as any other, so a deny rule
+/// refuses its exec.
+#[test]
+fn a_process_with_a_dead_daemons_pid_is_still_watched() {
+    if !can_run("a_process_with_a_dead_daemons_pid_is_still_watched") {
+        return;
+    }
+    let mut d = Daemon::start_with_policy(
+        &[(
+            "test.yaml",
+            "pack: test\nrules:\n- {name: no-whoami, on: exec, when: {exe: /usr/bin/whoami}, decision: deny}\n",
+        )],
+        &format!(
+            "heartbeat_timeout_ms = {}\nfail_mode = \"open\"\n",
+            heartbeat_ms()
+        ),
+    );
+    expect_lsm(&d);
+    let pid = d.pid().expect("the daemon runs");
+    let go = d.dir.path().join("go");
+    let started = d.dir.path().join("started");
+    // Then a daemon started from inside the session refuses to run (it
+    // would watch, and hold, itself).
+    let script = format!(
+        "touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; {ACTOR} run-as-pid {pid} /usr/bin/whoami; {airlock} --config {config} daemon 2>&1 | tail -n 1",
+        started = started.display(),
+        go = go.display(),
+        airlock = airlock_tests::airlock_bin().display(),
+        config = d.config.display(),
+    );
+    let run = d.spawn_run(&[], &["/bin/sh", "-c", &script]);
+    wait_file(&started);
+    d.kill();
+    std::fs::write(&go, "").unwrap();
+    let all = finish_within(run, scaled(Duration::from_secs(20)));
+    let mut lines = all.lines();
+    let out = lines.next().unwrap_or_default().trim();
+    let inside = lines.next().unwrap_or_default();
+    assert!(
+        inside.contains("inside watched session"),
+        "a daemon started inside a session: {all}"
+    );
+    assert_ne!(
+        out, "busy",
+        "pid {pid} was taken again before the test could"
+    );
+    let refused = if airlock_tests::held::exec_held_in_syscall() {
+        "error:1"
+    } else {
+        "signal:9"
+    };
+    assert_eq!(
+        out, refused,
+        "whoami with the dead daemon's pid {pid}: refused as any watched exec"
+    );
+}
+
 /// One daemon per data directory, and one per pin directory: a second
 /// one is refused with a message that says which daemon is in the way.
 #[test]

@@ -124,7 +124,7 @@ impl Bpf {
     /// Loads every program as the next generation on the pinned maps,
     /// attaches and pins them, then makes them the active generation (the
     /// previous daemon's programs, if any, fall silent and are detached).
-    /// `daemon_tgid` is never recorded.
+    /// `daemon_tgid` is the daemon's own pid (for the pins' owner).
     pub fn load(
         features: &Features,
         daemon_tgid: u32,
@@ -135,15 +135,8 @@ impl Bpf {
         let ring_bytes = settings.ring_buffer_kib * 1024;
         let (previous, last) = pins.prepare(ring_bytes, daemon_tgid)?;
         let generation = last + 1;
-        let mut bpf = Self::load_generation(
-            features,
-            daemon_tgid,
-            settings,
-            candidates,
-            pins,
-            generation,
-        )
-        .inspect_err(|_| pins.drop_links(generation))?;
+        let mut bpf = Self::load_generation(features, settings, candidates, pins, generation)
+            .inspect_err(|_| pins.drop_links(generation))?;
         pins::activate(
             &mut pins.control()?,
             generation,
@@ -158,7 +151,6 @@ impl Bpf {
 
     fn load_generation(
         features: &Features,
-        daemon_tgid: u32,
         settings: &Config,
         candidates: (&Candidates, &ExeIndex),
         pins: &pins::PinDir,
@@ -169,7 +161,7 @@ impl Bpf {
         // A quarter of the ring, at most 256 KiB, before the kernel wakes us.
         let wakeup_bytes = (ring_bytes / 4).min(256 * 1024);
         let config = AgentConfig {
-            daemon_tgid,
+            _pad: 0,
             wakeup_bytes,
             offsets,
             generation,

@@ -21,7 +21,7 @@ use std::{
 
 use airlock_common::{
     CTL_DAEMON_PID, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_LAYOUT, CTL_STALE_NS,
-    HoldKey, PIN_LAYOUT,
+    HoldKey, PIN_LAYOUT, SessionEntry,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo},
@@ -61,6 +61,10 @@ pub enum PinError {
         "another airlock daemon (pid {pid}) is running on the pins at {dir}: stop it, or give this one another pin_dir"
     )]
     InUse { pid: u32, dir: PathBuf },
+    #[error(
+        "this process is inside watched session {session} (the pins at {dir} say so): a daemon started there would watch, and hold, itself; start it outside any `airlock run`"
+    )]
+    InSession { session: u64, dir: PathBuf },
     #[error("pinned map {path}: {message}")]
     Map { path: PathBuf, message: String },
     #[error("writing slot {slot} of the pinned control array: {message}")]
@@ -158,7 +162,15 @@ impl PinDir {
             None
         };
         match why {
-            None => Ok((Previous::Reusable { generation }, generation)),
+            None => {
+                if let Some(session) = self.session_of(own_pid) {
+                    return Err(PinError::InSession {
+                        session,
+                        dir: self.root.clone(),
+                    });
+                }
+                Ok((Previous::Reusable { generation }, generation))
+            }
             Some(why) => {
                 warn!(
                     "pins under {} left by an earlier daemon cannot be reused ({why}): releasing their holds and starting afresh",
@@ -172,6 +184,16 @@ impl PinDir {
                 Ok((Previous::Nothing, generation))
             }
         }
+    }
+
+    /// The session the pinned programs watch `pid` in, if any. (The
+    /// programs never exempt the daemon by its pid, which another process
+    /// may get once the daemon is gone: the daemon is never in a session.)
+    fn session_of(&self, pid: u32) -> Option<u64> {
+        let data = MapData::from_pin(self.map("SESSIONS")).ok()?;
+        let map = Map::from_map_data(data).ok()?;
+        let sessions: HashMap<MapData, u32, SessionEntry> = HashMap::try_from(map).ok()?;
+        sessions.get(&pid, 0).ok().map(|e| e.session_id)
     }
 
     /// The pinned control array.

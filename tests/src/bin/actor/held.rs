@@ -307,3 +307,68 @@ pub fn fast_open(addr: std::net::SocketAddr) -> i32 {
         e
     }
 }
+
+/// Runs `program` in a child made with pid `pid` (clone3 with `set_tid`,
+/// which needs root), waits, and says how it ended as `run-timed` does
+/// (without the time): `exit:N`, `signal:N`, `error:ERRNO` (exec failed),
+/// or `busy` when `pid` is taken.
+pub fn run_as_pid(pid: i32, program: &str, rest: &[&str]) -> String {
+    use std::ffi::CString;
+    let cstr = |s: &str| CString::new(s).expect("no NUL in an argument");
+    let argv: Vec<CString> = std::iter::once(program)
+        .chain(rest.iter().copied())
+        .map(cstr)
+        .collect();
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let tids = [pid];
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size.
+    let args: [u64; 10] = [
+        0,
+        0,
+        0,
+        0,
+        libc::SIGCHLD as u64,
+        0,
+        0,
+        0,
+        tids.as_ptr() as u64,
+        1,
+    ];
+    // SAFETY: clone3 without a new stack behaves as fork; the child only
+    // execs or exits.
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args.as_ptr(),
+            std::mem::size_of_val(&args),
+        )
+    };
+    if child == 0 {
+        // SAFETY: NUL-terminated strings and a NULL-terminated array.
+        unsafe { libc::execv(ptrs[0], ptrs.as_ptr()) };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+        // SAFETY: leaving the child at once, reporting the errno.
+        unsafe { libc::_exit(200 + errno.min(50)) };
+    }
+    if child < 0 {
+        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+        return if e == libc::EEXIST {
+            "busy".into()
+        } else {
+            format!("clone3:{e}")
+        };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child as i32, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        format!("signal:{}", libc::WTERMSIG(status))
+    } else {
+        match libc::WEXITSTATUS(status) {
+            c @ 200..=250 => format!("error:{}", c - 200),
+            c => format!("exit:{c}"),
+        }
+    }
+}

@@ -35,6 +35,8 @@
 //! actor udp-send ADDR:PORT        one datagram by sendto on an unconnected socket; print the errno
 //! actor tfo ADDR:PORT              a TCP Fast Open connect (sendto with MSG_FASTOPEN and data on a
 //!                                  fresh socket); print the errno
+//! actor run-as-pid PID PROGRAM [ARGS]  as run-timed, the child made with pid PID (clone3 set_tid,
+//!                                  root); "busy" if PID is taken
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
@@ -293,6 +295,10 @@ fn main() -> ExitCode {
             let errno = held::exec32(program, rest);
             println!("error:{errno}");
             return ExitCode::from(126);
+        }
+        ["run-as-pid", pid, program, rest @ ..] => {
+            let pid: i32 = pid.parse().expect("PID");
+            println!("{}", held::run_as_pid(pid, program, rest));
         }
         ["argv0", name, program, rest @ ..] => {
             use std::os::unix::process::CommandExt;
