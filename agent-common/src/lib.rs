@@ -168,6 +168,14 @@ pub const EXEC_RULE_MULTICALL: u32 = 1;
 /// file of that name is only a candidate (the daemon decides).
 pub const EXEC_RULE_DENY_AS_APPLET: u32 = 2;
 
+/// With [`EXEC_RULE_MULTICALL`]: the binary is busybox, which runs exactly
+/// the applet `argv[0]`'s file name names (one leading `-` dropped), and
+/// reads further words only when that name starts with `busybox`. So the
+/// kernel holds it only then, or when the name is one a rule gives;
+/// any other multi-call binary (toybox, coreutils, uutils, which fall
+/// back to `argv[1]` for a name they do not know) is always held.
+pub const EXEC_RULE_BUSYBOX: u32 = 4;
+
 /// How many bytes of `argv[0]` the kernel reads for a multi-call binary's
 /// applet name (longer, the exec is only held).
 pub const APPLET_WINDOW: usize = 512;

@@ -6,9 +6,9 @@ use core::mem::offset_of;
 use airlock_common::{
     APPLET_WINDOW, ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED,
     EXEC_FILE_UNKNOWN, EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON,
-    EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, EventKind, ExecEvent, ExecRule, FILENAME_MAX,
-    FNV_OFFSET, FileId, FileKey, LossReason, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_LSM_EXEC,
-    RuleAction, fnv_step,
+    EXEC_RULE_BUSYBOX, EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, EventKind, ExecEvent,
+    ExecRule, FILENAME_MAX, FNV_OFFSET, FileId, FileKey, LossReason, MODE_EXEC_ALL,
+    MODE_EXEC_SETUID, MODE_LSM_EXEC, RuleAction, fnv_step,
 };
 use aya_ebpf::{
     helpers::{
@@ -194,8 +194,8 @@ fn read_exec_file(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
 /// The candidate entry for this exec, if the policy wants the daemon to
 /// decide it: the file a rule names (any name or hard link of it), a file
 /// with a name a rule names, every exec, or (when asked) a set-user-ID /
-/// set-group-ID executable; a multi-call binary (by file or by name)
-/// always (see [`multicall_rule`]). `ev.file` and `ev.name` describe the
+/// set-group-ID executable; a multi-call binary (by file or by name) by
+/// the applet its argv names (see [`multicall_rule`]). `ev.file` and `ev.name` describe the
 /// file the kernel opened (see [`exec_file`]), `ev.args` holds argv.
 #[inline(always)]
 pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
@@ -229,14 +229,18 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         {
             return Some(by_name);
         }
-        return Some(multicall_rule(ev));
+        if let Some(rule) = multicall_rule(ev, rule.flags) {
+            return Some(rule);
+        }
     }
     if MODE.get(MODE_EXEC_ALL).is_some_and(|v| *v == 1) {
         return Some(ASK);
     }
     // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(own) }.copied() {
-        return Some(by_name(ev, rule));
+    if let Some(rule) = unsafe { EXEC_NAMES.get(own) }.copied()
+        && let Some(rule) = by_name(ev, rule)
+    {
+        return Some(rule);
     }
     // The last component of the caller's string too: for a script seen
     // after the fact the file is its interpreter, and the name the rule
@@ -255,8 +259,10 @@ pub fn exec_candidate(ev: &ExecEvent) -> Option<ExecRule> {
         };
     }
     // SAFETY: copied out at once.
-    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied() {
-        return Some(by_name(ev, rule));
+    if let Some(rule) = unsafe { EXEC_NAMES.get(h) }.copied()
+        && let Some(rule) = by_name(ev, rule)
+    {
+        return Some(rule);
     }
     // S_ISUID | S_ISGID
     if MODE.get(MODE_EXEC_SETUID).is_some_and(|v| *v == 1) && ev.file.mode & 0o6000 != 0 {
@@ -285,31 +291,36 @@ fn plain(rule: ExecRule) -> ExecRule {
 /// name defers to the applet ([`multicall_rule`]); a name refused only as
 /// a multi-call binary's applet is only asked about for any other file.
 #[inline(always)]
-fn by_name(ev: &ExecEvent, rule: ExecRule) -> ExecRule {
+fn by_name(ev: &ExecEvent, rule: ExecRule) -> Option<ExecRule> {
     if rule.flags & EXEC_RULE_MULTICALL != 0 {
-        multicall_rule(ev)
+        multicall_rule(ev, rule.flags)
     } else if rule.flags & EXEC_RULE_DENY_AS_APPLET != 0 {
-        ASK
+        Some(ASK)
     } else {
-        rule
+        Some(rule)
     }
 }
 
 /// A multi-call binary runs the program its argv names: `argv[0]`'s file
 /// name, or more words when that names the binary itself, with rules of
 /// its own per binary (busybox takes any name starting `busybox` for
-/// itself, toybox and uutils fall back to `argv[1]`, uutils strips
-/// prefixes and extensions). So every exec of one is held for the daemon
-/// to read argv whole, except where the kernel can refuse it alone:
-/// `argv[0]`'s file name (one leading `-` dropped, as for a login shell)
-/// is a name only deny rules give.
+/// itself; toybox and uutils fall back to `argv[1]`, uutils strips
+/// prefixes and extensions). So the daemon reads argv whole (ASK) for
+/// every exec of one, except: the kernel refuses it alone where
+/// `argv[0]`'s file name (one leading `-` dropped, read up to
+/// [`APPLET_WINDOW`] bytes) is a name only deny rules give; and busybox
+/// (`flags` has [`EXEC_RULE_BUSYBOX`]) runs that name's applet and nothing
+/// else, so it is no candidate when the name is neither one a rule gives
+/// nor one starting `busybox`.
 #[inline(always)]
-fn multicall_rule(ev: &ExecEvent) -> ExecRule {
+fn multicall_rule(ev: &ExecEvent, flags: u32) -> Option<ExecRule> {
     let mut scan = AppletScan {
         ev,
         n: ev.args_len.min(ARGS_MAX as u32),
         ended: 0,
         at_name: 1,
+        pos: 0,
+        busybox: 1,
         h: FNV_OFFSET,
     };
     // bpf_loop: the verifier walks the callback once, not once per byte
@@ -325,17 +336,24 @@ fn multicall_rule(ev: &ExecEvent) -> ExecRule {
         )
     };
     if scan.ended == 0 {
-        return ASK;
+        return Some(ASK);
     }
     // SAFETY: copied out at once.
     match unsafe { EXEC_NAMES.get(scan.h) }.copied() {
-        Some(rule) if rule.action == RuleAction::Deny as u32 => plain(rule),
-        _ => ASK,
+        Some(rule) if rule.action == RuleAction::Deny as u32 => Some(plain(rule)),
+        Some(_) => Some(ASK),
+        None if flags & EXEC_RULE_BUSYBOX != 0 => {
+            (scan.busybox == 1 && scan.pos >= BUSYBOX.len() as u32).then_some(ASK)
+        }
+        None => Some(ASK),
     }
 }
 
+const BUSYBOX: &[u8; 7] = b"busybox";
+
 /// [`multicall_rule`]'s walk over `argv[0]`: FNV-1a of its file name
-/// (restarted after every `/`, one leading `-` dropped).
+/// (restarted after every `/`, one leading `-` dropped), and whether the
+/// name starts with `busybox`.
 #[repr(C)]
 struct AppletScan {
     ev: *const ExecEvent,
@@ -344,6 +362,10 @@ struct AppletScan {
     ended: u32,
     /// At the start of a file name.
     at_name: u32,
+    /// Bytes of the file name so far.
+    pos: u32,
+    /// The file name's first bytes are `busybox`'s so far.
+    busybox: u32,
     h: u64,
 }
 
@@ -365,10 +387,17 @@ extern "C" fn applet_scan_byte(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     } else if b == b'/' {
         scan.h = FNV_OFFSET;
         scan.at_name = 1;
+        scan.pos = 0;
+        scan.busybox = 1;
     } else if scan.at_name == 1 && b == b'-' {
         scan.at_name = 0;
     } else {
         scan.at_name = 0;
+        let pos = scan.pos as usize;
+        if pos < BUSYBOX.len() && BUSYBOX[pos] != b {
+            scan.busybox = 0;
+        }
+        scan.pos = scan.pos.saturating_add(1);
         scan.h = fnv_step(scan.h, b);
     }
     0

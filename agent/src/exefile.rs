@@ -65,9 +65,19 @@ pub struct Applet {
 /// reader cannot tell: no words left, or an option where it expects the
 /// applet.
 pub fn applet(argv: &[String], falls_back: bool) -> Option<Applet> {
+    // The file name as a path library reads it (`rm/` and `x/rm/.` are
+    // `rm`, as uutils reads them; busybox reads after the last `/`).
     let name = |a: &str| {
-        let base = a.rsplit('/').next().unwrap_or(a);
-        base.strip_prefix('-').unwrap_or(base).to_string()
+        let last = a.rsplit('/').next().unwrap_or(a);
+        let base = if last.is_empty() || last == "." {
+            Path::new(a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            last.to_string()
+        };
+        base.strip_prefix('-').unwrap_or(&base).to_string()
     };
     let named = |at: usize| {
         let prog = argv.get(at).and_then(|w| {
@@ -86,11 +96,13 @@ pub fn applet(argv: &[String], falls_back: bool) -> Option<Applet> {
         }
         let word = argv.get(at)?;
         let n = name(word);
-        if MULTICALL.iter().any(|m| n.starts_with(m)) {
+        // busybox takes any name starting `busybox` for itself; the others
+        // only their own (uutils reads `coreutils-rm` as `rm`).
+        if n.starts_with("busybox") || MULTICALL.contains(&n.as_str()) {
             at += 1;
             continue;
         }
-        if at > 0 && word.starts_with('-') {
+        if (at > 0 && word.starts_with('-')) || n.is_empty() || n == ".." {
             return None;
         }
         let mut names = vec![n.clone()];
@@ -163,8 +175,9 @@ pub enum Role {
     /// Refused in the kernel: only deny rules that alone decide name it.
     Denied,
     /// A multi-call binary: the applet its argv names decides, unless a
-    /// deny rule alone refuses the binary itself.
-    Multicall { deny: bool },
+    /// deny rule alone refuses the binary itself. busybox runs exactly
+    /// the applet `argv[0]` names (others fall back to `argv[1]`).
+    Multicall { deny: bool, busybox: bool },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -280,7 +293,14 @@ impl ExeIndex {
     pub fn files(&self) -> impl Iterator<Item = (FileKey, Role)> + '_ {
         self.files.iter().map(|(k, e)| {
             let role = if e.multicall {
-                Role::Multicall { deny: e.deny }
+                Role::Multicall {
+                    deny: e.deny,
+                    busybox: e.paths.iter().any(|p| {
+                        p.rsplit('/')
+                            .next()
+                            .is_some_and(|n| n.starts_with("busybox"))
+                    }),
+                }
             } else if e.deny {
                 Role::Denied
             } else {
@@ -513,6 +533,11 @@ mod tests {
         assert_eq!(a("coreutils --coreutils-prog=a/rm"), None);
         assert_eq!(a("busybox --install -s"), None);
         assert_eq!(a("busybox"), None);
+        // A path library's file name: uutils runs `rm` for these.
+        assert_eq!(a("rm/ -rf x"), is("rm", 0));
+        assert_eq!(a("/x/rm/. -rf x"), is("rm", 0));
+        assert_eq!(a("coreutils-rm / -rf"), is("coreutils-rm coreutils rm", 0));
+        assert_eq!(a("/ -rf"), None);
         let b = applet(&v("x rm -rf"), false).map(|a| (a.names, a.argv_at));
         assert_eq!(b, is("x", 0));
         assert_eq!(applet(&[], true), None);

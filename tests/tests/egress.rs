@@ -42,6 +42,10 @@ fn every_way_out_to_a_denied_destination_is_refused_and_recorded() {
             "udp-sendto-v4-mapped",
             format!("{ACTOR} udp-send [::ffff:127.0.0.3]:{u}"),
         ),
+        (
+            "udp-sendto-af-unspec",
+            format!("{ACTOR} udp-send-unspec 127.0.0.3:{u}"),
+        ),
         ("tcp-fast-open", format!("{ACTOR} tfo 127.0.0.3:{t}")),
         (
             "tcp-fast-open-v4-mapped",

@@ -18,6 +18,7 @@ use crate::{
 
 use super::{LsmVerdict, earlier_denial};
 
+const AF_UNSPEC: u16 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const SOCK_STREAM: u16 = 1;
@@ -57,7 +58,8 @@ fn try_lsm_socket_connect(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
 }
 
 /// The event for an IPv4 or IPv6 `address` (a kernel `struct sockaddr`)
-/// on `sock`; None for any other family.
+/// on `sock`; None for any other family (for a datagram send AF_UNSPEC
+/// is AF_INET, as udp_sendmsg takes it).
 #[inline(always)]
 fn inet_event(
     sock: u64,
@@ -65,7 +67,12 @@ fn inet_event(
     kind: EventKind,
     session_id: u64,
 ) -> Result<Option<NetEvent>, i64> {
-    let family: u16 = read(address, 0)?;
+    let mut family: u16 = read(address, 0)?;
+    if family == AF_UNSPEC && kind == EventKind::UdpSend {
+        // udp_sendmsg takes AF_UNSPEC as AF_INET (udpv6_sendmsg as no
+        // address at all: then this only asks about a send that had none).
+        family = AF_INET;
+    }
     if family != AF_INET && family != AF_INET6 {
         return Ok(None);
     }
@@ -187,7 +194,7 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     if name == 0 {
         return Ok(LsmVerdict::Allow);
     }
-    let Some(mut event) = inet_event(ctx.arg(0), name, EventKind::Connect, session_id)? else {
+    let Some(mut event) = inet_event(ctx.arg(0), name, EventKind::UdpSend, session_id)? else {
         return Ok(LsmVerdict::Allow);
     };
     let flags: u32 = read(msg, off.msghdr_msg_flags)?;
@@ -195,16 +202,18 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         // A connected TCP socket ignores the address; an unconnected one
         // connects only with MSG_FASTOPEN.
         6 if flags & MSG_FASTOPEN != 0 => false,
-        17 => true,
-        _ => return Ok(LsmVerdict::Allow),
+        6 => return Ok(LsmVerdict::Allow),
+        // A datagram, or any other socket type that takes an address
+        // (raw, ping): a flow to that destination.
+        _ => true,
     };
     if !is_candidate(&event) {
         return Ok(LsmVerdict::Allow);
     }
     if !udp {
+        event.header.kind = EventKind::Connect as u32;
         return connect_verdict(pid_tgid, session_id, &mut event);
     }
-    event.header.kind = EventKind::UdpSend as u32;
     let flow = UdpSeenKey::of(tgid, &event);
     // SAFETY: copied out at once.
     if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {

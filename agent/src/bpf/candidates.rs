@@ -11,8 +11,9 @@
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
-    EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, ExecRule, FILE_CAND_DIR, FILE_CAND_NAME,
-    FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule, RuleAction, name_hash,
+    EXEC_RULE_BUSYBOX, EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, ExecRule, FILE_CAND_DIR,
+    FILE_CAND_NAME, FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule,
+    RuleAction, name_hash,
 };
 use aya::{
     Ebpf,
@@ -39,6 +40,13 @@ const MULTICALL: ExecRule = ExecRule {
     flags: EXEC_RULE_MULTICALL,
 };
 
+/// busybox: held only when `argv[0]`'s name starts with `busybox` or is a
+/// name a rule gives (it runs exactly the applet that name names).
+const BUSYBOX: ExecRule = ExecRule {
+    action: RuleAction::Hold as u32,
+    flags: EXEC_RULE_MULTICALL | EXEC_RULE_BUSYBOX,
+};
+
 /// A name a deny rule alone decides for a multi-call binary's applet link:
 /// refused as that applet, a candidate as any other file's name.
 const DENIED_AS_APPLET: ExecRule = ExecRule {
@@ -60,10 +68,13 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
         .files()
         .map(|(k, role)| {
             let rule = match role {
-                Role::Multicall { deny: false } => MULTICALL,
-                Role::Multicall { deny: true } => ExecRule {
-                    action: RuleAction::Deny as u32,
-                    ..MULTICALL
+                Role::Multicall { deny, busybox } => ExecRule {
+                    action: if deny {
+                        RuleAction::Deny as u32
+                    } else {
+                        RuleAction::Hold as u32
+                    },
+                    ..if busybox { BUSYBOX } else { MULTICALL }
                 },
                 Role::Denied => DENIED,
                 Role::Candidate => CANDIDATE,
@@ -125,7 +136,7 @@ pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> 
     let multicall = exefile::MULTICALL
         .iter()
         .filter(|_| named)
-        .map(|n| (*n, MULTICALL));
+        .map(|n| (*n, if *n == "busybox" { BUSYBOX } else { MULTICALL }));
     let paths = c.exec_paths.iter().map(|p| {
         let deny = c.exec_deny_paths.contains(p) && exes.applet_link(p);
         (
@@ -151,11 +162,12 @@ pub fn exec_names(c: &Candidates, exes: &ExeIndex) -> StdHashMap<u64, ExecRule> 
 /// is refused whatever it runs), else a candidate.
 fn join(a: ExecRule, b: ExecRule) -> ExecRule {
     let pair = |x, y| (a == x && b == y) || (a == y && b == x);
+    let multi = |r: ExecRule| r == MULTICALL || r == BUSYBOX;
     if a == b {
         a
     } else if pair(DENIED, DENIED_AS_APPLET) {
         DENIED_AS_APPLET
-    } else if pair(DENIED, MULTICALL) {
+    } else if (a == DENIED && multi(b)) || (b == DENIED && multi(a)) {
         DENIED
     } else {
         CANDIDATE
@@ -258,13 +270,15 @@ mod tests {
         // Denied by name, held by the path /opt/x/nc: a candidate.
         assert_eq!(of("nc"), Some(CANDIDATE));
         assert_eq!(of("curl"), Some(CANDIDATE));
-        assert_eq!(of("busybox"), Some(MULTICALL));
+        assert_eq!(of("busybox"), Some(BUSYBOX));
+        assert_eq!(of("toybox"), Some(MULTICALL));
         assert_eq!(of("ld-linux-x86-64.so.2"), Some(CANDIDATE));
         assert_eq!(join(MULTICALL, DENIED), DENIED);
         assert_eq!(join(MULTICALL, CANDIDATE), CANDIDATE);
         assert_eq!(join(DENIED_AS_APPLET, DENIED), DENIED_AS_APPLET);
         assert_eq!(join(DENIED_AS_APPLET, CANDIDATE), CANDIDATE);
         assert_eq!(join(DENIED_AS_APPLET, MULTICALL), CANDIDATE);
+        assert_eq!(join(BUSYBOX, DENIED), DENIED);
         assert!(!exes.applet_link(&tool) && !exes.applet_link(&gone));
     }
 
@@ -285,14 +299,15 @@ mod tests {
         let exes = ExeIndex::of(&c);
         assert!(exes.applet_link(&link));
         let key = exefile::file_key(&busybox).unwrap();
-        assert!(
-            exes.files()
-                .any(|(k, r)| k == key && r == Role::Multicall { deny: false })
-        );
+        assert!(exes.files().any(|(k, r)| k == key
+            && r == Role::Multicall {
+                deny: false,
+                busybox: true
+            }));
         let names = exec_names(&c, &exes);
         let of = |n: &str| names.get(&name_hash(n.as_bytes())).copied();
         assert_eq!(of("whoami"), Some(DENIED_AS_APPLET));
-        assert_eq!(of("busybox"), Some(MULTICALL));
+        assert_eq!(of("busybox"), Some(BUSYBOX));
         // A deny rule on the binary itself refuses it, whatever it runs.
         let b = busybox.display().to_string();
         let c = Candidates {
@@ -301,9 +316,10 @@ mod tests {
             ..Candidates::default()
         };
         let exes = ExeIndex::of(&c);
-        assert!(
-            exes.files()
-                .any(|(k, r)| k == key && r == Role::Multicall { deny: true })
-        );
+        assert!(exes.files().any(|(k, r)| k == key
+            && r == Role::Multicall {
+                deny: true,
+                busybox: true
+            }));
     }
 }

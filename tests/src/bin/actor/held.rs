@@ -372,3 +372,33 @@ pub fn run_as_pid(pid: i32, program: &str, rest: &[&str]) -> String {
         }
     }
 }
+
+/// One datagram from a fresh IPv4 UDP socket to `addr`, given with family
+/// AF_UNSPEC. The errno (0: sent).
+pub fn udp_send_unspec(addr: std::net::SocketAddrV4) -> i32 {
+    // SAFETY: a zeroed sockaddr_in is valid; filled below.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_UNSPEC as libc::sa_family_t;
+    sa.sin_port = addr.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return errno();
+        }
+        let data = b"airlock-test";
+        let rc = libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let e = if rc < 0 { errno() } else { 0 };
+        libc::close(fd);
+        e
+    }
+}

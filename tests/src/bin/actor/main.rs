@@ -33,6 +33,8 @@
 //!                                  32-bit `int $0x80` execve (x86_64); if that fails print
 //!                                  "error:<errno>" and exit 126
 //! actor udp-send ADDR:PORT        one datagram by sendto on an unconnected socket; print the errno
+//! actor udp-send-unspec A.B.C.D:PORT  as udp-send, the address given with family AF_UNSPEC
+//!                                  (which udp_sendmsg takes as AF_INET)
 //! actor tfo ADDR:PORT              a TCP Fast Open connect (sendto with MSG_FASTOPEN and data on a
 //!                                  fresh socket); print the errno
 //! actor run-as-pid PID PROGRAM [ARGS]  as run-timed, the child made with pid PID (clone3 set_tid,
@@ -110,6 +112,10 @@ fn main() -> ExitCode {
                 Err(e) => e.raw_os_error().unwrap_or(-1),
             };
             println!("{errno}");
+        }
+        ["udp-send-unspec", addr] => {
+            let addr: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            println!("{}", held::udp_send_unspec(addr));
         }
         ["tfo", addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
