@@ -163,3 +163,63 @@ fn a_held_datagram_flow_waits_for_one_approval() {
         "one request for the flow"
     );
 }
+
+/// A policy reload revokes the decisions on datagram flows: a flow
+/// approved under a hold rule is asked about again, and refused, once the
+/// rule has become a deny rule.
+#[test]
+fn a_reload_revokes_an_approved_datagram_flow() {
+    let test = "a_reload_revokes_an_approved_datagram_flow";
+    if !can_run(test) || !connects_held(test) {
+        return;
+    }
+    const ALICE: &str = "alice-token-0123456789";
+    let rule = |decision: &str| {
+        format!(
+            "pack: t\nrules:\n\
+             - {{name: r-5, on: connect, when: {{dest: 127.0.0.5/32}}, decision: {decision}}}\n"
+        )
+    };
+    let daemon = Daemon::start_with_policy(
+        &[("t.yaml", &rule("hold"))],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let udp = UdpSocket::bind("127.0.0.5:0").unwrap();
+    let target = udp.local_addr().unwrap().to_string();
+    let gate = daemon.dir.path().join("gate");
+    let gate_s = gate.display().to_string();
+    let run = daemon.spawn_run(&[], &[ACTOR, "udp-gated", &target, &gate_s]);
+    let pending = daemon.wait_pending(ALICE, 1);
+    let id = pending[0]["id"].as_u64().unwrap().to_string();
+    let out = daemon.approvals(ALICE, &["approve", &id, "--reason", "test", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    // The first datagram arrived: the flow is approved.
+    udp.set_read_timeout(Some(airlock_tests::scaled(std::time::Duration::from_secs(
+        5,
+    ))))
+    .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(udp.recv_from(&mut buf).is_ok(), "the approved datagram");
+    // Now the rule refuses, and the policy reloads.
+    std::fs::write(daemon.policy_dir().join("t.yaml"), rule("deny")).unwrap();
+    let deadline =
+        std::time::Instant::now() + airlock_tests::scaled(std::time::Duration::from_secs(30));
+    while !daemon.log().contains("policy reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::write(&gate, "").unwrap();
+    let out = airlock_tests::held::finish(run);
+    let errnos: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        errnos,
+        ["0", &libc::EPERM.to_string()],
+        "approved, then refused after the reload: {out}\n{}",
+        daemon.log()
+    );
+}

@@ -115,7 +115,22 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
     sync(ebpf, "FILE_NAMES", &files)?;
 
     set_mode(ebpf, MODE_EXEC_ALL, c.exec_all)?;
-    set_mode(ebpf, MODE_EXEC_SETUID, c.exec_setuid)
+    set_mode(ebpf, MODE_EXEC_SETUID, c.exec_setuid)?;
+    forget_flows(ebpf)
+}
+
+/// Forgets every datagram flow's decision (`UDP_DECIDED`, keyed by
+/// process and destination: 24 bytes): they were taken under the policy
+/// this one replaces, so the next datagram of each is asked about again.
+fn forget_flows(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let mut flows: HashMap<&mut MapData, [u8; 24], u32> =
+        HashMap::try_from(map(ebpf, "UDP_DECIDED")?)
+            .map_err(|e| BpfError::map("UDP_DECIDED", e))?;
+    let keys: Vec<[u8; 24]> = flows.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = flows.remove(&k);
+    }
+    Ok(())
 }
 
 /// The exec name map: each name a rule gives, the file name of each path a

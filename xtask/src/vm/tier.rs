@@ -113,6 +113,7 @@ const FALLBACK_SKIP: &[&str] = &[
     "connect_rewritten_while_held_is_held_again",
     "approval_of_an_attempt_never_made_does_not_cover_a_later_one",
     "a_held_datagram_flow_waits_for_one_approval",
+    "a_reload_revokes_an_approved_datagram_flow",
 ];
 
 /// How much slower the emulated guest is than the host, for the tests'

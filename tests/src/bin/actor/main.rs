@@ -35,6 +35,8 @@
 //! actor udp-send ADDR:PORT        one datagram by sendto on an unconnected socket; print the errno
 //! actor udp-send-unspec A.B.C.D:PORT  as udp-send, the address given with family AF_UNSPEC
 //!                                  (which udp_sendmsg takes as AF_INET)
+//! actor udp-gated ADDR:PORT GATE  a datagram by sendto, then (the same socket, the same process)
+//!                                  another once the file GATE exists; print each errno
 //! actor tfo ADDR:PORT              a TCP Fast Open connect (sendto with MSG_FASTOPEN and data on a
 //!                                  fresh socket); print the errno
 //! actor run-as-pid PID PROGRAM [ARGS]  as run-timed, the child made with pid PID (clone3 set_tid,
@@ -116,6 +118,19 @@ fn main() -> ExitCode {
         ["udp-send-unspec", addr] => {
             let addr: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
             println!("{}", held::udp_send_unspec(addr));
+        }
+        ["udp-gated", addr, gate] => {
+            let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let send = || match sock.send_to(b"airlock-test", addr) {
+                Ok(_) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(-1),
+            };
+            println!("{}", send());
+            while !std::path::Path::new(gate).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!("{}", send());
         }
         ["tfo", addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
