@@ -95,10 +95,6 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
             run(&format!("{probe} {}now", "x ".repeat(70))),
         ),
     ];
-    // busybox is in every VM image; on a host only where it is installed.
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|b| Path::new(b).exists());
     // A 32-bit execve fires no syscall tracepoint: where this kernel runs
     // them at all (IA-32 emulation), it must not run on a stale argv.
     let compat = std::process::Command::new(ACTOR)
@@ -117,98 +113,13 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
             run(&format!("{loader} {probe} seq 1 /bin/true")),
         ),
     ];
-    match busybox {
-        Some(b) => {
-            // An applet link by another name: busybox runs what argv[0]
-            // says, whatever the file is called.
-            std::os::unix::fs::symlink(b, format!("{d}/ls")).unwrap();
-            let ls = format!("{d}/ls");
-            tricks.extend([
-                ("busybox-applet", run(&format!("{b} whoami"))),
-                ("busybox-argv0", run(&format!("{ACTOR} argv0 whoami {ls}"))),
-                ("busybox-twice", run(&format!("{b} busybox whoami"))),
-                (
-                    "busybox-prefixed-argv0",
-                    run(&format!("{ACTOR} argv0 busybox.x {ls} whoami")),
-                ),
-                (
-                    "busybox-named-twice-otherwise",
-                    run(&format!("{ACTOR} argv0 busyboxA {ls} busyboxB whoami")),
-                ),
-                (
-                    "busybox-login-argv0",
-                    run(&format!("{ACTOR} argv0 -whoami {ls}")),
-                ),
-            ]);
-            controls.extend([
-                ("control-busybox", run(&format!("{b} true"))),
-                ("control-busybox-link", run(&format!("{ls} /"))),
-                (
-                    "control-busybox-argv0",
-                    run(&format!("{ACTOR} argv0 true {ls} whoami")),
-                ),
-            ]);
-        }
-        None => eprintln!("{test}: no busybox here, its tricks are tried in the VMs only"),
-    }
-    let script: String = tricks
-        .iter()
-        .chain(&controls)
-        .map(|(name, cmd)| trick(name, cmd))
-        .collect();
-    let (session, out) = daemon.run(&["agent=identity-test"], &["/bin/sh", "-c", &script]);
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = |name: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", daemon.log()))
-            .to_string()
-    };
-    let escaped: Vec<String> = tricks
-        .iter()
-        .filter(|(name, _)| !refused(&line(name)))
-        .map(|(name, _)| format!("{name}: {}", line(name)))
-        .collect();
-    assert!(
-        escaped.is_empty(),
-        "these ran although a rule names what they run:\n{}\nall:\n{out}\ndaemon log:\n{}",
-        escaped.join("\n"),
-        daemon.log()
-    );
-    for (name, _) in &controls {
-        assert!(
-            line(name).ends_with("exit:0"),
-            "{name} is not flagged and runs: {out}"
-        );
-    }
+    let (more, more_controls) = busybox_tricks(test, &d);
+    tricks.extend(more);
+    controls.extend(more_controls);
+    let (session, out) = run_all(&daemon, &tricks, &controls);
+    assert_refused(&daemon, &out, &tricks, &controls);
 
-    // Each was recorded as the file it ran: the probe's inode, whatever
-    // name the caller used (the loader's own file is the loader's).
-    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&probe).unwrap());
-    let events = daemon.events(session);
-    let probe_execs = events
-        .iter()
-        .filter(|e| e.kind == "exec" && e.detail["file"]["ino"].as_u64() == Some(ino))
-        .count();
-    // plain, relative, dot-dot, double-slash, padded, symlink, hard link,
-    // fexecve, and the alias control.
-    assert!(
-        probe_execs >= 9,
-        "{probe_execs} execs of the probe's file recorded: {:#?}",
-        events
-            .iter()
-            .filter(|e| e.kind == "exec")
-            .map(|e| &e.detail)
-            .collect::<Vec<_>>()
-    );
-    let decided = events
-        .iter()
-        .filter(|e| e.kind == "decision" && e.detail["rule"] == "t/no-probe-now")
-        .count();
-    assert!(
-        decided >= 10,
-        "the daemon's decisions by the probe rule: {decided} (one per trick on the probe)"
-    );
+    assert_recorded_by_file(&daemon, session, &probe);
 }
 
 /// A package upgrade replaces a program with a new file (a new inode): the
@@ -266,4 +177,121 @@ fn a_replaced_program_is_found_again_by_its_new_file() {
         daemon.log()
     );
     assert!(line("control").ends_with("exit:0"), "{out}");
+}
+
+type Tricks = Vec<(&'static str, String)>;
+
+/// The multi-call tricks and their controls (busybox is in every VM
+/// image; on a host only where it is installed).
+fn busybox_tricks(test: &str, d: &str) -> (Tricks, Tricks) {
+    let run = |cmd: &str| format!("{ACTOR} run-timed {cmd}");
+    let Some(b) = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|b| Path::new(b).exists())
+    else {
+        eprintln!("{test}: no busybox here, its tricks are tried in the VMs only");
+        return (Vec::new(), Vec::new());
+    };
+    // An applet link by another name: busybox runs what argv[0] says,
+    // whatever the file is called.
+    let ls = format!("{d}/ls");
+    std::os::unix::fs::symlink(b, &ls).unwrap();
+    let tricks = vec![
+        ("busybox-applet", run(&format!("{b} whoami"))),
+        ("busybox-argv0", run(&format!("{ACTOR} argv0 whoami {ls}"))),
+        ("busybox-twice", run(&format!("{b} busybox whoami"))),
+        (
+            "busybox-prefixed-argv0",
+            run(&format!("{ACTOR} argv0 busybox.x {ls} whoami")),
+        ),
+        (
+            "busybox-named-twice-otherwise",
+            run(&format!("{ACTOR} argv0 busyboxA {ls} busyboxB whoami")),
+        ),
+        (
+            "busybox-login-argv0",
+            run(&format!("{ACTOR} argv0 -whoami {ls}")),
+        ),
+    ];
+    let controls = vec![
+        ("control-busybox", run(&format!("{b} true"))),
+        ("control-busybox-link", run(&format!("{ls} /"))),
+        (
+            "control-busybox-argv0",
+            run(&format!("{ACTOR} argv0 true {ls} whoami")),
+        ),
+    ];
+    (tricks, controls)
+}
+
+/// Runs every trick and control in one session: its id, and the lines
+/// `NAME <run-timed's last line>`.
+fn run_all(daemon: &Daemon, tricks: &Tricks, controls: &Tricks) -> (u64, String) {
+    let script: String = tricks
+        .iter()
+        .chain(controls)
+        .map(|(name, cmd)| trick(name, cmd))
+        .collect();
+    let (session, out) = daemon.run(&["agent=identity-test"], &["/bin/sh", "-c", &script]);
+    (session, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The line `run_all` printed for `name`.
+fn line(daemon: &Daemon, out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", daemon.log()))
+        .to_string()
+}
+
+/// Every trick was refused, every control ran.
+fn assert_refused(daemon: &Daemon, out: &str, tricks: &Tricks, controls: &Tricks) {
+    let escaped: Vec<String> = tricks
+        .iter()
+        .filter(|(name, _)| !refused(&line(daemon, out, name)))
+        .map(|(name, _)| format!("{name}: {}", line(daemon, out, name)))
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "these ran although a rule names what they run:\n{}\nall:\n{out}\ndaemon log:\n{}",
+        escaped.join("\n"),
+        daemon.log()
+    );
+    for (name, _) in controls {
+        assert!(
+            line(daemon, out, name).ends_with("exit:0"),
+            "{name} is not flagged and runs: {out}"
+        );
+    }
+}
+
+/// The probe's execs were recorded as its file, whatever name the caller
+/// used, and the daemon decided one per trick on it.
+fn assert_recorded_by_file(daemon: &Daemon, session: u64, probe: &str) {
+    // (The loader's own file is the loader's.)
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(probe).unwrap());
+    let events = daemon.events(session);
+    let probe_execs = events
+        .iter()
+        .filter(|e| e.kind == "exec" && e.detail["file"]["ino"].as_u64() == Some(ino))
+        .count();
+    // plain, relative, dot-dot, double-slash, padded, symlink, hard link,
+    // fexecve, and the alias control.
+    assert!(
+        probe_execs >= 9,
+        "{probe_execs} execs of the probe's file recorded: {:#?}",
+        events
+            .iter()
+            .filter(|e| e.kind == "exec")
+            .map(|e| &e.detail)
+            .collect::<Vec<_>>()
+    );
+    let decided = events
+        .iter()
+        .filter(|e| e.kind == "decision" && e.detail["rule"] == "t/no-probe-now")
+        .count();
+    assert!(
+        decided >= 10,
+        "the daemon's decisions by the probe rule: {decided} (one per trick on the probe)"
+    );
 }
