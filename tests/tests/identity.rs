@@ -195,7 +195,7 @@ fn busybox_tricks(test: &str, d: &str) -> (Tricks, Tricks) {
     // An applet link by another name: busybox runs what argv[0] says,
     // whatever the file is called.
     let ls = format!("{d}/ls");
-    std::os::unix::fs::symlink(b, &ls).unwrap();
+    std::os::unix::fs::symlink(b, &ls).expect("a link to busybox");
     let tricks = vec![
         ("busybox-applet", run(&format!("{b} whoami"))),
         ("busybox-argv0", run(&format!("{ACTOR} argv0 whoami {ls}"))),
@@ -269,7 +269,7 @@ fn assert_refused(daemon: &Daemon, out: &str, tricks: &Tricks, controls: &Tricks
 /// used, and the daemon decided one per trick on it.
 fn assert_recorded_by_file(daemon: &Daemon, session: u64, probe: &str) {
     // (The loader's own file is the loader's.)
-    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(probe).unwrap());
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(probe).expect("the probe"));
     let events = daemon.events(session);
     let probe_execs = events
         .iter()
