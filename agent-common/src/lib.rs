@@ -662,10 +662,15 @@ pub struct KernelOffsets {
     pub msghdr_msg_name: u32,
     /// `msghdr.msg_flags` (the send's flags, `MSG_FASTOPEN` among them)
     pub msghdr_msg_flags: u32,
+    /// `task_struct.group_leader`
+    pub task_group_leader: u32,
+    /// `task_struct.start_time` (a u64, ns since boot: with the tgid, a
+    /// process that a reused pid cannot stand in for)
+    pub task_start_time: u32,
     /// Padding, always zero.
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 112);
+const _: () = assert!(size_of::<KernelOffsets>() == 120);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -684,7 +689,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 128);
+const _: () = assert!(size_of::<AgentConfig>() == 136);
 
 #[cfg(feature = "user")]
 mod pod {

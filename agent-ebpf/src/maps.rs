@@ -45,6 +45,8 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         sb_s_dev: 0,
         msghdr_msg_name: 0,
         msghdr_msg_flags: 0,
+        task_group_leader: 0,
+        task_start_time: 0,
         _pad: 0,
     },
     generation: 0,

@@ -21,7 +21,7 @@ use crate::{
         EVENTS, FORCE_WAKEUP, LSM_APPROVED, MODE, NET_RULES, count_loss, session_of, submit_flags,
         take_verdict,
     },
-    task::header,
+    task::{current_process_start, header},
 };
 
 const AF_INET: u16 = 2;
@@ -40,7 +40,8 @@ pub static PENDING_CONNECT: HashMap<u64, NetEvent> = HashMap::with_max_entries(8
 #[map]
 static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
-/// A process's datagram destination.
+/// A process's datagram destination. The process is its tgid and start
+/// time: a process that gets a reused pid is another one.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UdpSeenKey {
@@ -48,9 +49,11 @@ pub struct UdpSeenKey {
     pub family: u16,
     pub port: u16,
     pub addr: [u8; 16],
+    pub start: u64,
 }
 
 impl UdpSeenKey {
+    /// The current process's flow to `event`'s destination.
     #[inline(always)]
     pub fn of(tgid: u32, event: &NetEvent) -> Self {
         Self {
@@ -58,6 +61,7 @@ impl UdpSeenKey {
             family: event.family,
             port: event.port,
             addr: event.addr,
+            start: current_process_start(),
         }
     }
 }

@@ -29,6 +29,18 @@ pub fn current_ppid() -> u32 {
         .unwrap_or(0)
 }
 
+/// When the current process started (its group leader's `start_time`;
+/// 0 if unreadable): with the tgid, it names the process, not the pid.
+#[inline(always)]
+pub fn current_process_start() -> u64 {
+    let off = config().offsets;
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    read::<u64>(task, off.task_group_leader)
+        .and_then(|leader| read::<u64>(leader, off.task_start_time))
+        .unwrap_or(0)
+}
+
 /// Effective uid of the current task (u32::MAX if unreadable).
 #[inline(always)]
 pub fn current_euid() -> u32 {

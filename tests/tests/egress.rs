@@ -223,3 +223,78 @@ fn a_reload_revokes_an_approved_datagram_flow() {
         daemon.log()
     );
 }
+
+/// A datagram flow's decision belongs to the process, not to its pid: a
+/// process that gets the pid of one whose flow was approved is asked
+/// about its own datagrams.
+#[test]
+fn a_flow_decision_is_not_inherited_by_a_reused_pid() {
+    let test = "a_flow_decision_is_not_inherited_by_a_reused_pid";
+    if !can_run(test) || !connects_held(test) {
+        return;
+    }
+    const ALICE: &str = "alice-token-0123456789";
+    let policy = "pack: t\nrules:\n\
+         - {name: hold-6, on: connect, when: {dest: 127.0.0.6/32}, decision: hold}\n";
+    let daemon = Daemon::start_with_policy(
+        &[("t.yaml", policy)],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let udp = UdpSocket::bind("127.0.0.6:0").unwrap();
+    let target = udp.local_addr().unwrap().to_string();
+    let pidfile = daemon.dir.path().join("pid");
+    let script = format!(
+        "{ACTOR} udp-send {target}; while [ ! -e {p} ]; do sleep 0.05; done; {ACTOR} run-as-pid $(cat {p}) {ACTOR} udp-send {target}",
+        p = pidfile.display()
+    );
+    let run = daemon.spawn_run(&[], &["/bin/sh", "-c", &script]);
+    let first = daemon.wait_pending(ALICE, 1);
+    let tgid = first[0]["tgid"].as_u64().unwrap();
+    let id = first[0]["id"].as_u64().unwrap().to_string();
+    assert!(
+        daemon
+            .approvals(ALICE, &["approve", &id, "--reason", "test"])
+            .status
+            .success()
+    );
+    let deadline =
+        std::time::Instant::now() + airlock_tests::scaled(std::time::Duration::from_secs(30));
+    while std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "{tgid} did not end");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Another process, with the same pid, to the same destination.
+    std::fs::write(&pidfile, tgid.to_string()).unwrap();
+    let mut run = run;
+    let mut asked = false;
+    while run.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session did not end"
+        );
+        for r in daemon.requests(ALICE, true) {
+            assert_eq!(r["tgid"].as_u64(), Some(tgid), "{r:#?}");
+            let id = r["id"].as_u64().unwrap().to_string();
+            assert!(
+                daemon
+                    .approvals(ALICE, &["deny", &id, "--reason", "test"])
+                    .status
+                    .success()
+            );
+            asked = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = airlock_tests::held::finish(run);
+    assert!(
+        asked,
+        "the process with the reused pid {tgid} was not asked about: {out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["0", &libc::EPERM.to_string(), "exit:0"],
+        "approved for the first process, refused for the second: {out}"
+    );
+}

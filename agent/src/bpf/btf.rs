@@ -55,6 +55,8 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         sb_s_dev: f("super_block", "s_dev")?,
         msghdr_msg_name: f("msghdr", "msg_name")?,
         msghdr_msg_flags: f("msghdr", "msg_flags")?,
+        task_group_leader: f("task_struct", "group_leader")?,
+        task_start_time: f("task_struct", "start_time")?,
         _pad: 0,
     })
 }

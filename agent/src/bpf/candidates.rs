@@ -120,13 +120,14 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
 }
 
 /// Forgets every datagram flow's decision (`UDP_DECIDED`, keyed by
-/// process and destination: 24 bytes): they were taken under the policy
+/// process and destination): they were taken under the policy
 /// this one replaces, so the next datagram of each is asked about again.
+/// (Key: tgid, family, port, address, process start: 32 bytes.)
 fn forget_flows(ebpf: &mut Ebpf) -> Result<(), BpfError> {
-    let mut flows: HashMap<&mut MapData, [u8; 24], u32> =
+    let mut flows: HashMap<&mut MapData, [u8; 32], u32> =
         HashMap::try_from(map(ebpf, "UDP_DECIDED")?)
             .map_err(|e| BpfError::map("UDP_DECIDED", e))?;
-    let keys: Vec<[u8; 24]> = flows.keys().filter_map(Result::ok).collect();
+    let keys: Vec<[u8; 32]> = flows.keys().filter_map(Result::ok).collect();
     for k in keys {
         let _ = flows.remove(&k);
     }

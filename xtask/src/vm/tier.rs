@@ -114,6 +114,7 @@ const FALLBACK_SKIP: &[&str] = &[
     "approval_of_an_attempt_never_made_does_not_cover_a_later_one",
     "a_held_datagram_flow_waits_for_one_approval",
     "a_reload_revokes_an_approved_datagram_flow",
+    "a_flow_decision_is_not_inherited_by_a_reused_pid",
 ];
 
 /// How much slower the emulated guest is than the host, for the tests'
