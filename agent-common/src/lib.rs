@@ -98,6 +98,17 @@ pub const MODE_EXEC_ALL: u32 = 2;
 /// executables are candidates.
 pub const MODE_EXEC_SETUID: u32 = 3;
 
+/// Mode slot: every Unix socket connect of a watched session is a
+/// candidate (a rule names sockets by a pattern the kernel cannot look up).
+pub const MODE_UNIX_ALL: u32 = 4;
+
+/// Mode slot: a Unix socket connect to a server outside the acting
+/// session is a candidate (a rule uses `outside_session`).
+pub const MODE_UNIX_OUTSIDE: u32 = 5;
+
+/// Slots of the mode array.
+pub const MODE_SLOTS: u32 = 8;
+
 /// Slots of the pinned control array (`u64` values), shared by every
 /// generation of the programs and written by the daemon.
 /// The generation whose programs act; programs of any other generation
@@ -317,6 +328,10 @@ pub enum EventKind {
     UdpSend = 102,
     /// A connect that a hold rule stopped; it is re-issued once decided.
     ConnectHeld = 103,
+    /// A watched process connected to a Unix-domain socket (stream or
+    /// seqpacket connect), or sent a datagram to one (recorded once per
+    /// socket per process): held when a rule names the socket.
+    UnixConnect = 104,
     /// The daemon's policy decided a candidate action without a human
     /// (written by the daemon, never by the kernel).
     Decision = 200,
@@ -336,6 +351,7 @@ impl EventKind {
             101 => Self::Accept,
             102 => Self::UdpSend,
             103 => Self::ConnectHeld,
+            104 => Self::UnixConnect,
             200 => Self::Decision,
             900 => Self::Loss,
             _ => return None,
@@ -359,6 +375,7 @@ impl EventKind {
             Self::Accept => "accept",
             Self::UdpSend => "udp_send",
             Self::ConnectHeld => "connect_held",
+            Self::UnixConnect => "unix_connect",
             Self::Decision => "decision",
             Self::Loss => "loss",
         }
@@ -576,6 +593,75 @@ pub struct FileEvent {
 }
 const _: () = assert!(size_of::<FileEvent>() == 56 + 16 + FILE_PATH_MAX);
 
+/// Bytes of a Unix socket's address (`sockaddr_un.sun_path`).
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// The socket is a datagram socket: the event is its first datagram to
+/// that socket (or its connect), and a decision covers the flow.
+pub const UNIX_DGRAM: u32 = 1 << 8;
+/// The socket's address is abstract (`sun_path` starts with a NUL; no
+/// file): `dev` and `ino` are zero.
+pub const UNIX_ABSTRACT: u32 = 1 << 9;
+/// The process serving the socket (the listener's creator) is not in the
+/// acting session, or is not known.
+pub const UNIX_PEER_OUTSIDE: u32 = 1 << 10;
+/// The connect is held: a request for the daemon.
+pub const UNIX_HELD: u32 = 1 << 11;
+
+/// A connect to (or a datagram for) a Unix-domain socket, seen by the BPF
+/// LSM hooks `unix_stream_connect` and `unix_may_send` once the kernel has
+/// found the socket: whatever name the caller used (a symlink, a hard
+/// link, a relative path, `/proc/self/root/...`), `dev` and `ino` are the
+/// socket file's. `flags` carries `NET_*` outcome bits and `UNIX_*` bits.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UnixEvent {
+    /// Common head, `kind` = [`EventKind::UnixConnect`].
+    pub header: EventHeader,
+    /// `NET_*` and `UNIX_*` flags.
+    pub flags: u32,
+    /// Bytes of `path` used (the socket's bound address, without NULs at
+    /// the end; an abstract address keeps its leading NUL).
+    pub path_len: u32,
+    /// [`unix_digest`] of the socket: the verdict key.
+    pub digest: u64,
+    /// The socket file's inode number (0 for an abstract address).
+    pub ino: u64,
+    /// Its file system's device, the kernel's encoding.
+    pub dev: u32,
+    /// The tgid of the process serving the socket (0 when unknown).
+    pub peer_tgid: u32,
+    /// The address the socket was bound to, as its server gave it.
+    pub path: [u8; UNIX_PATH_MAX],
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<UnixEvent>() == 56 + 32 + UNIX_PATH_MAX + 4);
+
+/// Value of the Unix socket candidate map (key: the socket file's
+/// [`FileKey`], or for an abstract address `dev` 0 and `ino` its
+/// [`name_hash`]): hold.
+pub const UNIX_CAND: u32 = 1;
+
+/// FNV-1a over a Unix socket's identity: its file (device, inode), or for
+/// an abstract address the address's hash. The verdict key digest of a
+/// held Unix connect; computed the same way by the kernel and the daemon.
+#[inline(always)]
+pub fn unix_digest(dev: u32, ino: u64, dgram: bool) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut i = 0;
+    while i < 4 {
+        h = fnv_step(h, (dev >> (8 * i)) as u8);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 8 {
+        h = fnv_step(h, (ino >> (8 * i)) as u8);
+        i += 1;
+    }
+    fnv_step(fnv_step(h, b'u'), dgram as u8)
+}
+
 /// Placeholder for `NetEvent::ret` when the outcome was not observed.
 pub const NET_RET_UNKNOWN: i32 = i32::MIN;
 
@@ -667,10 +753,27 @@ pub struct KernelOffsets {
     /// `task_struct.start_time` (a u64, ns since boot: with the tgid, a
     /// process that a reused pid cannot stand in for)
     pub task_start_time: u32,
+    /// `dentry.d_inode`
+    pub dentry_d_inode: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
+    /// `unix_sock.addr` (a `struct unix_address *`)
+    pub unix_sock_addr: u32,
+    /// `unix_sock.path` (a `struct path`: the socket file)
+    pub unix_sock_path: u32,
+    /// `unix_address.len` (an int: bytes of `name` used)
+    pub unix_address_len: u32,
+    /// `unix_address.name` (a `struct sockaddr_un`)
+    pub unix_address_name: u32,
+    /// `sock.sk_peer_pid` (a `struct pid *`)
+    pub sock_sk_peer_pid: u32,
+    /// `pid.numbers` (`struct upid[]`; `upid.nr` first, the global
+    /// number in `numbers[0]`)
+    pub pid_numbers: u32,
     /// Padding, always zero.
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 120);
+const _: () = assert!(size_of::<KernelOffsets>() == 152);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -689,7 +792,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 136);
+const _: () = assert!(size_of::<AgentConfig>() == 168);
 
 #[cfg(feature = "user")]
 mod pod {

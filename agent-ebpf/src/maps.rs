@@ -3,7 +3,7 @@
 use airlock_common::{
     AgentConfig, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_SLOTS, CTL_STALE_NS,
     EventKind, ExecEvent, ExecRule, FileEvent, FileKey, HoldKey, LOSS_REASONS, LossKey, LossReason,
-    NetRule, SessionEntry, VerdictEntry,
+    MODE_SLOTS, NetRule, SessionEntry, UnixEvent, VerdictEntry,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -47,6 +47,14 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         msghdr_msg_flags: 0,
         task_group_leader: 0,
         task_start_time: 0,
+        dentry_d_inode: 0,
+        socket_sk: 0,
+        unix_sock_addr: 0,
+        unix_sock_path: 0,
+        unix_address_len: 0,
+        unix_address_name: 0,
+        sock_sk_peer_pid: 0,
+        pid_numbers: 0,
         _pad: 0,
     },
     generation: 0,
@@ -144,7 +152,23 @@ pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(
 
 /// Run-time switches the daemon sets after attaching (see `MODE_*`).
 #[map]
-pub static MODE: Array<u32> = Array::with_max_entries(4, 0);
+pub static MODE: Array<u32> = Array::with_max_entries(MODE_SLOTS, 0);
+
+/// Whether the mode slot `slot` is on.
+#[inline(always)]
+pub fn mode(slot: u32) -> bool {
+    MODE.get(slot).is_some_and(|v| *v == 1)
+}
+
+/// Unix socket candidates (value `UNIX_CAND`): the socket files a policy
+/// names, by device and inode (every name and hard link of each), and
+/// abstract addresses by `name_hash` (device 0).
+#[map]
+pub static UNIX_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Scratch space for the Unix socket event, too large for the stack.
+#[map]
+pub static UNIX_SCRATCH: PerCpuArray<UnixEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Connects the LSM hook approved, for the cgroup hook to record as such.
 #[map]

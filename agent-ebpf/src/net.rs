@@ -18,7 +18,7 @@ use aya_ebpf::{
 use crate::{
     hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
-        EVENTS, FORCE_WAKEUP, LSM_APPROVED, MODE, NET_RULES, count_loss, session_of, submit_flags,
+        EVENTS, FORCE_WAKEUP, LSM_APPROVED, NET_RULES, count_loss, session_of, submit_flags,
         take_verdict,
     },
     task::{current_process_start, header},
@@ -68,7 +68,7 @@ impl UdpSeenKey {
 
 /// Datagram destinations already recorded per process.
 #[map]
-static UDP_SEEN: LruHashMap<UdpSeenKey, u8> = LruHashMap::with_max_entries(16384, 0);
+pub static UDP_SEEN: LruHashMap<UdpSeenKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// The verdict on a process's datagrams to a candidate destination: one
 /// decision covers the flow (every datagram after the first held one),
@@ -230,7 +230,7 @@ pub fn pend_connect(pid_tgid: u64, event: &NetEvent) {
 /// True while the LSM socket_connect program holds connects.
 #[inline(always)]
 pub fn lsm_holds_connects() -> bool {
-    MODE.get(MODE_LSM_CONNECT).is_some_and(|v| *v == 1)
+    crate::maps::mode(MODE_LSM_CONNECT)
 }
 
 /// True when this destination is a connect candidate: every entry of the

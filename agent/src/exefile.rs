@@ -162,9 +162,14 @@ pub fn file_key(path: &Path) -> Option<FileKey> {
 /// refuse it on its own (only when every name it was found under is one a
 /// deny rule alone decides: another rule naming it by another name must
 /// get its say).
+///
+/// It also holds the Unix socket files the policy names by path
+/// ([`Self::sockets`]): looked up by device and inode, like executables,
+/// and looked up again as often (a socket appears when its server starts).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExeIndex {
     files: HashMap<FileKey, Entry>,
+    sockets: HashMap<FileKey, BTreeSet<String>>,
 }
 
 /// What the kernel does with a file it finds by inode.
@@ -191,9 +196,37 @@ struct Entry {
 impl ExeIndex {
     /// The executables the policy's candidates name (see [`Self::build`]).
     pub fn of(c: &Candidates) -> Self {
-        Self::build(&c.exec_paths, &c.exec_names, |n| {
+        let mut index = Self::build(&c.exec_paths, &c.exec_names, |n| {
             c.exec_deny_paths.contains(n) || c.exec_deny_names.contains(n)
-        })
+        });
+        for p in &c.unix.paths {
+            index.add_socket(Path::new(p));
+        }
+        index
+    }
+
+    /// A socket file a rule names by path: found by device and inode
+    /// (after symlinks), known by that path and its canonical one.
+    fn add_socket(&mut self, path: &Path) {
+        let Some(key) = file_key(path) else { return };
+        let names = self.sockets.entry(key).or_default();
+        names.insert(path.display().to_string());
+        if let Ok(shown) = std::fs::canonicalize(path) {
+            names.insert(shown.display().to_string());
+        }
+    }
+
+    /// The socket files the policy names, by device and inode.
+    pub fn sockets(&self) -> impl Iterator<Item = &FileKey> {
+        self.sockets.keys()
+    }
+
+    /// The paths the policy knows the socket file `key` by.
+    pub fn socket_paths(&self, key: &FileKey) -> impl Iterator<Item = &str> {
+        self.sockets
+            .get(key)
+            .into_iter()
+            .flat_map(|n| n.iter().map(String::as_str))
     }
 
     /// Finds the named executables on this host: `paths` as given (after
@@ -333,13 +366,13 @@ impl ExeIndex {
             .flat_map(|e| e.paths.iter().map(String::as_str))
     }
 
-    /// How many files.
+    /// How many files (executables and sockets).
     pub fn len(&self) -> usize {
-        self.files.len()
+        self.files.len() + self.sockets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.files.is_empty() && self.sockets.is_empty()
     }
 }
 

@@ -7,6 +7,7 @@
 mod exec;
 mod file;
 mod net;
+mod unix;
 
 use crate::hold::ERESTARTNOINTR;
 

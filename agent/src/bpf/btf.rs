@@ -57,8 +57,23 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         msghdr_msg_flags: f("msghdr", "msg_flags")?,
         task_group_leader: f("task_struct", "group_leader")?,
         task_start_time: f("task_struct", "start_time")?,
+        dentry_d_inode: f("dentry", "d_inode")?,
+        socket_sk: f("socket", "sk")?,
+        sock_sk_peer_pid: f("sock", "sk_peer_pid")?,
+        pid_numbers: f("pid", "numbers")?,
+        // Zero where AF_UNIX is a module (its structs are in the module's
+        // BTF): the Unix socket hooks are then not attached.
+        unix_sock_addr: f("unix_sock", "addr").unwrap_or(0),
+        unix_sock_path: f("unix_sock", "path").unwrap_or(0),
+        unix_address_len: f("unix_address", "len").unwrap_or(0),
+        unix_address_name: f("unix_address", "name").unwrap_or(0),
         _pad: 0,
     })
+}
+
+/// Whether the offsets the Unix socket hooks read were all found.
+pub fn has_unix(o: &KernelOffsets) -> bool {
+    o.unix_sock_addr != 0 && o.unix_sock_path != 0 && o.unix_address_name != 0
 }
 
 /// Byte offset of `field` in `struct name`, looking inside anonymous
@@ -160,6 +175,9 @@ mod tests {
         assert_eq!(o.path_dentry, 8, "struct path: mnt, then dentry");
         assert_eq!(o.qstr_name, 8, "struct qstr: hash_len, then name");
         assert!(o.dentry_d_name > o.dentry_d_parent, "d_parent, then d_name");
+        assert!(has_unix(&o), "AF_UNIX is built in on the kernels tested");
+        assert_eq!(o.unix_address_len, 4, "unix_address: refcnt, then len");
+        assert_eq!(o.unix_address_name, 8, "unix_address: len, then name");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Writes the policy's candidates into the kernel's pre-filter maps:
 //! executables by file (device and inode) and by name, connect address prefixes, file and directory
-//! names, and the "every exec" / "set-user-ID" switches.
+//! names, Unix socket files (device and inode) and abstract addresses,
+//! and the "every exec" / "set-user-ID" / "every Unix socket" / "servers
+//! outside the session" switches.
 //!
 //! File candidates are the names the kernel's `lsm_file_open` looks up
 //! before it does anything else with an open (agent-ebpf/src/lsm.rs): a
@@ -12,8 +14,8 @@ use std::collections::{HashMap as StdHashMap, HashSet};
 
 use airlock_common::{
     EXEC_RULE_BUSYBOX, EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, ExecRule, FILE_CAND_DIR,
-    FILE_CAND_NAME, FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, NetRule,
-    RuleAction, name_hash,
+    FILE_CAND_NAME, FILE_NAME_HASHED, FileKey, MODE_EXEC_ALL, MODE_EXEC_SETUID, MODE_UNIX_ALL,
+    MODE_UNIX_OUTSIDE, NetRule, RuleAction, UNIX_CAND, name_hash,
 };
 use aya::{
     Ebpf,
@@ -114,8 +116,24 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
     }
     sync(ebpf, "FILE_NAMES", &files)?;
 
+    // Socket files by device and inode; abstract addresses by the hash
+    // of the name after `@` (device 0).
+    let mut unix: StdHashMap<FileKey, u32> = exes.sockets().map(|k| (*k, UNIX_CAND)).collect();
+    for a in &c.unix.abstracts {
+        let name = a.strip_prefix('@').unwrap_or(a);
+        let key = FileKey {
+            ino: name_hash(name.as_bytes()),
+            dev: 0,
+            _pad: 0,
+        };
+        unix.insert(key, UNIX_CAND);
+    }
+    sync(ebpf, "UNIX_FILES", &unix)?;
+
     set_mode(ebpf, MODE_EXEC_ALL, c.exec_all)?;
     set_mode(ebpf, MODE_EXEC_SETUID, c.exec_setuid)?;
+    set_mode(ebpf, MODE_UNIX_ALL, c.unix.all)?;
+    set_mode(ebpf, MODE_UNIX_OUTSIDE, c.unix.outside)?;
     forget_flows(ebpf)
 }
 

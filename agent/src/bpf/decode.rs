@@ -9,7 +9,8 @@ use airlock_common::{
     EXEC_REFUSED, EventHeader, EventKind, ExecEvent, ExitEvent, FILE_APPROVED, FILE_DENIED,
     FILE_HELD, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE,
     FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE,
-    NET_NO_DAEMON, NET_REFUSED, NetEvent,
+    NET_NO_DAEMON, NET_REFUSED, NetEvent, UNIX_ABSTRACT, UNIX_DGRAM, UNIX_HELD, UNIX_PATH_MAX,
+    UNIX_PEER_OUTSIDE, UnixEvent,
 };
 
 use crate::model::{
@@ -65,6 +66,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Record, DecodeError> {
         EventKind::Connect | EventKind::Accept | EventKind::UdpSend | EventKind::ConnectHeld => {
             decode_net(bytes, kind)?
         }
+        EventKind::UnixConnect => decode_unix(bytes)?,
         EventKind::Loss | EventKind::Decision => return Err(DecodeError::UnknownKind(h.kind)),
     };
     Ok(Record {
@@ -142,6 +144,52 @@ fn decode_net(bytes: &[u8], kind: EventKind) -> Result<Decoded, DecodeError> {
         in_syscall: true,
     });
     Ok((detail, hold))
+}
+
+fn decode_unix(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let u: UnixEvent = read(bytes, "unix")?;
+    let held = u.flags & UNIX_HELD != 0;
+    let enforcement = enforcement(
+        u.flags,
+        held,
+        (NET_NO_DAEMON, NET_DENIED),
+        &[
+            (NET_APPROVED, Enforcement::Approved),
+            (NET_REFUSED, Enforcement::Refused),
+        ],
+    );
+    let name = &u.path[..(u.path_len as usize).min(UNIX_PATH_MAX)];
+    let detail = Detail::Unix {
+        socket: unix_address(name, u.flags & UNIX_ABSTRACT != 0),
+        datagram: u.flags & UNIX_DGRAM != 0,
+        ino: u.ino,
+        dev: u.dev,
+        peer_tgid: (u.peer_tgid != 0).then_some(u.peer_tgid),
+        peer_outside: u.flags & UNIX_PEER_OUTSIDE != 0,
+        enforcement,
+    };
+    let hold = held.then_some(HoldInfo {
+        digest: u.digest,
+        in_syscall: true,
+    });
+    Ok((detail, hold))
+}
+
+/// A Unix socket address as `ss` shows it: a path as bound (without the
+/// NULs that end it), or `@` and an abstract address with each NUL shown
+/// as `@`.
+pub fn unix_address(name: &[u8], is_abstract: bool) -> String {
+    if is_abstract {
+        let rest = name.get(1..).unwrap_or_default();
+        let shown: Vec<u8> = rest
+            .iter()
+            .map(|&b| if b == 0 { b'@' } else { b })
+            .collect();
+        format!("@{}", String::from_utf8_lossy(&shown))
+    } else {
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(&name[..end]).into_owned()
+    }
 }
 
 /// The exec event is sent cut to the argv bytes used.

@@ -87,6 +87,9 @@ pub struct Holds {
     pub lsm_exec: bool,
     /// BPF LSM `file_open` holds candidate opens.
     pub lsm_file: bool,
+    /// BPF LSM `unix_stream_connect` and `unix_may_send` record and hold
+    /// Unix socket connects.
+    pub lsm_unix: bool,
 }
 
 /// Events read from the ring buffer in one go.
@@ -191,7 +194,13 @@ impl Bpf {
         // load and attach, yet the kernel never calls them, and standing
         // the fallbacks back would leave nothing held at all.
         if features.bpf_lsm {
-            attach_lsm(&mut ebpf, &btf, &mut links, &mut holds)?;
+            attach_lsm(
+                &mut ebpf,
+                &btf,
+                &mut links,
+                &mut holds,
+                btf::has_unix(&offsets),
+            )?;
         } else {
             info!(
                 "BPF LSM is not in the kernel's active LSM list ({}): holding with the fallbacks",
@@ -345,6 +354,7 @@ fn attach_lsm(
     btf: &Btf,
     links: &mut pins::LinkPins,
     holds: &mut Holds,
+    unix: bool,
 ) -> Result<(), BpfError> {
     // The ways out that never call connect(2) first: connect holds move
     // to BPF LSM only with both hooks in place (socket_sendmsg acts only
@@ -373,6 +383,27 @@ fn attach_lsm(
         match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open") {
             Ok(()) => holds.lsm_file = true,
             Err(why) => warn!("BPF LSM file_open not attached: {why}"),
+        }
+        if unix {
+            let stream = attach::lsm(
+                ebpf,
+                btf,
+                links,
+                "lsm_unix_stream_connect",
+                "unix_stream_connect",
+            );
+            match stream
+                .and_then(|()| attach::lsm(ebpf, btf, links, "lsm_unix_may_send", "unix_may_send"))
+            {
+                Ok(()) => holds.lsm_unix = true,
+                Err(why) => {
+                    warn!("BPF LSM unix_stream_connect and unix_may_send not attached: {why}")
+                }
+            }
+        } else {
+            warn!(
+                "AF_UNIX is not in the kernel's own BTF (a module?): Unix socket connects are neither recorded nor held"
+            );
         }
     }
     Ok(())

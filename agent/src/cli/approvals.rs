@@ -155,6 +155,15 @@ pub fn describe(r: &ApprovalRequest) -> String {
             },
             a["path"].as_str().unwrap_or("")
         ),
+        ActionKind::Connect if a["socket"].is_string() => format!(
+            "unix{} {}",
+            if a["datagram"].as_bool() == Some(true) {
+                " datagram"
+            } else {
+                ""
+            },
+            a["socket"].as_str().unwrap_or("")
+        ),
         ActionKind::Connect => format!(
             "{} {}:{}",
             a["protocol"].as_str().unwrap_or(""),

@@ -139,7 +139,7 @@ fn check_files(files: &[PathBuf], config: &Config) -> ExitCode {
     let c = policy.candidates();
     println!("{}", policy.describe());
     println!(
-        "kernel candidates: {} executables by path, {} by name{}{}; {} network prefixes; {} file or directory names",
+        "kernel candidates: {} executables by path, {} by name{}{}; {} network prefixes; {} file or directory names; {}",
         c.exec_paths.len(),
         c.exec_names.len(),
         if c.exec_setuid {
@@ -153,7 +153,21 @@ fn check_files(files: &[PathBuf], config: &Config) -> ExitCode {
             ""
         },
         c.net.len(),
-        c.files.len()
+        c.files.len(),
+        if c.unix.all {
+            "every Unix socket (see warnings)".to_string()
+        } else {
+            format!(
+                "{} Unix sockets by path, {} abstract{}",
+                c.unix.paths.len(),
+                c.unix.abstracts.len(),
+                if c.unix.outside {
+                    ", every server outside the session"
+                } else {
+                    ""
+                }
+            )
+        }
     );
     println!("examples: {n} run, {} failed", failures.len());
     if failures.is_empty() {

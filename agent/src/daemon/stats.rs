@@ -6,7 +6,7 @@ use airlock_common::EventKind;
 
 use crate::ctl::KindCount;
 
-const KINDS: [EventKind; 7] = [
+const KINDS: [EventKind; 8] = [
     EventKind::Fork,
     EventKind::Exec,
     EventKind::Exit,
@@ -14,6 +14,7 @@ const KINDS: [EventKind; 7] = [
     EventKind::Connect,
     EventKind::Accept,
     EventKind::UdpSend,
+    EventKind::UnixConnect,
 ];
 
 #[derive(Default)]

@@ -40,6 +40,11 @@ fn enforces(h: Holds) -> Vec<String> {
     } else {
         "file: not possible without BPF LSM: file rules are not enforced and file opens not recorded"
     });
+    v.push(if h.lsm_unix {
+        "unix: connects to Unix sockets are recorded and, where a rule names the socket, held inside connect or sendmsg (BPF LSM unix_stream_connect, unix_may_send)"
+    } else {
+        "unix: not possible without BPF LSM: socket rules are not enforced and Unix socket connects not recorded"
+    });
     v.into_iter().map(String::from).collect()
 }
 

@@ -58,7 +58,9 @@ impl Record {
         match self.kind {
             EventKind::Exec => Some(ActionKind::Exec),
             EventKind::FileOpen => Some(ActionKind::File),
-            EventKind::Connect | EventKind::ConnectHeld => Some(ActionKind::Connect),
+            EventKind::Connect | EventKind::ConnectHeld | EventKind::UnixConnect => {
+                Some(ActionKind::Connect)
+            }
             _ => None,
         }
     }
@@ -152,6 +154,25 @@ pub enum Detail {
         addr: Option<IpAddr>,
         port: u16,
         ret: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        enforcement: Option<Enforcement>,
+    },
+    /// A connect (or a datagram flow) to a Unix-domain socket.
+    Unix {
+        /// The socket's address as its server bound it: a path, or `@`
+        /// and an abstract name.
+        socket: String,
+        /// A datagram socket (the first datagram to it, or its connect).
+        datagram: bool,
+        /// The socket file (0 and 0 for an abstract address): the same
+        /// whatever name the caller used.
+        ino: u64,
+        dev: u32,
+        /// The process that made the listening socket, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer_tgid: Option<u32>,
+        /// That process is not in the acting session (or is not known).
+        peer_outside: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<Enforcement>,
     },

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use super::{
     Policy,
     matchers::is_literal,
-    model::{ActionKind, Cond, Decision, Leaf},
+    model::{ActionKind, Cond, Decision, Leaf, NetScope},
 };
 
 /// Most network prefixes written into the kernel's trie; past it every
@@ -42,8 +42,82 @@ pub struct Candidates {
     pub net: Vec<(u32, [u8; 16])>,
     /// File and directory names (FILE_CAND_* bits).
     pub files: BTreeMap<String, u32>,
+    /// Unix sockets: see [`UnixSet`].
+    pub unix: UnixSet,
     /// Why every exec (or connect) is a candidate, for `policy check`.
     pub notes: Vec<String>,
+}
+
+/// Unix socket connects a condition could match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixSet {
+    /// Every Unix socket connect of a watched session.
+    pub all: bool,
+    /// Connects to a server outside the acting session.
+    pub outside: bool,
+    /// Socket files by exact path (the daemon looks them up by device and
+    /// inode, so every other name of each is covered too).
+    pub paths: BTreeSet<String>,
+    /// Abstract addresses, exactly (`@name`).
+    pub abstracts: BTreeSet<String>,
+}
+
+impl UnixSet {
+    fn any() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    fn union(&mut self, o: Self) {
+        self.all |= o.all;
+        self.outside |= o.outside;
+        self.paths.extend(o.paths);
+        self.abstracts.extend(o.abstracts);
+    }
+
+    /// Smaller is narrower: named sockets, then outside, then all.
+    fn width(&self) -> (u8, usize) {
+        let rank = if self.all { 2 } else { u8::from(self.outside) };
+        (rank, self.paths.len() + self.abstracts.len())
+    }
+}
+
+/// The Unix socket connects `c` may hold for (an over-approximation).
+fn unix_set(c: &Cond) -> UnixSet {
+    match c {
+        Cond::Leaf(Leaf::Socket(pats)) => {
+            let mut s = UnixSet::default();
+            for g in pats.iter().flat_map(|p| &p.0.globs) {
+                if !g.is_literal() {
+                    s.all = true;
+                } else if g.pattern.starts_with('@') {
+                    s.abstracts.insert(g.pattern.clone());
+                } else {
+                    s.paths.insert(g.pattern.clone());
+                }
+            }
+            s
+        }
+        Cond::Leaf(Leaf::OutsideSession(true)) => UnixSet {
+            outside: true,
+            ..UnixSet::default()
+        },
+        Cond::Leaf(_) | Cond::Not(_) => UnixSet::any(),
+        Cond::All(parts) => parts
+            .iter()
+            .map(unix_set)
+            .min_by_key(UnixSet::width)
+            .unwrap_or_else(UnixSet::any),
+        Cond::Any(parts) => {
+            let mut s = UnixSet::default();
+            for p in parts {
+                s.union(unix_set(p));
+            }
+            s
+        }
+    }
 }
 
 /// Executables a condition could match, or None for any.
@@ -323,6 +397,20 @@ impl Candidates {
                         )
                     })
             }
+            super::Action::Unix(u) => {
+                if self.unix.all {
+                    Some("every Unix socket connect is a candidate under this policy".into())
+                } else if let Some(p) = u
+                    .names()
+                    .find(|n| self.unix.paths.contains(*n) || self.unix.abstracts.contains(*n))
+                {
+                    Some(format!("the socket {p} is named by a rule"))
+                } else if self.unix.outside && u.outside {
+                    Some("connects to a server outside the session are candidates".into())
+                } else {
+                    None
+                }
+            }
             super::Action::File { path, .. } => {
                 let mut parts = path.rsplit('/');
                 let name = parts.next().unwrap_or("");
@@ -398,7 +486,11 @@ impl Policy {
         // there, so they add no candidates there.
         let mut decided = AddrSet::empty();
         let mut monitored = AddrSet::empty();
-        for r in self.rules.iter().filter(|r| r.kind == ActionKind::Connect) {
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| r.kind == ActionKind::Connect && r.scope != NetScope::Unix)
+        {
             let acts = matches!(r.decision, Decision::Hold | Decision::Deny);
             let sure = must(&r.when);
             match r.mode {
@@ -440,6 +532,16 @@ impl Policy {
                         ));
                     }
                 },
+                ActionKind::Connect if r.scope != NetScope::Inet => {
+                    let u = unix_set(&r.when);
+                    if u.all && !c.unix.all {
+                        c.notes.push(format!(
+                            "rule {} names no Unix socket by exact path: every Unix socket connect of a watched session is a candidate",
+                            r.id
+                        ));
+                    }
+                    c.unix.union(u);
+                }
                 ActionKind::Connect => {}
                 ActionKind::File => {
                     for (name, bit) in file_names(&r.when).unwrap_or_default() {

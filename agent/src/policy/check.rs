@@ -190,11 +190,23 @@ pub fn example_action(e: &Example) -> Result<Action, String> {
     })
 }
 
-/// A connect to `dest` (ADDR:PORT, [v6]:PORT).
+/// A connect to `dest` (ADDR:PORT, [v6]:PORT), or to a Unix socket (a
+/// path, or `@` and an abstract address; its server taken to be outside
+/// the session, a datagram socket for `udp`).
 pub fn connect_action(dest: &str, protocol: Protocol) -> Result<Action, String> {
-    let sa: SocketAddr = dest
-        .parse()
-        .map_err(|_| format!("connect: {dest:?} is not ADDR:PORT ([v6]:port for IPv6)"))?;
+    if dest.starts_with('/') || dest.starts_with('@') {
+        return Ok(Action::Unix(super::UnixAction {
+            socket: dest.to_string(),
+            aliases: Vec::new(),
+            outside: true,
+            datagram: protocol == Protocol::Udp,
+        }));
+    }
+    let sa: SocketAddr = dest.parse().map_err(|_| {
+        format!(
+            "connect: {dest:?} is not ADDR:PORT ([v6]:port for IPv6), a socket path or @abstract"
+        )
+    })?;
     Ok(Action::Connect {
         addr: sa.ip(),
         port: sa.port(),

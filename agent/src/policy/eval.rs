@@ -84,6 +84,27 @@ fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
+/// A connect (or datagram flow) to a Unix-domain socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixAction {
+    /// The socket's address as its server bound it (`@name` for an
+    /// abstract one).
+    pub socket: String,
+    /// The paths the policy knows the same socket file by (a symlink's
+    /// target, a hard link's other names): each is matched as `socket`.
+    pub aliases: Vec<String>,
+    /// The process serving it is not in the acting session (or unknown).
+    pub outside: bool,
+    pub datagram: bool,
+}
+
+impl UnixAction {
+    /// `socket` and then every alias.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.socket.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+}
+
 /// An action to decide.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -93,6 +114,8 @@ pub enum Action {
         port: u16,
         protocol: Option<Protocol>,
     },
+    /// A connect to a Unix socket: a `connect` action too.
+    Unix(UnixAction),
     File {
         path: String,
         write: bool,
@@ -103,7 +126,7 @@ impl Action {
     pub fn kind(&self) -> ActionKind {
         match self {
             Self::Exec(_) => ActionKind::Exec,
-            Self::Connect { .. } => ActionKind::Connect,
+            Self::Connect { .. } | Self::Unix(_) => ActionKind::Connect,
             Self::File { .. } => ActionKind::File,
         }
     }
@@ -119,6 +142,11 @@ impl Action {
             Self::File { path, write } => {
                 format!("{path} ({})", if *write { "write" } else { "read" })
             }
+            Self::Unix(u) => format!(
+                "unix{} {}",
+                if u.datagram { " datagram" } else { "" },
+                u.socket
+            ),
         }
     }
 }
@@ -247,6 +275,18 @@ fn leaf(l: &Leaf, action: &Action, s: &Subject, explain: bool) -> Option<String>
             let is = if *write { Access::Write } else { Access::Read };
             (is == *a).then(|| why(&|| format!("opened for {a:?}")).to_lowercase())
         }
+        (Leaf::Socket(pats), Action::Unix(u)) => u.names().find_map(|name| {
+            pats.iter()
+                .find(|p| p.0.is_match(name))
+                .map(|p| why(&|| format!("socket {name} matches {:?}", p.0.pattern)))
+        }),
+        (Leaf::OutsideSession(want), Action::Unix(u)) => (u.outside == *want).then(|| {
+            if u.outside {
+                why(&|| "the socket's server is outside the session".into())
+            } else {
+                why(&|| "the socket's server is in the session".into())
+            }
+        }),
         // A key of another kind: rejected when the file is read.
         _ => None,
     }

@@ -188,6 +188,31 @@ impl PathPattern {
     }
 }
 
+/// A Unix socket pattern: a path pattern (as [`PathPattern`]), or `@`
+/// and a glob over an abstract address as `ss` shows it (`@/tmp/.X11-unix/X0`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketPattern(pub PathPattern);
+
+impl<'de> Deserialize<'de> for SocketPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        if s.starts_with('@') {
+            let glob = TextGlob::new(&s, true).map_err(D::Error::custom)?;
+            return Ok(Self(PathPattern {
+                pattern: s,
+                globs: vec![glob],
+            }));
+        }
+        let p = PathPattern::deserialize(serde_yaml_ng::Value::String(s.clone()))
+            .map_err(|_| {
+                D::Error::custom(format!(
+                    "socket pattern {s:?} must start with `/`, `~/`, `**/` or `@` (an abstract address)"
+                ))
+            })?;
+        Ok(Self(p))
+    }
+}
+
 /// A list of patterns compiled into one matcher: it reads, prints and
 /// compares as its patterns.
 macro_rules! compiled_list {

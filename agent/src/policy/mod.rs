@@ -14,8 +14,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use eval::{Action, ExecAction, Outcome, Subject};
-pub use model::{Access, ActionKind, Decision, Example, HoldModel, Mode, Protocol};
+pub use eval::{Action, ExecAction, Outcome, Subject, UnixAction};
+pub use model::{Access, ActionKind, Decision, Example, HoldModel, Mode, NetScope, Protocol};
 use model::{Cond, FileModel};
 
 /// A rule in force, with where it came from.
@@ -32,9 +32,25 @@ pub struct Rule {
     pub priority: i64,
     pub mode: Mode,
     pub hold: HoldModel,
+    /// For a connect rule, which connects it can match.
+    pub scope: NetScope,
     pub file: PathBuf,
     /// Position in load order (directory, file name, place in the file).
     pub load_order: usize,
+}
+
+impl Rule {
+    /// Whether the rule can be about `action` at all: a connect rule that
+    /// names addresses is never about a Unix socket, nor one that names
+    /// sockets about an IP connect (so `not: {dest: ...}` says nothing of
+    /// Unix sockets).
+    pub fn applies_to(&self, action: &Action) -> bool {
+        match action {
+            Action::Connect { .. } => self.scope != NetScope::Unix,
+            Action::Unix(_) => self.scope != NetScope::Inet,
+            _ => true,
+        }
+    }
 }
 
 /// A file's pack and what it carries besides rules.
@@ -219,6 +235,8 @@ impl Policy {
                     name: r.name,
                     description: r.description,
                     kind: r.on,
+                    // Checked when the rule was read.
+                    scope: r.when.net_scope().unwrap_or(NetScope::Both),
                     when: r.when,
                     decision: r.decision,
                     priority: r.priority,
@@ -350,7 +368,7 @@ impl Policy {
         let mut monitor = None;
         for i in self.rules_for(action) {
             let r = &self.rules[i as usize];
-            if r.decision == Decision::Record && r.mode == Mode::Monitor {
+            if r.decision == Decision::Record && r.mode == Mode::Monitor || !r.applies_to(action) {
                 continue;
             }
             if !eval::matches(&r.when, action, subject, None) {
@@ -385,7 +403,7 @@ impl Policy {
         {
             let r = &self.rules[i as usize];
             let mut why = Vec::new();
-            if eval::matches(&r.when, action, subject, Some(&mut why)) {
+            if r.applies_to(action) && eval::matches(&r.when, action, subject, Some(&mut why)) {
                 out.push((r, why));
             }
         }

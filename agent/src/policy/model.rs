@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, de::Error as _};
 
 use super::matchers::{
-    ExePattern, Exes, Globs, GroupId, Net, OneOrMany, PathPattern, Ports, Re, Regexes, TextGlob,
-    UserId, parse_duration,
+    ExePattern, Exes, Globs, GroupId, Net, OneOrMany, PathPattern, Ports, Re, Regexes,
+    SocketPattern, TextGlob, UserId, parse_duration,
 };
 use crate::model::OnTimeout;
 pub use crate::model::{ActionKind, Decision};
@@ -96,6 +96,11 @@ impl<'de> Deserialize<'de> for RuleModel {
             return Err(D::Error::custom(format!(
                 "rule {name}: `{k}` does not apply to {} rules (see policies/README.md)",
                 raw.on.name()
+            )));
+        }
+        if let Err((inet, unix)) = raw.when.net_scope() {
+            return Err(D::Error::custom(format!(
+                "rule {name}: `{inet}` is about IP connects and `{unix}` about Unix sockets: write two rules"
             )));
         }
         if raw.hold.is_some() && raw.decision != Decision::Hold {
@@ -219,6 +224,8 @@ pub enum Leaf {
     Protocol(Protocol),
     Path(Vec<PathPattern>),
     Access(Access),
+    Socket(Vec<SocketPattern>),
+    OutsideSession(bool),
 }
 
 impl Leaf {
@@ -241,6 +248,8 @@ impl Leaf {
             Self::Protocol(_) => "protocol",
             Self::Path(_) => "path",
             Self::Access(_) => "access",
+            Self::Socket(_) => "socket",
+            Self::OutsideSession(_) => "outside_session",
         }
     }
 
@@ -256,13 +265,59 @@ impl Leaf {
             | Self::Args(_)
             | Self::ArgsRegex(_)
             | Self::OutsideWorkdir(_) => Some(ActionKind::Exec),
-            Self::Dest(_) | Self::Port(_) | Self::Protocol(_) => Some(ActionKind::Connect),
+            Self::Dest(_)
+            | Self::Port(_)
+            | Self::Protocol(_)
+            | Self::Socket(_)
+            | Self::OutsideSession(_) => Some(ActionKind::Connect),
             Self::Path(_) | Self::Access(_) => Some(ActionKind::File),
         }
     }
 }
 
+/// Which connects a connect rule can match: one that names addresses
+/// (`dest`, `port`, `protocol`) only IP connects, one that names Unix
+/// sockets (`socket`, `outside_session`) only Unix socket connects, one
+/// that names neither both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetScope {
+    Both,
+    Inet,
+    Unix,
+}
+
 impl Cond {
+    /// The connects this condition can be about, or the two keys that
+    /// mix the kinds (an error).
+    pub fn net_scope(&self) -> Result<NetScope, (&'static str, &'static str)> {
+        let mut inet = None;
+        let mut unix = None;
+        self.visit(&mut |l| match l {
+            Leaf::Dest(_) | Leaf::Port(_) | Leaf::Protocol(_) => {
+                inet.get_or_insert(l.key());
+            }
+            Leaf::Socket(_) | Leaf::OutsideSession(_) => {
+                unix.get_or_insert(l.key());
+            }
+            _ => {}
+        });
+        match (inet, unix) {
+            (Some(a), Some(b)) => Err((a, b)),
+            (Some(_), None) => Ok(NetScope::Inet),
+            (None, Some(_)) => Ok(NetScope::Unix),
+            (None, None) => Ok(NetScope::Both),
+        }
+    }
+
+    /// Calls `f` on every leaf.
+    pub fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Leaf)) {
+        match self {
+            Self::All(c) | Self::Any(c) => c.iter().for_each(|c| c.visit(f)),
+            Self::Not(c) => c.visit(f),
+            Self::Leaf(l) => f(l),
+        }
+    }
+
     fn keys_not_for(&self, kind: ActionKind, out: &mut Vec<&'static str>) {
         match self {
             Self::All(c) | Self::Any(c) => c.iter().for_each(|c| c.keys_not_for(kind, out)),
@@ -298,6 +353,8 @@ struct CondRaw {
     protocol: Option<Protocol>,
     path: Option<OneOrMany<PathPattern>>,
     access: Option<Access>,
+    socket: Option<OneOrMany<SocketPattern>>,
+    outside_session: Option<bool>,
 }
 
 impl<'de> Deserialize<'de> for Cond {
@@ -320,6 +377,12 @@ impl<'de> Deserialize<'de> for Cond {
         }
         if let Some(v) = r.access {
             leaf(Leaf::Access(v));
+        }
+        if let Some(v) = r.outside_session {
+            leaf(Leaf::OutsideSession(v));
+        }
+        if let Some(v) = r.socket {
+            leaf(Leaf::Socket(v.0));
         }
         if let Some(v) = r.setuid {
             leaf(Leaf::Setuid(v));

@@ -396,3 +396,119 @@ fn shipped_packs_load_and_their_examples_hold() {
         );
     }
 }
+
+#[test]
+fn unix_socket_rules_match_the_socket_by_any_name_and_never_ip_connects() {
+    let p = policy(&[(
+        "u.yaml",
+        "\
+rules:
+  - name: engine
+    on: connect
+    when: {socket: [/run/docker.sock, \"@/tmp/.X11-unix/X*\"]}
+    decision: hold
+  - name: outside
+    on: connect
+    when: {outside_session: true, socket: \"/tmp/tmux-*/*\"}
+    decision: deny
+  - name: not-private
+    on: connect
+    when: {not: {dest: 10.0.0.0/8}}
+    decision: hold
+",
+    )])
+    .unwrap();
+    let subject = |labels| Subject {
+        labels,
+        uid: 1000,
+        gid: 1000,
+    };
+    let labels = BTreeMap::new();
+    let unix = |socket: &str, aliases: &[&str], outside: bool| {
+        Action::Unix(UnixAction {
+            socket: socket.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            outside,
+            datagram: false,
+        })
+    };
+    let decide = |a: &Action| {
+        let o = p.evaluate(a, &subject(&labels));
+        (o.decision, o.rule.map(|r| r.name.clone()))
+    };
+    // The bound name, or another name the daemon knows the file by.
+    for a in [
+        unix("/run/docker.sock", &[], true),
+        unix("/var/run/docker.sock", &["/run/docker.sock"], true),
+        unix("@/tmp/.X11-unix/X0", &[], true),
+    ] {
+        assert_eq!(decide(&a), (Decision::Hold, Some("engine".into())), "{a:?}");
+    }
+    assert_eq!(
+        decide(&unix("/tmp/tmux-1000/default", &[], true)),
+        (Decision::Deny, Some("outside".into()))
+    );
+    // A tmux server the session started itself is its own.
+    // `not: {dest: ...}` is about IP connects only.
+    assert_eq!(
+        decide(&unix("/tmp/tmux-1000/default", &[], false)),
+        (Decision::Record, None)
+    );
+    let ip = check::connect_action("192.0.2.1:443", Protocol::Tcp).unwrap();
+    assert_eq!(decide(&ip), (Decision::Hold, Some("not-private".into())));
+
+    let c = p.candidates();
+    assert!(
+        c.unix.all,
+        "a glob over paths makes every socket a candidate"
+    );
+    assert!(c.unix.paths.contains("/run/docker.sock"));
+    // The socket rules add no IP candidates: only not-private's space.
+    assert!(
+        !c.explain(&check::connect_action("10.1.2.3:80", Protocol::Tcp).unwrap())
+            .starts_with("a candidate")
+    );
+
+    let mixed = policy(&[(
+        "m.yaml",
+        "rules:\n  - name: m\n    on: connect\n    when: {socket: /run/x.sock, port: 80}\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(mixed.contains("write two rules"), "{mixed}");
+    let bad = policy(&[(
+        "b.yaml",
+        "rules:\n  - name: b\n    on: connect\n    when: {socket: docker.sock}\n    decision: hold\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("must start with"), "{bad}");
+}
+
+#[test]
+fn unix_candidates_by_path_abstract_and_outside() {
+    let p = policy(&[(
+        "u.yaml",
+        "\
+rules:
+  - name: a
+    on: connect
+    when: {any: [{socket: /run/a.sock}, {socket: \"@bus\"}]}
+    decision: hold
+  - name: b
+    on: connect
+    when: {outside_session: true, labels: {agent: x}}
+    decision: hold
+  - name: ok
+    on: connect
+    when: {socket: \"/run/**\"}
+    decision: allow
+",
+    )])
+    .unwrap();
+    let c = p.candidates();
+    assert!(!c.unix.all, "allow rules add no candidates");
+    assert!(c.unix.outside);
+    assert_eq!(c.unix.paths.iter().collect::<Vec<_>>(), ["/run/a.sock"]);
+    assert_eq!(c.unix.abstracts.iter().collect::<Vec<_>>(), ["@bus"]);
+}

@@ -9,7 +9,7 @@ use airlock_common::FileKey;
 use crate::{
     exefile::{self, ExeIndex},
     model::{ApprovalRequest, Detail, ExecFile, Protocol, Record},
-    policy::{self, Action, ExecAction},
+    policy::{self, Action, ExecAction, UnixAction},
     procfs,
 };
 
@@ -28,6 +28,34 @@ pub(super) fn of(
         } => {
             let (a, unseen) = exec(record, path, argv, file, in_syscall, exes);
             return Some((Action::Exec(a), unseen));
+        }
+        Detail::Unix {
+            socket,
+            datagram,
+            ino,
+            dev,
+            peer_outside,
+            ..
+        } => {
+            let key = FileKey {
+                ino: *ino,
+                dev: *dev,
+                _pad: 0,
+            };
+            let aliases = if *ino == 0 {
+                Vec::new()
+            } else {
+                exes.socket_paths(&key)
+                    .filter(|p| p != socket)
+                    .map(String::from)
+                    .collect()
+            };
+            Action::Unix(UnixAction {
+                socket: socket.clone(),
+                aliases,
+                outside: *peer_outside,
+                datagram: *datagram,
+            })
         }
         Detail::File { path, write, .. } => Action::File {
             path: path.clone(),
@@ -222,7 +250,8 @@ fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
-/// Fills a rule's message: {command}, {exe}, {dest}, {path}, {rule},
+/// Fills a rule's message: {command}, {exe}, {dest} (a Unix socket's
+/// too), {path} (a file's or a Unix socket's), {rule},
 /// {pack}, {user} and any session label; unknown names become `?`.
 pub(super) fn render(
     template: &str,
@@ -244,6 +273,7 @@ pub(super) fn render(
             ("command", Action::Exec(e)) => e.cmdline().to_string(),
             ("exe", Action::Exec(e)) => e.path.clone(),
             ("dest", Action::Connect { .. }) => action.summary(),
+            ("dest" | "path", Action::Unix(u)) => u.socket.clone(),
             ("path", Action::File { path, .. }) => path.clone(),
             ("rule", _) => rule.id.clone(),
             ("pack", _) => rule.pack.clone(),

@@ -43,6 +43,9 @@
 //!                                  root); "busy" if PID is taken
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
+//! actor unix-connect PATH        stream connect to the Unix socket PATH (`@NAME`: abstract); print the errno
+//! actor unix-send PATH           one datagram by sendto from an unbound Unix datagram socket to PATH; print the errno
+//! actor unix-self PATH           listen on the Unix socket PATH itself, connect to it; print the errno
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
@@ -114,6 +117,25 @@ fn main() -> ExitCode {
                 Err(e) => e.raw_os_error().unwrap_or(-1),
             };
             println!("{errno}");
+        }
+        ["unix-connect", path] => {
+            let r = match unix_addr(path) {
+                Ok(a) => std::os::unix::net::UnixStream::connect_addr(&a).map(drop),
+                Err(e) => Err(e),
+            };
+            println!("{}", errno_of(r));
+        }
+        ["unix-send", path] => {
+            let r = std::os::unix::net::UnixDatagram::unbound()
+                .and_then(|s| s.send_to_addr(b"airlock-test", &unix_addr(path)?))
+                .map(drop);
+            println!("{}", errno_of(r));
+        }
+        ["unix-self", path] => {
+            let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+            let r = std::os::unix::net::UnixStream::connect(path).map(drop);
+            drop(listener);
+            println!("{}", errno_of(r));
         }
         ["udp-send-unspec", addr] => {
             let addr: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
@@ -379,6 +401,23 @@ fn wall_ns() -> u128 {
 }
 
 /// A blocking TCP connect's outcome as an errno (0 = connected).
+/// A Unix socket address: a path, or `@NAME` for an abstract one.
+fn unix_addr(path: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    match path.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(path),
+    }
+}
+
+/// 0 for success, else the errno (-1 when there is none).
+fn errno_of(r: std::io::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
 pub fn connect_errno(addr: SocketAddr) -> i32 {
     match TcpStream::connect(addr) {
         Ok(_) => 0,

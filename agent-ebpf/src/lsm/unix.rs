@@ -1,0 +1,232 @@
+//! Connects to Unix-domain sockets, held once the kernel has found the
+//! socket: the identity is the socket file (device and inode) or the
+//! abstract address, never the path string the caller passed.
+
+use airlock_common::{
+    EventKind, FNV_OFFSET, FileKey, HoldKey, MODE_UNIX_ALL, MODE_UNIX_OUTSIDE, NET_APPROVED,
+    NET_DENIED, NET_NO_DAEMON, NET_REFUSED, UNIX_ABSTRACT, UNIX_DGRAM, UNIX_HELD, UNIX_PATH_MAX,
+    UNIX_PEER_OUTSIDE, UnixEvent, Verdict, fnv_step, unix_digest,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext,
+};
+
+use crate::{
+    hold::{HoldOutcome, hold},
+    maps::{
+        EVENTS, FORCE_WAKEUP, UNIX_FILES, UNIX_SCRATCH, config, count_loss, mode, session_of,
+        take_verdict,
+    },
+    net::{UDP_DECIDED, UDP_SEEN, UdpSeenKey},
+    task::{current_process_start, header, read},
+};
+
+use super::{LsmVerdict, earlier_denial};
+
+const AF_UNIX: u16 = 1;
+
+/// `int security_unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk)`,
+/// called from unix_stream_connect (stream and seqpacket) once the
+/// listening socket `other` is found, before the connection is made. On
+/// an internal error it fails open (0).
+#[lsm(hook = "unix_stream_connect")]
+pub fn lsm_unix_stream_connect(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
+        return earlier;
+    }
+    match try_unix(ctx.arg(1), false) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// `int security_unix_may_send(struct socket *sock, struct socket *other)`,
+/// called from unix_dgram_connect and for every datagram unix_dgram_sendmsg
+/// sends, once the receiving socket `other` is found. A decision covers
+/// the process's datagrams to that socket from then on, as a UDP flow's
+/// does. On an internal error it fails open (0).
+#[lsm(hook = "unix_may_send")]
+pub fn lsm_unix_may_send(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(2)) {
+        return earlier;
+    }
+    let other: u64 = ctx.arg(1);
+    let Ok(sk) = read::<u64>(other, config().offsets.socket_sk) else {
+        return 0;
+    };
+    match try_unix(sk, true) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// The decision on a connect (or datagram) to the socket whose `struct
+/// sock` is `peer`.
+fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(LsmVerdict::Allow);
+    };
+    let off = config().offsets;
+    // An unbound peer (a socketpair's other end) has no address: it is
+    // the caller's own, not a way out.
+    let addr: u64 = read(peer, off.unix_sock_addr)?;
+    let Some(ev) = UNIX_SCRATCH.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let ev: &mut UnixEvent = unsafe { &mut *ev };
+    ev.header = header(EventKind::UnixConnect, session_id);
+    ev.flags = if dgram { UNIX_DGRAM } else { 0 };
+    ev._pad = 0;
+
+    // The address as the server bound it: `len` counts sun_family.
+    let len: i32 = read(addr, off.unix_address_len)?;
+    let mut n = (len - 2).max(0) as u32;
+    if n > UNIX_PATH_MAX as u32 {
+        n = UNIX_PATH_MAX as u32;
+    }
+    let src = addr + off.unix_address_name as u64 + 2;
+    // SAFETY: a bounded kernel read into the slot's buffer of that size.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            ev.path.as_mut_ptr().cast(),
+            n,
+            src as *const core::ffi::c_void,
+        )
+    };
+    ev.path_len = if r == 0 { n } else { 0 };
+
+    // The socket file, whatever name led to it; none for an abstract one.
+    let dentry: u64 = read(peer, off.unix_sock_path + off.path_dentry).unwrap_or(0);
+    let key = if dentry != 0 {
+        let inode: u64 = read(dentry, off.dentry_d_inode)?;
+        let sb: u64 = read(inode, off.inode_i_sb)?;
+        ev.ino = read(inode, off.inode_i_ino)?;
+        ev.dev = read(sb, off.sb_s_dev)?;
+        FileKey {
+            ino: ev.ino,
+            dev: ev.dev,
+            _pad: 0,
+        }
+    } else {
+        ev.flags |= UNIX_ABSTRACT;
+        ev.ino = 0;
+        ev.dev = 0;
+        FileKey {
+            ino: abstract_hash(ev),
+            dev: 0,
+            _pad: 0,
+        }
+    };
+
+    // The server: the process that made the listening socket. Unknown
+    // (a datagram socket has none) counts as outside the session.
+    let pid: u64 = read(peer, off.sock_sk_peer_pid).unwrap_or(0);
+    ev.peer_tgid = read::<u32>(pid, off.pid_numbers).unwrap_or(0);
+    let inside = ev.peer_tgid != 0 && session_of(ev.peer_tgid) == Some(session_id);
+    if !inside {
+        ev.flags |= UNIX_PEER_OUTSIDE;
+    }
+
+    let digest = unix_digest(key.dev, key.ino, dgram);
+    ev.digest = digest;
+    let mut flow_addr = [0u8; 16];
+    flow_addr[..8].copy_from_slice(&key.ino.to_ne_bytes());
+    flow_addr[8..12].copy_from_slice(&key.dev.to_ne_bytes());
+    let flow = UdpSeenKey {
+        tgid,
+        family: AF_UNIX,
+        port: 0,
+        addr: flow_addr,
+        start: current_process_start(),
+    };
+
+    // SAFETY: only the presence of the key is used.
+    let named = unsafe { UNIX_FILES.get(key) }.is_some();
+    let candidate = named || mode(MODE_UNIX_ALL) || (!inside && mode(MODE_UNIX_OUTSIDE));
+    if !candidate {
+        // Recorded: every stream connect, a datagram flow once.
+        if !dgram || UDP_SEEN.insert(flow, 1, BPF_NOEXIST as u64).is_ok() {
+            emit_unix(ev);
+        }
+        return Ok(LsmVerdict::Allow);
+    }
+    if dgram {
+        // SAFETY: copied out at once.
+        if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {
+            return Ok(if v == Verdict::Allow as u32 {
+                LsmVerdict::Allow
+            } else {
+                LsmVerdict::Deny
+            });
+        }
+    }
+    let key = HoldKey {
+        tgid,
+        _pad: 0,
+        digest,
+    };
+    match take_verdict(pid_tgid as u32, key) {
+        Some(v) => {
+            if dgram {
+                let _ = UDP_DECIDED.insert(flow, v, 0);
+            }
+            if v == Verdict::Allow as u32 {
+                ev.flags |= NET_APPROVED;
+                emit_unix(ev);
+                Ok(LsmVerdict::Allow)
+            } else {
+                ev.flags |= NET_REFUSED;
+                emit_unix(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        }
+        None => match hold(key, session_id, EventKind::UnixConnect, || {
+            ev.flags |= UNIX_HELD;
+            EVENTS.output::<UnixEvent>(&*ev, FORCE_WAKEUP).is_ok()
+        }) {
+            HoldOutcome::Held => Ok(LsmVerdict::Hold),
+            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::FailOpen => {
+                ev.flags |= NET_NO_DAEMON;
+                emit_unix(ev);
+                Ok(LsmVerdict::Allow)
+            }
+            HoldOutcome::FailClosed => {
+                ev.flags |= NET_NO_DAEMON | NET_DENIED;
+                emit_unix(ev);
+                Ok(LsmVerdict::Deny)
+            }
+        },
+    }
+}
+
+/// FNV-1a over an abstract address without its leading NUL (the key of
+/// UNIX_FILES for it, as `airlock_common::name_hash` computes it).
+#[inline(always)]
+fn abstract_hash(ev: &UnixEvent) -> u64 {
+    let n = ev.path_len as usize;
+    let mut h = FNV_OFFSET;
+    for (i, b) in ev.path.iter().enumerate() {
+        if i >= n {
+            break;
+        }
+        if i > 0 {
+            h = fnv_step(h, *b);
+        }
+    }
+    h
+}
+
+#[inline(always)]
+fn emit_unix(ev: &UnixEvent) {
+    if EVENTS.output::<UnixEvent>(ev, FORCE_WAKEUP).is_err() {
+        count_loss(
+            ev.header.session_id,
+            EventKind::UnixConnect,
+            airlock_common::LossReason::RingbufFull,
+        );
+    }
+}
