@@ -132,7 +132,8 @@ pub const CTL_SLOTS: u32 = 8;
 /// 2: exec and connect events in the pinned ring buffer carry padding
 /// where a rule id was.
 /// 3: exec events carry the file the kernel ran (`FileId`, its own name).
-pub const PIN_LAYOUT: u64 = 3;
+/// 4: a pending hold's mark is the process's start time (a u64).
+pub const PIN_LAYOUT: u64 = 4;
 
 /// What a kernel-side rule does to a matching action.
 #[repr(u32)]

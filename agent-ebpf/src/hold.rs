@@ -4,7 +4,10 @@
 use airlock_common::{EventKind, HoldKey, LossReason};
 use aya_ebpf::helpers::bpf_send_signal;
 
-use crate::maps::{HOLD_PENDING, count_loss, daemon_alive, fail_open};
+use crate::{
+    maps::{HOLD_PENDING, count_loss, daemon_alive, fail_open},
+    task::current_process_start,
+};
 
 pub const SIGSTOP: u32 = 19;
 const SIGCONT: u32 = 18;
@@ -61,8 +64,9 @@ pub fn hold(
             HoldOutcome::FailClosed
         };
     }
-    // SAFETY: only the presence of the key is used.
-    let published = unsafe { HOLD_PENDING.get(key) }.is_some();
+    let start = current_process_start();
+    // SAFETY: the value is compared at once.
+    let published = unsafe { HOLD_PENDING.get(key) }.is_some_and(|s| *s == start);
     // SAFETY: signals the current process; no memory is touched.
     unsafe { bpf_send_signal(SIGSTOP) };
     if !published {
@@ -73,7 +77,7 @@ pub fn hold(
             unsafe { bpf_send_signal(SIGCONT) };
             return HoldOutcome::Unpublished;
         }
-        let _ = HOLD_PENDING.insert(key, 1, 0);
+        let _ = HOLD_PENDING.insert(key, start, 0);
     }
     HoldOutcome::Held
 }

@@ -146,9 +146,11 @@ pub static NET_RULES: LpmTrie<[u8; 16], NetRule> = LpmTrie::with_max_entries(409
 pub static VERDICTS: HashMap<u32, VerdictEntry> = HashMap::with_max_entries(8192, 0);
 
 /// Holds already published (execs, opens, connects), so a stray SIGCONT
-/// re-holds without a second request.
+/// re-holds without a second request. The value is the holding process's
+/// start time: a mark left by a process killed while held is not taken
+/// for one of a later process that got its pid.
 #[map]
-pub static HOLD_PENDING: LruHashMap<HoldKey, u8> = LruHashMap::with_max_entries(8192, 0);
+pub static HOLD_PENDING: LruHashMap<HoldKey, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// Run-time switches the daemon sets after attaching (see `MODE_*`).
 #[map]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{EVENTS, SESSIONS, config, count_loss, session_of, submit_flags},
+    maps::{EVENTS, SESSIONS, VERDICTS, config, count_loss, session_of, submit_flags},
     task::{header, read},
 };
 
@@ -52,8 +52,9 @@ fn try_session_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64>
 }
 
 /// `trace_sched_process_exit(struct task_struct *p[, bool group_dead])`, in
-/// do_exit after exit_code is set: one argument on 6.12, two on 6.18, so this
-/// reads neither and checks `signal->live` itself, which works on both.
+/// do_exit after exit_code is set, for every thread: one argument on 6.12,
+/// two on 6.18, so this reads neither and checks `signal->live` itself,
+/// which works on both.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn session_sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
     let _ = try_session_sched_process_exit();
@@ -61,10 +62,14 @@ pub fn session_sched_process_exit(_ctx: BtfTracePointContext) -> u32 {
 }
 
 fn try_session_sched_process_exit() -> Result<(), i64> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let Some(session_id) = session_of(tgid) else {
         return Ok(());
     };
+    // A thread killed while held takes its verdict with it: the map holds
+    // verdicts of live threads only.
+    let _ = VERDICTS.remove(pid_tgid as u32);
     let off = config().offsets;
     // SAFETY: the helper returns the current task pointer as an integer.
     let task = unsafe { bpf_get_current_task() };

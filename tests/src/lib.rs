@@ -403,6 +403,16 @@ impl Drop for Daemon {
     }
 }
 
+impl Daemon {
+    /// One of the daemon's pinned maps (`PINNED` in agent/src/bpf/pins.rs).
+    pub fn pinned_map(&self, name: &str) -> aya::maps::Map {
+        let path = pin_dir(self.dir.path()).join("maps").join(name);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("pinned map {}: {e}", path.display()));
+        aya::maps::Map::from_map_data(data).expect("a map of a known type")
+    }
+}
+
 /// Each test daemon pins under its own bpffs directory.
 fn pin_dir(dir: &Path) -> PathBuf {
     let name = dir

@@ -595,3 +595,87 @@ fn a_stuck_broker_and_a_flood_of_exits_do_not_wedge_the_daemon() {
     let out = finish_within(held, scaled(Duration::from_secs(30)));
     assert!(out.trim().ends_with(&libc::EPERM.to_string()), "{out}");
 }
+
+/// The pinned verdict and loss maps cannot fill up for good: verdicts of
+/// threads that are gone make room when the map is full, and the loss
+/// counters of ended sessions are removed once recorded. Both maps are
+/// filled to the brim (verdicts of pids no thread has, counters of
+/// sessions that have no member), and a held connect is still decided.
+#[test]
+fn full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided() {
+    use airlock_common::{LossKey, VerdictEntry};
+    use aya::maps::{HashMap, PerCpuHashMap, PerCpuValues};
+    let test = "full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided";
+    if !can_run(test) || !connects_held(test) {
+        return;
+    }
+    let d = daemon("closed");
+    expect_lsm(&d);
+
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut verdicts: HashMap<_, u32, VerdictEntry> =
+        HashMap::try_from(d.pinned_map("VERDICTS")).unwrap();
+    let stale = VerdictEntry {
+        digest: 1,
+        verdict: 1,
+        _pad: 0,
+    };
+    let mut filled = 0u32;
+    while verdicts.insert(pid_max + 1 + filled, stale, 0).is_ok() {
+        filled += 1;
+    }
+    assert!(filled >= 8000, "the verdict map took {filled} entries");
+
+    let mut losses: PerCpuHashMap<_, LossKey, u64> =
+        PerCpuHashMap::try_from(d.pinned_map("LOSSES")).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let zeros = || PerCpuValues::try_from(vec![0u64; cpus]).unwrap();
+    let mut counters = 0u64;
+    loop {
+        let key = LossKey {
+            session_id: (1 << 40) + counters,
+            kind: 2,
+            reason: 1,
+        };
+        if losses.insert(key, zeros(), 0).is_err() {
+            break;
+        }
+        counters += 1;
+    }
+    assert!(counters >= 4000, "the loss map took {counters} entries");
+
+    // A held connect is decided and goes through.
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let run = d.spawn_run(&[], &[ACTOR, "connect", &target]);
+    let pending = d.wait_pending(ALICE, 1);
+    let id = pending[0]["id"].as_u64().unwrap().to_string();
+    let out = d.approvals(ALICE, &["approve", &id, "--reason", "test", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = finish_within(run, scaled(Duration::from_secs(30)));
+    assert_eq!(
+        out.trim(),
+        "0",
+        "approved with the verdict map full: {out}\n{}",
+        d.log()
+    );
+
+    // The ended sessions' counters are gone within a few polls.
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        let left = losses.keys().count();
+        if left < 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} loss counters of ended sessions are still there\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

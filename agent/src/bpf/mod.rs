@@ -92,6 +92,10 @@ pub struct Holds {
     pub lsm_unix: bool,
 }
 
+/// Entries of the per-session loss map (4096, see agent-ebpf maps.rs)
+/// past which the daemon removes those of ended sessions.
+const LOSS_PRUNE_AT: usize = 3072;
+
 /// Events read from the ring buffer in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
@@ -110,7 +114,7 @@ pub struct Bpf {
     losses: PerCpuHashMap<MapData, LossKey, u64>,
     loss_totals: PerCpuArray<MapData, u64>,
     verdicts: HashMap<MapData, u32, VerdictEntry>,
-    hold_pending: HashMap<MapData, HoldKey, u8>,
+    hold_pending: HashMap<MapData, HoldKey, u64>,
     /// Programs attached, in words.
     pub attached: Vec<String>,
     pub holds: Holds,
@@ -286,9 +290,33 @@ impl Bpf {
             verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u32,
             _pad: 0,
         };
+        if self.verdicts.insert(pid, v, 0).is_ok() {
+            return Ok(());
+        }
+        // Full: verdicts of threads that are gone (the kernel drops a
+        // thread's verdict when it exits; these were left another way)
+        // make room, once.
+        self.prune_verdicts();
         self.verdicts
             .insert(pid, v, 0)
             .map_err(|e| BpfError::map("VERDICTS", e))
+    }
+
+    /// Removes the verdicts of threads that no longer exist.
+    fn prune_verdicts(&mut self) {
+        let gone: Vec<u32> = self
+            .verdicts
+            .keys()
+            .flatten()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in &gone {
+            let _ = self.verdicts.remove(pid);
+        }
+        warn!(
+            removed = gone.len(),
+            "the verdict map was full: removed the verdicts of threads that are gone"
+        );
     }
 
     /// Replaces the candidate maps with a new policy's.
@@ -317,10 +345,13 @@ impl Bpf {
         self.seen_losses = seen;
     }
 
-    /// Turns growth of the per-session loss counters into loss records.
+    /// Turns growth of the per-session loss counters into loss records,
+    /// and keeps room in the counter map (see [`Self::prune_losses`]).
     pub fn poll_losses(&mut self) -> Vec<Record> {
         let mut records = Vec::new();
+        let mut keys = 0;
         for entry in self.losses.iter() {
+            keys += 1;
             let Ok((key, values)) = entry else { continue };
             let total: u64 = values.iter().sum();
             let seen = self.seen_losses.entry(key).or_insert(0);
@@ -344,7 +375,44 @@ impl Bpf {
             records.push(Record::loss(key.session_id, wall_now_ns(), kind, reason, n));
             *seen = total;
         }
+        if keys >= LOSS_PRUNE_AT {
+            self.prune_losses();
+        }
         records
+    }
+
+    /// Removes the counters of sessions that have ended (no member left in
+    /// the session map) once their counts are recorded: nothing can count
+    /// there any more, and a full map would leave a new session's losses
+    /// in the per-reason totals only. Runs only when the map fills up, as
+    /// it reads the whole session map.
+    fn prune_losses(&mut self) {
+        let live: std::collections::HashSet<u64> = self
+            .sessions
+            .iter()
+            .flatten()
+            .map(|(_, e)| e.session_id)
+            .collect();
+        let done: Vec<LossKey> = self
+            .losses
+            .iter()
+            .flatten()
+            .filter(|(k, v)| {
+                k.session_id != 0
+                    && !live.contains(&k.session_id)
+                    && self.seen_losses.get(k).copied() == Some(v.iter().sum())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &done {
+            if self.losses.remove(k).is_ok() {
+                self.seen_losses.remove(k);
+            }
+        }
+        info!(
+            removed = done.len(),
+            "loss counters of ended sessions removed (their counts are recorded)"
+        );
     }
 }
 

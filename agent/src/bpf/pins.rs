@@ -272,17 +272,20 @@ impl PinDir {
         Ok(resumed)
     }
 
-    /// SIGCONT to every task with a published hold.
+    /// SIGCONT to every task with a published hold (pins of layout 3 and
+    /// before mark holds with a u8, later ones with the start time).
     fn resume_pending(&self) -> usize {
-        let Ok(data) = MapData::from_pin(self.map("HOLD_PENDING")) else {
-            return 0;
-        };
-        let Ok(map) = Map::from_map_data(data) else {
-            return 0;
-        };
-        let Ok(pending) = HashMap::<_, HoldKey, u8>::try_from(map) else {
-            return 0;
-        };
+        self.resume_marked::<u64>()
+            .or_else(|| self.resume_marked::<u8>())
+            .unwrap_or(0)
+    }
+
+    /// [`Self::resume_pending`] for marks of type `V`; None when the map
+    /// is missing or has other values.
+    fn resume_marked<V: aya::Pod>(&self) -> Option<usize> {
+        let data = MapData::from_pin(self.map("HOLD_PENDING")).ok()?;
+        let map = Map::from_map_data(data).ok()?;
+        let pending = HashMap::<_, HoldKey, V>::try_from(map).ok()?;
         let mut resumed = Vec::new();
         for key in pending.keys().flatten() {
             // SAFETY: kill(2) with a plain pid and signal number.
@@ -300,7 +303,7 @@ impl PinDir {
         {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        resumed.len()
+        Some(resumed.len())
     }
 }
 
