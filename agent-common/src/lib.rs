@@ -84,6 +84,12 @@ pub const FILE_CAND_NAME: u32 = 1;
 /// name is a candidate.
 pub const FILE_CAND_DIR: u32 = 2;
 
+/// Entries of the file candidate map by inode: the files a policy's path
+/// patterns name on this host ([`FILE_CAND_NAME`]) and the directories
+/// whose every file is a candidate ([`FILE_CAND_DIR`]), looked up by the
+/// daemon when the policy loads and every few seconds after.
+pub const FILE_INODES_MAX: u32 = 16384;
+
 /// Slot of the mode array that is 1 while the LSM socket_connect program
 /// holds connects (the cgroup hook then leaves hold rules to it).
 pub const MODE_LSM_CONNECT: u32 = 0;
@@ -133,7 +139,8 @@ pub const CTL_SLOTS: u32 = 8;
 /// where a rule id was.
 /// 3: exec events carry the file the kernel ran (`FileId`, its own name).
 /// 4: a pending hold's mark is the process's start time (a u64).
-pub const PIN_LAYOUT: u64 = 4;
+/// 5: file events carry the file's inode, device and operation.
+pub const PIN_LAYOUT: u64 = 5;
 
 /// What a kernel-side rule does to a matching action.
 #[repr(u32)]
@@ -228,8 +235,10 @@ pub struct VerdictEntry {
     pub digest: u64,
     /// A [`Verdict`].
     pub verdict: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// The process of the thread decided on: a thread id another process
+    /// got since (the thread died before it took its verdict) finds a
+    /// verdict that is not its own, and drops it.
+    pub tgid: u32,
 }
 const _: () = assert!(size_of::<VerdictEntry>() == 16);
 
@@ -587,12 +596,30 @@ pub struct FileEvent {
     pub flags: u32,
     /// Bytes of `path` used, without the NUL.
     pub path_len: u32,
-    /// [`file_digest`] of the path and write intent: the verdict key.
+    /// [`file_digest`] of the path and write intent (for a truncate, mixed
+    /// with [`FILE_OP_TRUNCATE`]): the verdict key.
     pub digest: u64,
-    /// The opened file's path (`bpf_d_path`), NUL-terminated.
+    /// The file's inode number and device (the kernel's encoding): the
+    /// same file under every name.
+    pub ino: u64,
+    pub dev: u32,
+    /// What was done: a `FILE_OP_*`.
+    pub op: u32,
+    /// The directory holding it (its dentry's parent), inode and device.
+    pub dir_ino: u64,
+    pub dir_dev: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// The file's path (`bpf_d_path`), NUL-terminated.
     pub path: [u8; FILE_PATH_MAX],
 }
-const _: () = assert!(size_of::<FileEvent>() == 56 + 16 + FILE_PATH_MAX);
+const _: () = assert!(size_of::<FileEvent>() == 56 + 48 + FILE_PATH_MAX);
+
+/// [`FileEvent::op`]: the file was opened (`security_file_open`).
+pub const FILE_OP_OPEN: u32 = 0;
+/// [`FileEvent::op`]: the file is cut to a length by path (`truncate(2)`,
+/// `security_path_truncate`): a write.
+pub const FILE_OP_TRUNCATE: u32 = 1;
 
 /// Bytes of a Unix socket's address (`sockaddr_un.sun_path`).
 pub const UNIX_PATH_MAX: usize = 108;
@@ -621,8 +648,9 @@ pub struct UnixEvent {
     pub header: EventHeader,
     /// `NET_*` and `UNIX_*` flags.
     pub flags: u32,
-    /// Bytes of `path` used (the socket's bound address, without NULs at
-    /// the end; an abstract address keeps its leading NUL).
+    /// Bytes of `path` used: the socket's bound address as the kernel
+    /// keeps it (a path with the NUL that ends it, an abstract address
+    /// with its leading NUL).
     pub path_len: u32,
     /// [`unix_digest`] of the socket: the verdict key.
     pub digest: u64,
@@ -640,8 +668,8 @@ pub struct UnixEvent {
 const _: () = assert!(size_of::<UnixEvent>() == 56 + 32 + UNIX_PATH_MAX + 4);
 
 /// Value of the Unix socket candidate map (key: the socket file's
-/// [`FileKey`], or for an abstract address `dev` 0 and `ino` its
-/// [`name_hash`]): hold.
+/// [`FileKey`], or `dev` 0 and `ino` the [`name_hash`] of the address: an
+/// abstract one without its leading NUL, a path as bound): hold.
 pub const UNIX_CAND: u32 = 1;
 
 /// FNV-1a over a Unix socket's identity: its file (device, inode), or for

@@ -1,5 +1,5 @@
 //! Holding an action inside its syscall: the one stop-publish-re-hold
-//! sequence that the exec, file and connect hooks share.
+//! sequence that the exec, file, connect and Unix socket hooks share.
 
 use airlock_common::{EventKind, HoldKey, LossReason};
 use aya_ebpf::helpers::bpf_send_signal;

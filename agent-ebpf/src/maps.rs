@@ -134,6 +134,14 @@ pub static EXEC_NAMES: HashMap<u64, ExecRule> = HashMap::with_max_entries(4096, 
 #[map]
 pub static FILE_NAMES: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
+/// File candidates by the file itself (device and inode): the files the
+/// policy's path patterns name on this host, with `FILE_CAND_NAME`, and
+/// the directories whose every file is a candidate, with `FILE_CAND_DIR`.
+/// A hard link, a renamed directory or a bind mount keeps the inode.
+#[map]
+pub static FILE_INODES: HashMap<FileKey, u32> =
+    HashMap::with_max_entries(airlock_common::FILE_INODES_MAX, 0);
+
 /// Connect candidates by destination prefix (IPv6; IPv4 as
 /// ::ffff:a.b.c.d), written by the daemon from its policy: each is held.
 #[map]
@@ -251,7 +259,7 @@ pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
 
 /// Takes the daemon's verdict for the current thread, if it stored one:
 /// one shot, and the action decided stops being pending. A verdict for
-/// another action than `key`'s (the held syscall was rewritten, or the
+/// another process or another action than `key`'s (the held syscall was rewritten, or the
 /// thread went elsewhere) is dropped with its pending mark: it covers
 /// nothing, and the new action is held on its own.
 #[inline(always)]
@@ -264,5 +272,5 @@ pub fn take_verdict(pid: u32, key: HoldKey) -> Option<u32> {
         ..key
     };
     let _ = HOLD_PENDING.remove(decided);
-    (v.digest == key.digest).then_some(v.verdict)
+    (v.digest == key.digest && v.tgid == key.tgid).then_some(v.verdict)
 }

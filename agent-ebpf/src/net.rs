@@ -40,11 +40,12 @@ pub static PENDING_CONNECT: HashMap<u64, NetEvent> = HashMap::with_max_entries(8
 #[map]
 static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
-/// A process's datagram destination. The process is its tgid and start
-/// time: a process that gets a reused pid is another one.
+/// A process's datagram destination (an IP address and port, or, with
+/// family AF_UNIX, a Unix socket's identity in `addr`). The process is its
+/// tgid and start time: a process that gets a reused pid is another one.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct UdpSeenKey {
+pub struct FlowKey {
     pub tgid: u32,
     pub family: u16,
     pub port: u16,
@@ -52,7 +53,7 @@ pub struct UdpSeenKey {
     pub start: u64,
 }
 
-impl UdpSeenKey {
+impl FlowKey {
     /// The current process's flow to `event`'s destination.
     #[inline(always)]
     pub fn of(tgid: u32, event: &NetEvent) -> Self {
@@ -66,15 +67,15 @@ impl UdpSeenKey {
     }
 }
 
-/// Datagram destinations already recorded per process.
+/// Datagram destinations already recorded per process (IP and Unix).
 #[map]
-pub static UDP_SEEN: LruHashMap<UdpSeenKey, u8> = LruHashMap::with_max_entries(16384, 0);
+pub static FLOWS_SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// The verdict on a process's datagrams to a candidate destination: one
 /// decision covers the flow (every datagram after the first held one),
 /// as a connect's covers the connected socket.
 #[map]
-pub static UDP_DECIDED: LruHashMap<UdpSeenKey, u32> = LruHashMap::with_max_entries(16384, 0);
+pub static FLOWS_DECIDED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(16384, 0);
 
 /// Builds a network event from a cgroup sock_addr context.
 #[inline(always)]
@@ -359,10 +360,10 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
         return 1;
     };
     let mut event = from_sock_addr::<V6>(ctx, EventKind::UdpSend, session_id);
-    let flow = UdpSeenKey::of(tgid, &event);
+    let flow = FlowKey::of(tgid, &event);
     if net_candidate::<V6>(&event) && !lsm_holds_connects() {
         // SAFETY: copied out at once.
-        if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {
+        if let Some(v) = unsafe { FLOWS_DECIDED.get(flow) }.copied() {
             return (v == Verdict::Allow as u32) as i32;
         }
         if !HOLD {
@@ -378,7 +379,7 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
         event.digest = key.digest;
         match take_verdict(pid_tgid as u32, key) {
             Some(v) => {
-                let _ = UDP_DECIDED.insert(flow, v, 0);
+                let _ = FLOWS_DECIDED.insert(flow, v, 0);
                 if v != Verdict::Allow as u32 {
                     event.flags |= NET_REFUSED;
                     emit(&event);
@@ -406,10 +407,10 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
         }
     }
     // SAFETY: only the presence of the key is used.
-    if unsafe { UDP_SEEN.get(flow) }.is_some() && event.flags == 0 {
+    if unsafe { FLOWS_SEEN.get(flow) }.is_some() && event.flags == 0 {
         return 1;
     }
-    let _ = UDP_SEEN.insert(flow, 1, 0);
+    let _ = FLOWS_SEEN.insert(flow, 1, 0);
     emit(&event);
     1
 }

@@ -166,11 +166,32 @@ pub fn file_key(path: &Path) -> Option<FileKey> {
 /// It also holds the Unix socket files the policy names by path
 /// ([`Self::sockets`]): looked up by device and inode, like executables,
 /// and looked up again as often (a socket appears when its server starts).
+///
+/// And the files and directories the file rules' path patterns name
+/// ([`Self::protected`]), for the kernel to find by inode: a hard link
+/// elsewhere, a renamed directory or a bind mount is the same inode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExeIndex {
     files: HashMap<FileKey, Entry>,
     sockets: HashMap<FileKey, BTreeSet<String>>,
+    protected: HashMap<FileKey, Protected>,
 }
+
+/// A file (or directory) a file rule's pattern names, and the paths that
+/// name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Protected {
+    /// FILE_CAND_* bits: the file itself, or every file in the directory.
+    bits: u32,
+    paths: BTreeSet<String>,
+}
+
+/// Most files and directories the file rules' patterns may name (the
+/// kernel map's size): past it, the rest are matched by name only.
+const MAX_PROTECTED: usize = airlock_common::FILE_INODES_MAX as usize;
+
+/// Most entries read from one directory while expanding a pattern.
+const MAX_DIR_ENTRIES: usize = 10_000;
 
 /// What the kernel does with a file it finds by inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +223,93 @@ impl ExeIndex {
         for p in &c.unix.paths {
             index.add_socket(Path::new(p));
         }
+        for g in &c.file_paths {
+            index.add_protected(g);
+        }
         index
+    }
+
+    /// The files a path glob names on this host, walked one component at
+    /// a time (a `**` pattern names files anywhere: those are matched by
+    /// name only). A pattern whose last component is a glob also names
+    /// the directories it lists, for their every file.
+    fn add_protected(&mut self, glob: &str) {
+        if glob.contains("**") || !glob.starts_with('/') {
+            return;
+        }
+        let parts: Vec<&str> = glob.split('/').filter(|c| !c.is_empty()).collect();
+        let mut level = vec![PathBuf::from("/")];
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let mut next = Vec::new();
+            for dir in &level {
+                if crate::policy::matchers::is_literal(part) {
+                    next.push(dir.join(part));
+                    continue;
+                }
+                if last {
+                    self.protect(dir, airlock_common::FILE_CAND_DIR);
+                }
+                let Ok(matcher) = globset::Glob::new(part).map(|g| g.compile_matcher()) else {
+                    return;
+                };
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    continue;
+                };
+                next.extend(
+                    entries
+                        .take(MAX_DIR_ENTRIES)
+                        .flatten()
+                        .filter(|e| matcher.is_match(e.file_name()))
+                        .map(|e| e.path()),
+                );
+            }
+            level = next;
+        }
+        for f in &level {
+            if std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
+                self.protect(f, airlock_common::FILE_CAND_NAME);
+            }
+        }
+    }
+
+    fn protect(&mut self, path: &Path, bit: u32) {
+        let Some(key) = file_key(path) else { return };
+        if self.protected.len() >= MAX_PROTECTED && !self.protected.contains_key(&key) {
+            return;
+        }
+        let e = self.protected.entry(key).or_default();
+        e.bits |= bit;
+        e.paths.insert(path.display().to_string());
+    }
+
+    /// Keeps what `earlier` (the same policy's index) protected and this
+    /// one did not find: a file or directory renamed away from every path
+    /// a rule gives is still the file the rule meant, and stays protected
+    /// by its inode (under the paths it had) until the policy reloads.
+    pub fn keep_protected(&mut self, earlier: &Self) {
+        for (k, e) in &earlier.protected {
+            if self.protected.len() >= MAX_PROTECTED {
+                return;
+            }
+            let mine = self.protected.entry(*k).or_default();
+            mine.bits |= e.bits;
+            mine.paths.extend(e.paths.iter().cloned());
+        }
+    }
+
+    /// The files and directories the file rules name, by device and
+    /// inode, with their FILE_CAND_* bits.
+    pub fn protected(&self) -> impl Iterator<Item = (&FileKey, u32)> {
+        self.protected.iter().map(|(k, e)| (k, e.bits))
+    }
+
+    /// The paths the file rules know the file `key` by.
+    pub fn protected_paths(&self, key: &FileKey) -> impl Iterator<Item = &str> {
+        self.protected
+            .get(key)
+            .into_iter()
+            .flat_map(|e| e.paths.iter().map(String::as_str))
     }
 
     /// A socket file a rule names by path: found by device and inode
@@ -368,11 +475,11 @@ impl ExeIndex {
 
     /// How many files (executables and sockets).
     pub fn len(&self) -> usize {
-        self.files.len() + self.sockets.len()
+        self.files.len() + self.sockets.len() + self.protected.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.sockets.is_empty()
+        self.len() == 0
     }
 }
 
@@ -474,6 +581,50 @@ pub fn loader_program(argv: &[String]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_patterns_name_files_and_directories_by_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (sub, file) in [("u1/.ssh", "id_a"), ("u2/.ssh", "id_b"), ("u2/other", "x")] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+            std::fs::write(d.join(sub).join(file), "k").unwrap();
+        }
+        std::fs::write(d.join("lone"), "k").unwrap();
+        let mut c = Candidates::default();
+        c.file_paths.insert(format!("{}/*/.ssh/*", d.display()));
+        c.file_paths.insert(format!("{}/lone", d.display()));
+        c.file_paths.insert("**/.env".into());
+        let index = ExeIndex::of(&c);
+        let bits = |p: &Path| {
+            let k = file_key(p).unwrap();
+            index
+                .protected()
+                .find(|(key, _)| **key == k)
+                .map(|(_, b)| b)
+                .unwrap_or(0)
+        };
+        assert_eq!(bits(&d.join("u1/.ssh/id_a")), airlock_common::FILE_CAND_NAME);
+        assert_eq!(bits(&d.join("u2/.ssh/id_b")), airlock_common::FILE_CAND_NAME);
+        assert_eq!(bits(&d.join("u1/.ssh")), airlock_common::FILE_CAND_DIR);
+        assert_eq!(bits(&d.join("lone")), airlock_common::FILE_CAND_NAME);
+        assert_eq!(bits(&d.join("u2/other/x")), 0);
+        // Three files, two directories: no `**` pattern is walked.
+        assert_eq!(index.protected().count(), 5);
+        // A hard link is the same file, known by the rule's path.
+        std::fs::hard_link(d.join("lone"), d.join("link")).unwrap();
+        let k = file_key(&d.join("link")).unwrap();
+        assert_eq!(
+            index.protected_paths(&k).collect::<Vec<_>>(),
+            [d.join("lone").display().to_string()]
+        );
+        // Renamed away, it stays protected once the index is built again.
+        std::fs::rename(d.join("u1/.ssh"), d.join("u1/moved")).unwrap();
+        let mut again = ExeIndex::of(&c);
+        assert_eq!(again.protected().count(), 3);
+        again.keep_protected(&index);
+        assert_eq!(again, index);
+    }
 
     #[test]
     fn a_hard_link_is_the_same_file_and_a_symlink_leads_to_it() {

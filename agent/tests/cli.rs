@@ -216,6 +216,6 @@ fn policy_explain_names_the_deciding_rule_and_why() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
-        "airlock: --connect: \"nonsense\" is not ADDR:PORT ([v6]:port for IPv6)"
+        "airlock: --connect: \"nonsense\" is not ADDR:PORT ([v6]:port for IPv6), a socket path or @abstract"
     );
 }

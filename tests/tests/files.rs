@@ -229,3 +229,101 @@ fn file_open_of_candidates_is_held_then_approved_or_denied() {
         "the refused write changed nothing"
     );
 }
+
+/// A rule names a file and a directory by their paths; an agent reaches
+/// them by other names it can make: a hard link elsewhere, the directory
+/// renamed, truncate(2) without an open. Each is refused as the plain
+/// path is (the kernel knows the files by inode), and recorded.
+#[test]
+fn every_name_for_a_protected_file_is_refused_and_recorded() {
+    const TEST: &str = "every_name_for_a_protected_file_is_refused_and_recorded";
+    if !can_run(TEST) {
+        return;
+    }
+    // The files exist before the daemon looks the policy's paths up.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = write(&d.join("keys/secret.txt"), "secret\n");
+    let vaulted = write(&d.join("vault/notes"), "vaulted\n");
+    std::fs::create_dir(d.join("elsewhere")).unwrap();
+    let policy = format!(
+        "pack: files\nrules:\n\
+         - {{name: secret, on: file, when: {{path: [\"{key}\", \"{}/vault/*\"]}}, decision: deny}}\n",
+        d.display()
+    );
+    let daemon = Daemon::start_with_policy(
+        &[("files.yaml", &policy)],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let held = holds_opens(&daemon);
+    let link = d.join("elsewhere/innocent.txt").display().to_string();
+    let renamed = d.join("renamed");
+    let tricks = [
+        ("path", format!("{ACTOR} open {key}")),
+        (
+            "hard-link",
+            format!("ln {key} {link} && {ACTOR} open {link}"),
+        ),
+        (
+            "renamed-dir",
+            format!(
+                "mv {}/vault {} && {ACTOR} open {}/notes",
+                d.display(),
+                renamed.display(),
+                renamed.display()
+            ),
+        ),
+        (
+            "new-file-in-renamed-dir",
+            format!("{ACTOR} open {}/fresh create", renamed.display()),
+        ),
+        ("truncate", format!("{ACTOR} truncate {key}")),
+    ];
+    let script: String = tricks
+        .iter()
+        .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
+        .collect();
+    let (session, out) = daemon.run(&[], &["/bin/sh", "-c", &script]);
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let result = |name: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no result for {name}:\n{out}\n{}", daemon.log()))
+            .to_string()
+    };
+    if !held {
+        // No BPF LSM here: nothing is held or recorded, as the daemon said.
+        assert!(file_opens(&daemon, session).is_empty());
+        assert_eq!(result("path"), "0 secret", "{out}");
+        return;
+    }
+    let escaped: Vec<String> = tricks
+        .iter()
+        .filter(|(name, _)| result(name) != libc::EPERM.to_string())
+        .map(|(name, _)| format!("{name}: {}", result(name)))
+        .collect();
+    assert!(
+        escaped.is_empty(),
+        "these reached a protected file:\n{}\nall:\n{out}\ndaemon log:\n{}",
+        escaped.join("\n"),
+        daemon.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        "secret\n",
+        "the file was not cut"
+    );
+    let refused: Vec<String> = file_opens(&daemon, session)
+        .into_iter()
+        .filter(|(_, _, e)| e == "refused")
+        .map(|(p, _, _)| p)
+        .collect();
+    let _ = vaulted;
+    assert!(
+        refused.len() >= tricks.len()
+            && refused.contains(&link)
+            && refused.contains(&format!("{}/notes", renamed.display())),
+        "each refusal recorded under the name used: {refused:?}"
+    );
+}

@@ -622,7 +622,7 @@ fn full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided() {
     let stale = VerdictEntry {
         digest: 1,
         verdict: 1,
-        _pad: 0,
+        tgid: 1,
     };
     let mut filled = 0u32;
     while verdicts.insert(pid_max + 1 + filled, stale, 0).is_ok() {

@@ -2,16 +2,17 @@
 
 use airlock_common::{
     EventKind, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD,
-    FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE,
-    FNV_OFFSET, FileEvent, HoldKey, LossReason, Verdict, file_digest, fnv_step,
+    FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_OP_OPEN, FILE_OP_TRUNCATE, FILE_PATH_MAX,
+    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey,
+    LossReason, Verdict, file_digest, fnv_step,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
 use crate::{
     hold::{HoldOutcome, hold},
     maps::{
-        EVENTS, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, config, count_loss, file_f_path_offset,
-        session_of, take_verdict,
+        EVENTS, FILE_INODES, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, config, count_loss,
+        file_f_path_offset, session_of, take_verdict,
     },
     task::{header, read},
 };
@@ -24,7 +25,8 @@ const FMODE_WRITE: u32 = 0x2;
 /// `int security_file_open(struct file *file)`, called from do_dentry_open
 /// once the file is set up, before open(2) returns it (and for the opens
 /// inside execve and the like). Only *candidates* are looked at: files
-/// whose own name, or whose directory's name, is in FILE_NAMES. Every other
+/// whose own name, or whose directory's name, is in FILE_NAMES, or whose
+/// inode, or whose directory's, is in FILE_INODES. Every other
 /// open of a watched process returns at once and is not recorded. A
 /// candidate open is held like an exec: stopped, published once, re-issued
 /// until a verdict for this exact path and access exists. On an internal
@@ -82,6 +84,48 @@ fn candidate_bits(hash: Option<u64>) -> u32 {
     }
 }
 
+/// The identity of an inode: its number and its file system's device.
+#[inline(always)]
+fn inode_key(inode: u64) -> Result<FileKey, i64> {
+    let off = config().offsets;
+    let sb: u64 = read(inode, off.inode_i_sb)?;
+    Ok(FileKey {
+        ino: read(inode, off.inode_i_ino)?,
+        dev: read(sb, off.sb_s_dev)?,
+        _pad: 0,
+    })
+}
+
+/// The FILE_CAND_* bits FILE_INODES holds for an inode (0 for none).
+#[inline(always)]
+fn inode_bits(key: &FileKey) -> u32 {
+    // SAFETY: copied out at once.
+    unsafe { FILE_INODES.get(*key) }.copied().unwrap_or(0)
+}
+
+/// The directory of the file at `dentry` (its dentry's parent) and that
+/// directory's identity.
+#[inline(always)]
+fn parent_of(dentry: u64) -> Result<(u64, FileKey), i64> {
+    let off = config().offsets;
+    let parent: u64 = read(dentry, off.dentry_d_parent)?;
+    let inode: u64 = read(parent, off.dentry_d_inode)?;
+    Ok((parent, inode_key(inode)?))
+}
+
+/// Whether the file at `dentry` (inode `key`, in directory `parent` of
+/// identity `dir`) is a candidate: by its own name or its directory's
+/// (FILE_NAMES), or by the file itself or its directory (FILE_INODES: a
+/// hard link elsewhere, a renamed directory, a bind mount are the same
+/// inodes).
+#[inline(always)]
+fn is_candidate(dentry: u64, key: &FileKey, parent: u64, dir: &FileKey) -> bool {
+    candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_NAME != 0
+        || inode_bits(key) & FILE_CAND_NAME != 0
+        || candidate_bits(dentry_name_hash(parent)) & FILE_CAND_DIR != 0
+        || inode_bits(dir) & FILE_CAND_DIR != 0
+}
+
 fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -92,35 +136,112 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     let file: u64 = ctx.arg(0);
     // The candidate test first, and nothing else before it.
     let dentry: u64 = read(file, off.file_f_path + off.path_dentry)?;
-    let by_name = candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_NAME != 0;
-    let by_dir = !by_name && {
-        let parent: u64 = read(dentry, off.dentry_d_parent)?;
-        candidate_bits(dentry_name_hash(parent)) & FILE_CAND_DIR != 0
-    };
-    if !by_name && !by_dir {
+    let inode: u64 = read(file, off.file_inode)?;
+    let key = inode_key(inode)?;
+    let (parent, dir) = parent_of(dentry)?;
+    if !is_candidate(dentry, &key, parent, &dir) {
         return Ok(LsmVerdict::Allow);
     }
+    let f_mode: u32 = read(file, off.file_f_mode).unwrap_or(0);
+    // `&file->f_path` as a typed kernel pointer: bpf_d_path checks that it
+    // points at a struct path (a constant offset into the file argument).
+    let path = (file + file_f_path_offset() as u64) as *mut aya_ebpf::bindings::path;
+    file_verdict(
+        pid_tgid,
+        session_id,
+        FileAct {
+            path,
+            dentry,
+            key,
+            dir,
+            write: f_mode & FMODE_WRITE != 0,
+            op: FILE_OP_OPEN,
+        },
+    )
+}
 
+/// `int security_path_truncate(const struct path *path)`, called from
+/// truncate(2) before the size changes: a write to a candidate file that
+/// never opens it (ftruncate(2) needs a descriptor open for writing, which
+/// file_open saw). Held as a write open is. On an internal error it fails
+/// open (0).
+#[lsm(hook = "path_truncate")]
+pub fn lsm_path_truncate(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(1)) {
+        return earlier;
+    }
+    match try_lsm_path_truncate(&ctx) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+fn try_lsm_path_truncate(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(LsmVerdict::Allow);
+    };
+    let off = config().offsets;
+    let path: u64 = ctx.arg(0);
+    let dentry: u64 = read(path, off.path_dentry)?;
+    let inode: u64 = read(dentry, off.dentry_d_inode)?;
+    let key = inode_key(inode)?;
+    let (parent, dir) = parent_of(dentry)?;
+    if !is_candidate(dentry, &key, parent, &dir) {
+        return Ok(LsmVerdict::Allow);
+    }
+    file_verdict(
+        pid_tgid,
+        session_id,
+        FileAct {
+            path: path as *mut aya_ebpf::bindings::path,
+            dentry,
+            key,
+            dir,
+            write: true,
+            op: FILE_OP_TRUNCATE,
+        },
+    )
+}
+
+/// A candidate file action, as the hooks found it.
+struct FileAct {
+    /// The file's `struct path` (a BTF pointer `bpf_d_path` accepts).
+    path: *mut aya_ebpf::bindings::path,
+    dentry: u64,
+    key: FileKey,
+    dir: FileKey,
+    write: bool,
+    op: u32,
+}
+
+/// The verdict on a candidate file action, or a hold: the event is filled
+/// (path, identity, access), the verdict for this exact path, access and
+/// operation taken, else the task held and the request published.
+#[inline(always)]
+fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdict, i64> {
+    let tgid = (pid_tgid >> 32) as u32;
+    let off = config().offsets;
     let Some(ev) = FILE_SCRATCH.get_ptr_mut(0) else {
         return Err(-1);
     };
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
     let ev: &mut FileEvent = unsafe { &mut *ev };
     ev.header = header(EventKind::FileOpen, session_id);
-    ev.flags = 0;
-    let f_mode: u32 = read(file, off.file_f_mode).unwrap_or(0);
-    let write = f_mode & FMODE_WRITE != 0;
-    if write {
-        ev.flags |= FILE_WRITE;
-    }
-    // `&file->f_path` as a typed kernel pointer: bpf_d_path checks that it
-    // points at a struct path (a constant offset into the file argument).
-    let path = (file + file_f_path_offset() as u64) as *mut aya_ebpf::bindings::path;
+    ev.flags = if act.write { FILE_WRITE } else { 0 };
+    ev.ino = act.key.ino;
+    ev.dev = act.key.dev;
+    ev.op = act.op;
+    ev.dir_ino = act.dir.ino;
+    ev.dir_dev = act.dir.dev;
+    ev._pad = 0;
     // SAFETY: bpf_d_path writes at most FILE_PATH_MAX bytes into the slot's
-    // buffer of that size; it is allowed in security_file_open.
+    // buffer of that size; it is allowed in security_file_open and
+    // security_path_truncate.
     let n = unsafe {
         aya_ebpf::helpers::generated::bpf_d_path(
-            path,
+            act.path,
             ev.path.as_mut_ptr().cast(),
             FILE_PATH_MAX as u32,
         )
@@ -130,7 +251,7 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     } else {
         // Too long (or unresolvable): record the file's own name instead.
         ev.flags |= FILE_PATH_TRUNCATED;
-        let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
+        let name: u64 = read(act.dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
         // SAFETY: a kernel string read into the slot's bounded buffer.
         let n = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
@@ -145,7 +266,10 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             0
         };
     }
-    let digest = file_digest(&ev.path, ev.path_len as usize, write);
+    let mut digest = file_digest(&ev.path, ev.path_len as usize, act.write);
+    if act.op != FILE_OP_OPEN {
+        digest = fnv_step(digest, act.op as u8);
+    }
     ev.digest = digest;
     let key = HoldKey {
         tgid,

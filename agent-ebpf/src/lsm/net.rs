@@ -10,7 +10,7 @@ use crate::{
     hold::{HoldOutcome, hold},
     maps::{LSM_APPROVED, config, session_of, take_verdict},
     net::{
-        UDP_DECIDED, UdpSeenKey, emit, lsm_holds_connects, net_candidate, pend_connect,
+        FLOWS_DECIDED, FlowKey, emit, lsm_holds_connects, net_candidate, pend_connect,
         publish_connect,
     },
     task::{header, read},
@@ -214,9 +214,9 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         event.header.kind = EventKind::Connect as u32;
         return connect_verdict(pid_tgid, session_id, &mut event);
     }
-    let flow = UdpSeenKey::of(tgid, &event);
+    let flow = FlowKey::of(tgid, &event);
     // SAFETY: copied out at once.
-    if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {
+    if let Some(v) = unsafe { FLOWS_DECIDED.get(flow) }.copied() {
         return Ok(if v == Verdict::Allow as u32 {
             LsmVerdict::Allow
         } else {
@@ -231,7 +231,7 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     event.digest = key.digest;
     match take_verdict(pid_tgid as u32, key) {
         Some(v) => {
-            let _ = UDP_DECIDED.insert(flow, v, 0);
+            let _ = FLOWS_DECIDED.insert(flow, v, 0);
             if v == Verdict::Allow as u32 {
                 // The cgroup hook records the datagram.
                 Ok(LsmVerdict::Allow)

@@ -17,7 +17,7 @@ use crate::{
         EVENTS, FORCE_WAKEUP, UNIX_FILES, UNIX_SCRATCH, config, count_loss, mode, session_of,
         take_verdict,
     },
-    net::{UDP_DECIDED, UDP_SEEN, UdpSeenKey},
+    net::{FLOWS_DECIDED, FLOWS_SEEN, FlowKey},
     task::{current_process_start, header, read},
 };
 
@@ -72,6 +72,9 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
     // An unbound peer (a socketpair's other end) has no address: it is
     // the caller's own, not a way out.
     let addr: u64 = read(peer, off.unix_sock_addr)?;
+    if addr == 0 {
+        return Ok(LsmVerdict::Allow);
+    }
     let Some(ev) = UNIX_SCRATCH.get_ptr_mut(0) else {
         return Err(-1);
     };
@@ -96,11 +99,22 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
             src as *const core::ffi::c_void,
         )
     };
-    ev.path_len = if r == 0 { n } else { 0 };
+    if r != 0 {
+        return Err(r);
+    }
+    ev.path_len = n;
+    let is_abstract = n > 0 && ev.path[0] == 0;
+    // The address's own key: a socket a rule names by path is found by
+    // its name too, while the daemon has yet to look a new file up.
+    let by_name = FileKey {
+        ino: address_hash(ev, is_abstract),
+        dev: 0,
+        _pad: 0,
+    };
 
     // The socket file, whatever name led to it; none for an abstract one.
-    let dentry: u64 = read(peer, off.unix_sock_path + off.path_dentry).unwrap_or(0);
-    let key = if dentry != 0 {
+    let key = if !is_abstract {
+        let dentry: u64 = read(peer, off.unix_sock_path + off.path_dentry)?;
         let inode: u64 = read(dentry, off.dentry_d_inode)?;
         let sb: u64 = read(inode, off.inode_i_sb)?;
         ev.ino = read(inode, off.inode_i_ino)?;
@@ -114,11 +128,7 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         ev.flags |= UNIX_ABSTRACT;
         ev.ino = 0;
         ev.dev = 0;
-        FileKey {
-            ino: abstract_hash(ev),
-            dev: 0,
-            _pad: 0,
-        }
+        by_name
     };
 
     // The server: the process that made the listening socket. Unknown
@@ -135,7 +145,7 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
     let mut flow_addr = [0u8; 16];
     flow_addr[..8].copy_from_slice(&key.ino.to_ne_bytes());
     flow_addr[8..12].copy_from_slice(&key.dev.to_ne_bytes());
-    let flow = UdpSeenKey {
+    let flow = FlowKey {
         tgid,
         family: AF_UNIX,
         port: 0,
@@ -143,19 +153,19 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         start: current_process_start(),
     };
 
-    // SAFETY: only the presence of the key is used.
-    let named = unsafe { UNIX_FILES.get(key) }.is_some();
+    // SAFETY: only the presence of the keys is used.
+    let named = unsafe { UNIX_FILES.get(key).is_some() || UNIX_FILES.get(by_name).is_some() };
     let candidate = named || mode(MODE_UNIX_ALL) || (!inside && mode(MODE_UNIX_OUTSIDE));
     if !candidate {
         // Recorded: every stream connect, a datagram flow once.
-        if !dgram || UDP_SEEN.insert(flow, 1, BPF_NOEXIST as u64).is_ok() {
+        if !dgram || FLOWS_SEEN.insert(flow, 1, BPF_NOEXIST as u64).is_ok() {
             emit_unix(ev);
         }
         return Ok(LsmVerdict::Allow);
     }
     if dgram {
         // SAFETY: copied out at once.
-        if let Some(v) = unsafe { UDP_DECIDED.get(flow) }.copied() {
+        if let Some(v) = unsafe { FLOWS_DECIDED.get(flow) }.copied() {
             return Ok(if v == Verdict::Allow as u32 {
                 LsmVerdict::Allow
             } else {
@@ -171,7 +181,7 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
     match take_verdict(pid_tgid as u32, key) {
         Some(v) => {
             if dgram {
-                let _ = UDP_DECIDED.insert(flow, v, 0);
+                let _ = FLOWS_DECIDED.insert(flow, v, 0);
             }
             if v == Verdict::Allow as u32 {
                 ev.flags |= NET_APPROVED;
@@ -203,17 +213,18 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
     }
 }
 
-/// FNV-1a over an abstract address without its leading NUL (the key of
-/// UNIX_FILES for it, as `airlock_common::name_hash` computes it).
+/// FNV-1a over the socket's address as `airlock_common::name_hash`
+/// computes it for a rule's: an abstract address without its leading NUL
+/// (its other bytes as they are), a path up to its first NUL.
 #[inline(always)]
-fn abstract_hash(ev: &UnixEvent) -> u64 {
+fn address_hash(ev: &UnixEvent, is_abstract: bool) -> u64 {
     let n = ev.path_len as usize;
     let mut h = FNV_OFFSET;
     for (i, b) in ev.path.iter().enumerate() {
-        if i >= n {
+        if i >= n || (!is_abstract && *b == 0) {
             break;
         }
-        if i > 0 {
+        if i > 0 || !is_abstract {
             h = fnv_step(h, *b);
         }
     }

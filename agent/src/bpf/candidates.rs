@@ -4,11 +4,11 @@
 //! and the "every exec" / "set-user-ID" / "every Unix socket" / "servers
 //! outside the session" switches.
 //!
-//! File candidates are the names the kernel's `lsm_file_open` looks up
-//! before it does anything else with an open (agent-ebpf/src/lsm.rs): a
-//! file is a candidate when its own name is in the map with
-//! [`FILE_CAND_NAME`], or the name of the directory that contains it is
-//! there with [`FILE_CAND_DIR`].
+//! File candidates are the names and inodes the kernel's `lsm_file_open`
+//! looks up before it does anything else with an open
+//! (agent-ebpf/src/lsm/file.rs): a file is a candidate when its own name
+//! or inode is in the maps with [`FILE_CAND_NAME`], or the name or inode
+//! of the directory that contains it is there with [`FILE_CAND_DIR`].
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
@@ -115,11 +115,15 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
         }
     }
     sync(ebpf, "FILE_NAMES", &files)?;
+    let inodes: StdHashMap<FileKey, u32> = exes.protected().map(|(k, b)| (*k, b)).collect();
+    sync(ebpf, "FILE_INODES", &inodes)?;
 
-    // Socket files by device and inode; abstract addresses by the hash
-    // of the name after `@` (device 0).
+    // Socket files by device and inode; addresses by the hash of the name
+    // (device 0): a path as a server binds it (a restarted server's new
+    // socket, before the next look-up finds its file), an abstract one
+    // after the `@`.
     let mut unix: StdHashMap<FileKey, u32> = exes.sockets().map(|k| (*k, UNIX_CAND)).collect();
-    for a in &c.unix.abstracts {
+    for a in c.unix.abstracts.iter().chain(&c.unix.paths) {
         let name = a.strip_prefix('@').unwrap_or(a);
         let key = FileKey {
             ino: name_hash(name.as_bytes()),
@@ -137,14 +141,14 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
     forget_flows(ebpf)
 }
 
-/// Forgets every datagram flow's decision (`UDP_DECIDED`, keyed by
-/// process and destination): they were taken under the policy
+/// Forgets every datagram flow's decision (`FLOWS_DECIDED`, keyed by
+/// process and destination, an IP address or a Unix socket): they were taken under the policy
 /// this one replaces, so the next datagram of each is asked about again.
 /// (Key: tgid, family, port, address, process start: 32 bytes.)
 fn forget_flows(ebpf: &mut Ebpf) -> Result<(), BpfError> {
     let mut flows: HashMap<&mut MapData, [u8; 32], u32> =
-        HashMap::try_from(map(ebpf, "UDP_DECIDED")?)
-            .map_err(|e| BpfError::map("UDP_DECIDED", e))?;
+        HashMap::try_from(map(ebpf, "FLOWS_DECIDED")?)
+            .map_err(|e| BpfError::map("FLOWS_DECIDED", e))?;
     let keys: Vec<[u8; 32]> = flows.keys().filter_map(Result::ok).collect();
     for k in keys {
         let _ = flows.remove(&k);

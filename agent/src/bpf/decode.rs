@@ -7,10 +7,10 @@ use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILE_UNKNOWN,
     EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NAME_MAX, EXEC_NO_DAEMON,
     EXEC_REFUSED, EventHeader, EventKind, ExecEvent, ExitEvent, FILE_APPROVED, FILE_DENIED,
-    FILE_HELD, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE,
-    FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE,
-    NET_NO_DAEMON, NET_REFUSED, NetEvent, UNIX_ABSTRACT, UNIX_DGRAM, UNIX_HELD, UNIX_PATH_MAX,
-    UNIX_PEER_OUTSIDE, UnixEvent,
+    FILE_HELD, FILE_NO_DAEMON, FILE_OP_TRUNCATE, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED,
+    FILE_WRITE, FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED,
+    NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NetEvent, UNIX_ABSTRACT, UNIX_DGRAM,
+    UNIX_HELD, UNIX_PATH_MAX, UNIX_PEER_OUTSIDE, UnixEvent,
 };
 
 use crate::model::{
@@ -272,6 +272,11 @@ fn decode_file(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         write: flags & FILE_WRITE != 0,
         path_truncated: flags & FILE_PATH_TRUNCATED != 0,
         enforcement,
+        truncate: f.op == FILE_OP_TRUNCATE,
+        ino: f.ino,
+        dev: f.dev,
+        dir_ino: f.dir_ino,
+        dir_dev: f.dir_dev,
     };
     let hold = held.then_some(HoldInfo {
         digest: f.digest,
@@ -453,6 +458,12 @@ mod tests {
             flags,
             path_len: path.len() as u32,
             digest: 0,
+            ino: 7,
+            dev: 3,
+            op: 0,
+            dir_ino: 5,
+            dir_dev: 3,
+            _pad: 0,
             path: [0; FILE_PATH_MAX],
         };
         f.path[..path.len()].copy_from_slice(path);
@@ -476,6 +487,11 @@ mod tests {
                 write: false,
                 path_truncated: false,
                 enforcement: Some(Enforcement::Held),
+                truncate: false,
+                ino: 7,
+                dev: 3,
+                dir_ino: 5,
+                dir_dev: 3,
             }
         );
         assert_eq!(
@@ -487,7 +503,7 @@ mod tests {
         );
         assert_eq!(
             serde_json::to_value(&r.detail).unwrap(),
-            serde_json::json!({"path": "/tmp/x/id_test", "write": false, "path_truncated": false, "enforcement": "held"})
+            serde_json::json!({"path": "/tmp/x/id_test", "write": false, "path_truncated": false, "enforcement": "held", "ino": 7, "dev": 3, "dir_ino": 5, "dir_dev": 3})
         );
     }
 

@@ -282,13 +282,19 @@ impl Bpf {
             .map_err(|e| BpfError::map("SESSIONS", e))
     }
 
-    /// Stores a one-shot verdict for the held thread `pid`: its re-issued
-    /// syscall consumes it if it is still the action `digest` names.
-    pub fn set_verdict(&mut self, pid: u32, digest: u64, allow: bool) -> Result<(), BpfError> {
+    /// Stores a one-shot verdict for the held thread `pid` of process
+    /// `tgid`: its re-issued syscall consumes it if it is still the action
+    /// `digest` names.
+    pub fn set_verdict(
+        &mut self,
+        (tgid, pid): (u32, u32),
+        digest: u64,
+        allow: bool,
+    ) -> Result<(), BpfError> {
         let v = VerdictEntry {
             digest,
             verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u32,
-            _pad: 0,
+            tgid,
         };
         if self.verdicts.insert(pid, v, 0).is_ok() {
             return Ok(());
@@ -448,9 +454,11 @@ fn attach_lsm(
             }
             Err(why) => warn!("BPF LSM bprm_creds_for_exec not attached: {why}"),
         }
-        match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open") {
+        match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open")
+            .and_then(|()| attach::lsm(ebpf, btf, links, "lsm_path_truncate", "path_truncate"))
+        {
             Ok(()) => holds.lsm_file = true,
-            Err(why) => warn!("BPF LSM file_open not attached: {why}"),
+            Err(why) => warn!("BPF LSM file_open and path_truncate not attached: {why}"),
         }
         if unix {
             let stream = attach::lsm(

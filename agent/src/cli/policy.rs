@@ -203,6 +203,7 @@ fn explain(a: ExplainArgs, config: &Config) -> anyhow::Result<()> {
     } else if let Some(p) = &a.open {
         Action::File {
             path: p.display().to_string(),
+            aliases: Vec::new(),
             write: a.access == "write",
         }
     } else {

@@ -48,6 +48,7 @@ pub enum SensorMsg {
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
     Verdict {
+        tgid: u32,
         pid: u32,
         digest: u64,
         allow: bool,
@@ -84,8 +85,14 @@ impl SensorHandle {
 
     /// Stores a one-shot verdict for a thread held inside a syscall (the
     /// caller then resumes the task, whose retried syscall consumes it).
-    pub async fn verdict(&self, pid: u32, digest: u64, allow: bool) -> Result<(), HandleError> {
+    pub async fn verdict(
+        &self,
+        (tgid, pid): (u32, u32),
+        digest: u64,
+        allow: bool,
+    ) -> Result<(), HandleError> {
         Ok(ask(&self.0, "sensor", |reply| SensorMsg::Verdict {
+            tgid,
             pid,
             digest,
             allow,

@@ -6,7 +6,8 @@ use crate::{exefile::ExeIndex, policy::Policy, policy::candidates::Candidates};
 pub struct InForce {
     pub policy: Policy,
     pub candidates: Candidates,
-    /// The files the exec rules name, by device and inode: the broker
+    /// The files the exec rules name, the sockets the connect rules name
+    /// and the files the file rules name, by device and inode: the broker
     /// knows a hard link or a symlink of one by them.
     pub exes: ExeIndex,
 }

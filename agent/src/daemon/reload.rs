@@ -168,12 +168,20 @@ impl Reloader {
         }
     }
 
-    /// Looks the policy's executables up again and, where a file changed
-    /// (replaced, new, gone), puts the new files in force.
+    /// Looks the policy's executables, sockets and protected files up
+    /// again and, where a file changed (replaced, new, gone), puts the new
+    /// files in force. A protected file or directory stays protected by
+    /// its inode even where its path no longer names it (renamed away).
     async fn reindex(&self) {
         let current = self.policy.borrow().clone();
         let c = current.clone();
-        let exes = match tokio::task::spawn_blocking(move || ExeIndex::of(&c.candidates)).await {
+        let exes = match tokio::task::spawn_blocking(move || {
+            let mut exes = ExeIndex::of(&c.candidates);
+            exes.keep_protected(&c.exes);
+            exes
+        })
+        .await
+        {
             Ok(exes) => exes,
             Err(e) => {
                 error!(error = %e, "looking the policy's executables up again failed: the old files stay in force");

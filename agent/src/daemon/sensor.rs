@@ -136,12 +136,13 @@ fn serve(bpf: &mut Bpf, msg: SensorMsg) {
             let _ = reply.send(r);
         }
         SensorMsg::Verdict {
+            tgid,
             pid,
             digest,
             allow,
             reply,
         } => {
-            let _ = reply.send(bpf.set_verdict(pid, digest, allow));
+            let _ = reply.send(bpf.set_verdict((tgid, pid), digest, allow));
         }
         SensorMsg::Candidates { in_force, reply } => {
             let _ = reply.send(bpf.apply_candidates(&in_force.candidates, &in_force.exes));

@@ -36,12 +36,16 @@ fn enforces(h: Holds) -> Vec<String> {
     });
     v.push("connect deny: EPERM");
     v.push(if h.lsm_file {
-        "file: candidate opens (files and directories named by file rules) are recorded and held inside open (BPF LSM file_open)"
+        "file: candidate opens and truncates (files and directories named by file rules, by name and by inode) are recorded and held inside the syscall (BPF LSM file_open, path_truncate)"
+    } else if h.lsm_connect {
+        "file: BPF LSM is active but file_open could not be attached (see the log): file rules are not enforced and file opens not recorded"
     } else {
         "file: not possible without BPF LSM: file rules are not enforced and file opens not recorded"
     });
     v.push(if h.lsm_unix {
         "unix: connects to Unix sockets are recorded and, where a rule names the socket, held inside connect or sendmsg (BPF LSM unix_stream_connect, unix_may_send)"
+    } else if h.lsm_connect {
+        "unix: BPF LSM is active but the Unix socket hooks could not be attached (see the log): socket rules are not enforced and Unix socket connects not recorded"
     } else {
         "unix: not possible without BPF LSM: socket rules are not enforced and Unix socket connects not recorded"
     });

@@ -184,6 +184,15 @@ pub enum Detail {
         path_truncated: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<Enforcement>,
+        /// Cut by truncate(2) rather than opened (a write).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncate: bool,
+        /// The file (inode number, device): the same under every name.
+        ino: u64,
+        dev: u32,
+        /// The directory holding it (inode number, device).
+        dir_ino: u64,
+        dir_dev: u32,
     },
     Loss {
         #[serde(serialize_with = "kind_name")]

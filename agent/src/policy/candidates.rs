@@ -42,6 +42,9 @@ pub struct Candidates {
     pub net: Vec<(u32, [u8; 16])>,
     /// File and directory names (FILE_CAND_* bits).
     pub files: BTreeMap<String, u32>,
+    /// The path globs of file rules (`~/` expanded), for the daemon to
+    /// find the files they name on this host by device and inode.
+    pub file_paths: BTreeSet<String>,
     /// Unix sockets: see [`UnixSet`].
     pub unix: UnixSet,
     /// Why every exec (or connect) is a candidate, for `policy check`.
@@ -90,7 +93,9 @@ fn unix_set(c: &Cond) -> UnixSet {
         Cond::Leaf(Leaf::Socket(pats)) => {
             let mut s = UnixSet::default();
             for g in pats.iter().flat_map(|p| &p.0.globs) {
-                if !g.is_literal() {
+                // `@` past the first stands for a NUL as well as for
+                // itself (as `ss` shows addresses): no one key for it.
+                if !g.is_literal() || g.pattern.get(1..).is_some_and(|r| r.contains('@')) {
                     s.all = true;
                 } else if g.pattern.starts_with('@') {
                     s.abstracts.insert(g.pattern.clone());
@@ -215,6 +220,20 @@ pub fn file_names(c: &Cond) -> Option<Vec<(String, u32)>> {
             }
             Some(out)
         }
+    }
+}
+
+/// The path globs a condition names outside any `not`.
+fn path_globs(c: &Cond, out: &mut BTreeSet<String>) {
+    match c {
+        Cond::Leaf(Leaf::Path(pats)) => {
+            out.extend(
+                pats.iter()
+                    .flat_map(|p| p.globs.iter().map(|g| g.pattern.clone())),
+            );
+        }
+        Cond::Leaf(_) | Cond::Not(_) => {}
+        Cond::All(parts) | Cond::Any(parts) => parts.iter().for_each(|p| path_globs(p, out)),
     }
 }
 
@@ -547,6 +566,7 @@ impl Policy {
                     for (name, bit) in file_names(&r.when).unwrap_or_default() {
                         *c.files.entry(name).or_default() |= bit;
                     }
+                    path_globs(&r.when, &mut c.file_paths);
                 }
             }
         }

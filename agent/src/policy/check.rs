@@ -186,6 +186,7 @@ pub fn example_action(e: &Example) -> Result<Action, String> {
     let path = e.open.clone().unwrap_or_default();
     Ok(Action::File {
         path,
+        aliases: Vec::new(),
         write: e.access == Some(Access::Write),
     })
 }

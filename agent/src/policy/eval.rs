@@ -118,6 +118,10 @@ pub enum Action {
     Unix(UnixAction),
     File {
         path: String,
+        /// Other paths the policy knows the same file by (a hard link's
+        /// other names, its path before a directory was renamed): each is
+        /// matched as `path`.
+        aliases: Vec<String>,
         write: bool,
     },
 }
@@ -139,7 +143,7 @@ impl Action {
                 IpAddr::V6(a) => format!("[{a}]:{port}"),
                 IpAddr::V4(a) => format!("{a}:{port}"),
             },
-            Self::File { path, write } => {
+            Self::File { path, write, .. } => {
                 format!("{path} ({})", if *write { "write" } else { "read" })
             }
             Self::Unix(u) => format!(
@@ -267,10 +271,13 @@ fn leaf(l: &Leaf, action: &Action, s: &Subject, explain: bool) -> Option<String>
         (Leaf::Protocol(p), Action::Connect { protocol, .. }) => {
             (*protocol == Some(*p)).then(|| why(&|| format!("protocol is {p:?}")).to_lowercase())
         }
-        (Leaf::Path(pats), Action::File { path, .. }) => pats
-            .iter()
-            .find(|p| p.is_match(path))
-            .map(|p| why(&|| format!("path {path} matches {:?}", p.pattern))),
+        (Leaf::Path(pats), Action::File { path, aliases, .. }) => {
+            std::iter::once(path).chain(aliases).find_map(|path| {
+                pats.iter()
+                    .find(|p| p.is_match(path))
+                    .map(|p| why(&|| format!("path {path} matches {:?}", p.pattern)))
+            })
+        }
         (Leaf::Access(a), Action::File { write, .. }) => {
             let is = if *write { Access::Write } else { Access::Read };
             (is == *a).then(|| why(&|| format!("opened for {a:?}")).to_lowercase())

@@ -288,6 +288,7 @@ rules:
         p.evaluate(
             &Action::File {
                 path: path.into(),
+                aliases: Vec::new(),
                 write,
             },
             &s,

@@ -57,10 +57,40 @@ pub(super) fn of(
                 datagram: *datagram,
             })
         }
-        Detail::File { path, write, .. } => Action::File {
-            path: path.clone(),
-            write: *write,
-        },
+        Detail::File {
+            path,
+            write,
+            ino,
+            dev,
+            dir_ino,
+            dir_dev,
+            ..
+        } => {
+            let file = FileKey {
+                ino: *ino,
+                dev: *dev,
+                _pad: 0,
+            };
+            let dir = FileKey {
+                ino: *dir_ino,
+                dev: *dir_dev,
+                _pad: 0,
+            };
+            // The paths the rules know the file by, and the file's name in
+            // each path they know its directory by (a directory renamed
+            // away, a file made in it since).
+            let name = file_name(path);
+            let mut aliases: Vec<String> = exes.protected_paths(&file).map(String::from).collect();
+            aliases.extend(exes.protected_paths(&dir).map(|d| format!("{d}/{name}")));
+            aliases.retain(|p| p != path);
+            aliases.sort();
+            aliases.dedup();
+            Action::File {
+                path: path.clone(),
+                aliases,
+                write: *write,
+            }
+        }
         Detail::Net {
             protocol,
             addr: Some(addr),

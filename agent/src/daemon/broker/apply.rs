@@ -55,7 +55,9 @@ impl Broker {
         if allow {
             procfs::check_same(t.tgid, t.start_time)?;
         }
-        self.sensor.verdict(t.pid, t.digest, allow).await?;
+        self.sensor
+            .verdict((t.tgid, t.pid), t.digest, allow)
+            .await?;
         procfs::signal_if_same(t.tgid, t.start_time, libc::SIGCONT)?;
         let call = t.kind.syscall();
         Ok(if allow {

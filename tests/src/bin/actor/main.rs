@@ -19,8 +19,9 @@
 //! actor parallel N PROGRAM         spawn N at once (from N threads), wait for all, print "exit:<k> signal:<m> refused:<r>"
 //! actor threads-connect N FILE ADDR:PORT  N worker threads count into FILE (u64 LE each) while
 //!                                  another thread connects; print the errno once every worker moved on after it
-//! actor open PATH [write]          open PATH for reading (or, with write, for writing without
-//!                                  creating or truncating); print the errno (0 = ok), and after
+//! actor open PATH [write|create]   open PATH for reading (or, with write, for writing without
+//!                                  creating or truncating; with create, creating it if need be);
+//!                                  print the errno (0 = ok), and after
 //!                                  a read's 0 what it read (first line)
 //! actor connect-blocked N MS      N threads each make a blocking IPv4 connect to a loopback listener
 //!                                  whose accept queue is full (so each waits in the kernel until its
@@ -43,6 +44,7 @@
 //!                                  root); "busy" if PID is taken
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
+//! actor truncate PATH            truncate(2) PATH to 0 bytes (no open); print the errno
 //! actor unix-connect PATH        stream connect to the Unix socket PATH (`@NAME`: abstract); print the errno
 //! actor unix-send PATH           one datagram by sendto from an unbound Unix datagram socket to PATH; print the errno
 //! actor unix-self PATH           listen on the Unix socket PATH itself, connect to it; print the errno
@@ -313,11 +315,14 @@ fn main() -> ExitCode {
             }
             println!("exit:{exited} signal:{signalled} refused:{refused}");
         }
-        ["open", path, rest @ ..] if matches!(rest, [] | ["write"]) => {
-            let write = rest == ["write"];
+        ["open", path, rest @ ..] if matches!(rest, [] | ["write"] | ["create"]) => {
+            let create = rest == ["create"];
+            let write = rest == ["write"] || create;
             let opened = std::fs::OpenOptions::new()
                 .read(!write)
                 .write(write)
+                .create(create)
+                .truncate(false)
                 .open(path);
             match opened {
                 Ok(_) if write => println!("0"),
@@ -328,6 +333,17 @@ fn main() -> ExitCode {
                 }
                 Err(e) => println!("{}", e.raw_os_error().unwrap_or(-1)),
             }
+        }
+        ["truncate", path] => {
+            let c = std::ffi::CString::new(*path).expect("a path without NUL");
+            // SAFETY: truncate(2) with a NUL-terminated path.
+            let r = unsafe { libc::truncate(c.as_ptr(), 0) };
+            let errno = if r == 0 {
+                0
+            } else {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+            };
+            println!("{errno}");
         }
         ["threads-connect", n, file, addr] => {
             let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
