@@ -77,6 +77,9 @@ pub const FILE_DENIED: u32 = 1 << 5;
 /// The path did not fit in [`FILE_PATH_MAX`] bytes: only the file's own
 /// name was recorded.
 pub const FILE_PATH_TRUNCATED: u32 = 1 << 6;
+/// Refused: a hold rule's candidate, in a syscall that would not be
+/// re-issued after a hold (io_uring).
+pub const FILE_HOLD_UNAVAILABLE: u32 = 1 << 7;
 
 /// Value bit of the file candidate map: a file with this name is a candidate.
 pub const FILE_CAND_NAME: u32 = 1;
@@ -234,7 +237,11 @@ pub struct VerdictEntry {
     /// Digest of the action decided (as in [`HoldKey`]).
     pub digest: u64,
     /// A [`Verdict`].
-    pub verdict: u32,
+    pub verdict: u16,
+    /// The [`EventKind`] id the hold was published as (exec, file open,
+    /// IP connect held, Unix connect): a verdict on one kind of action
+    /// never covers another, whatever their digests.
+    pub kind: u16,
     /// The process of the thread decided on: a thread id another process
     /// got since (the thread died before it took its verdict) finds a
     /// verdict that is not its own, and drops it.
@@ -620,6 +627,15 @@ pub const FILE_OP_OPEN: u32 = 0;
 /// [`FileEvent::op`]: the file is cut to a length by path (`truncate(2)`,
 /// `security_path_truncate`): a write.
 pub const FILE_OP_TRUNCATE: u32 = 1;
+/// [`FileEvent::op`]: another file is renamed to this name
+/// (`security_path_rename`; with `RENAME_EXCHANGE`, either name): a write.
+pub const FILE_OP_RENAME: u32 = 2;
+/// [`FileEvent::op`]: a hard link is made with this name
+/// (`security_path_link`): a write.
+pub const FILE_OP_LINK: u32 = 3;
+/// [`FileEvent::op`]: a symlink is made with this name
+/// (`security_path_symlink`): a write.
+pub const FILE_OP_SYMLINK: u32 = 4;
 
 /// Bytes of a Unix socket's address (`sockaddr_un.sun_path`).
 pub const UNIX_PATH_MAX: usize = 108;
@@ -799,10 +815,17 @@ pub struct KernelOffsets {
     /// `pid.numbers` (`struct upid[]`; `upid.nr` first, the global
     /// number in `numbers[0]`)
     pub pid_numbers: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// `pid.tasks` (`struct hlist_head[PIDTYPE_MAX]`: the tasks using the
+    /// pid, by type; `tasks[PIDTYPE_TGID]` is empty once the process is
+    /// gone)
+    pub pid_tasks: u32,
+    /// `task_struct.flags` (`PF_*`; `PF_IO_WORKER` among them)
+    pub task_flags: u32,
+    /// `task_struct.stack` (the kernel stack; the syscall's registers,
+    /// `struct pt_regs`, sit at its top)
+    pub task_stack: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 152);
+const _: () = assert!(size_of::<KernelOffsets>() == 160);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -821,7 +844,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 168);
+const _: () = assert!(size_of::<AgentConfig>() == 176);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_send_signal;
 
 use crate::{
     maps::{HOLD_PENDING, count_loss, daemon_alive, fail_open},
-    task::current_process_start,
+    task::{current_process_start, in_io_uring},
 };
 
 pub const SIGSTOP: u32 = 19;
@@ -29,6 +29,10 @@ pub enum HoldOutcome {
     /// No daemon is alive to answer and the fail mode is closed: nothing
     /// stopped; refuse the action and say so.
     FailClosed,
+    /// The syscall would not be re-issued after a hold (io_uring, see
+    /// [`in_io_uring`]): nothing stopped; refuse the action and say it
+    /// could not be held.
+    Unrestartable,
 }
 
 /// Holds the current task for the action `key`, unless nobody could answer.
@@ -55,6 +59,9 @@ pub fn hold(
     kind: EventKind,
     publish: impl FnOnce() -> bool,
 ) -> HoldOutcome {
+    if in_io_uring() {
+        return HoldOutcome::Unrestartable;
+    }
     if !daemon_alive() {
         // Nobody would answer: the fail mode decides, and the caller says so.
         let _ = HOLD_PENDING.remove(key);

@@ -55,7 +55,9 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         unix_address_name: 0,
         sock_sk_peer_pid: 0,
         pid_numbers: 0,
-        _pad: 0,
+        pid_tasks: 0,
+        task_flags: 0,
+        task_stack: 0,
     },
     generation: 0,
 };
@@ -263,7 +265,7 @@ pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
 /// thread went elsewhere) is dropped with its pending mark: it covers
 /// nothing, and the new action is held on its own.
 #[inline(always)]
-pub fn take_verdict(pid: u32, key: HoldKey) -> Option<u32> {
+pub fn take_verdict(pid: u32, key: HoldKey, kind: EventKind) -> Option<u32> {
     // SAFETY: the value is copied out before the entry is removed.
     let v = unsafe { VERDICTS.get(pid) }.copied()?;
     let _ = VERDICTS.remove(pid);
@@ -272,5 +274,6 @@ pub fn take_verdict(pid: u32, key: HoldKey) -> Option<u32> {
         ..key
     };
     let _ = HOLD_PENDING.remove(decided);
-    (v.digest == key.digest && v.tgid == key.tgid).then_some(v.verdict)
+    (v.digest == key.digest && v.tgid == key.tgid && v.kind == kind as u16)
+        .then_some(u32::from(v.verdict))
 }

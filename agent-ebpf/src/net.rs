@@ -21,7 +21,7 @@ use crate::{
         EVENTS, FORCE_WAKEUP, LSM_APPROVED, NET_RULES, count_loss, session_of, submit_flags,
         take_verdict,
     },
-    task::{current_process_start, header},
+    task::{current_process_start, current_syscall, header},
 };
 
 const AF_INET: u16 = 2;
@@ -180,7 +180,7 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
             };
             event.digest = key.digest;
             // One shot: a verdict covers this attempt only.
-            match take_verdict(pid_tgid as u32, key) {
+            match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {
                 Some(v) => {
                     if v == Verdict::Allow as u32 {
                         event.flags |= NET_APPROVED;
@@ -200,6 +200,10 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                         return 0;
                     }
                     HoldOutcome::Unpublished => return 0,
+                    HoldOutcome::Unrestartable => {
+                        event.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
+                        verdict = 0;
+                    }
                     HoldOutcome::FailOpen => event.flags |= NET_NO_DAEMON,
                     HoldOutcome::FailClosed => {
                         event.flags |= NET_NO_DAEMON | NET_DENIED;
@@ -215,9 +219,16 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
 
 /// Keeps a connect until its syscall returns (`net_sys_exit_connect` adds
 /// the outcome and emits it). With the map full, the connect is emitted
-/// now, without its outcome, and the lost outcome is counted.
+/// now, without its outcome, and the lost outcome is counted. A connect
+/// whose syscall no exit tracepoint of ours pairs with (io_uring, a
+/// 32-bit `int $0x80` call, sendmmsg) is emitted now, without its
+/// outcome: held there, it would never be recorded.
 #[inline(always)]
 pub fn pend_connect(pid_tgid: u64, event: &NetEvent) {
+    if !matches!(current_syscall(), Some(NR_CONNECT | NR_SENDTO | NR_SENDMSG)) {
+        emit(event);
+        return;
+    }
     if PENDING_CONNECT.insert(pid_tgid, *event, 0).is_err() {
         count_loss(
             event.header.session_id,
@@ -227,6 +238,12 @@ pub fn pend_connect(pid_tgid: u64, event: &NetEvent) {
         emit(event);
     }
 }
+
+/// x86_64 numbers of the syscalls whose exit we pair a connect with
+/// (a 32-bit caller's connect has another number: 362, or socketcall).
+const NR_CONNECT: u64 = 42;
+const NR_SENDTO: u64 = 44;
+const NR_SENDMSG: u64 = 46;
 
 /// True while the LSM socket_connect program holds connects.
 #[inline(always)]
@@ -377,7 +394,7 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
             digest: net_digest(event.family, event.protocol, event.port, &event.addr),
         };
         event.digest = key.digest;
-        match take_verdict(pid_tgid as u32, key) {
+        match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {
             Some(v) => {
                 let _ = FLOWS_DECIDED.insert(flow, v, 0);
                 if v != Verdict::Allow as u32 {
@@ -397,6 +414,11 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
                     return 0;
                 }
                 HoldOutcome::Unpublished => return 0,
+                HoldOutcome::Unrestartable => {
+                    event.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
+                    emit(&event);
+                    return 0;
+                }
                 HoldOutcome::FailOpen => event.flags |= NET_NO_DAEMON,
                 HoldOutcome::FailClosed => {
                     event.flags |= NET_NO_DAEMON | NET_DENIED;

@@ -41,6 +41,42 @@ pub fn current_process_start() -> u64 {
         .unwrap_or(0)
 }
 
+/// `PF_IO_WORKER`: an io_uring worker thread (io-wq or SQPOLL).
+const PF_IO_WORKER: u32 = 0x10;
+/// x86_64 `__NR_io_uring_enter` (the same number for 32-bit callers).
+const NR_IO_URING_ENTER: u64 = 426;
+/// x86_64: the kernel stack's size (`THREAD_SIZE`, without KASAN), the
+/// size of the `struct pt_regs` at its top, and `orig_ax`'s offset in it.
+const THREAD_SIZE: u64 = 16384;
+const PT_REGS_SIZE: u64 = 21 * 8;
+const PT_REGS_ORIG_AX: u64 = 15 * 8;
+
+/// Whether the current action runs where a syscall re-issue cannot hold
+/// it: io_uring (a worker thread, or the submitter inside
+/// io_uring_enter), where a held request's -ERESTARTNOINTR would reach
+/// the completion queue as its result instead of re-issuing it. Unknown
+/// counts as restartable.
+#[inline(always)]
+pub fn in_io_uring() -> bool {
+    let off = config().offsets;
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    let flags: u32 = read(task, off.task_flags).unwrap_or(0);
+    flags & PF_IO_WORKER != 0 || current_syscall() == Some(NR_IO_URING_ENTER)
+}
+
+/// The number of the syscall the current task is in (`orig_ax` of the
+/// registers at the top of its kernel stack, x86_64), if readable.
+#[inline(always)]
+pub fn current_syscall() -> Option<u64> {
+    let off = config().offsets;
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    read::<u64>(task, off.task_stack)
+        .and_then(|stack| read::<u64>(stack, (THREAD_SIZE - PT_REGS_SIZE + PT_REGS_ORIG_AX) as u32))
+        .ok()
+}
+
 /// Effective uid of the current task (u32::MAX if unreadable).
 #[inline(always)]
 pub fn current_euid() -> u32 {

@@ -604,8 +604,14 @@ mod tests {
                 .map(|(_, b)| b)
                 .unwrap_or(0)
         };
-        assert_eq!(bits(&d.join("u1/.ssh/id_a")), airlock_common::FILE_CAND_NAME);
-        assert_eq!(bits(&d.join("u2/.ssh/id_b")), airlock_common::FILE_CAND_NAME);
+        assert_eq!(
+            bits(&d.join("u1/.ssh/id_a")),
+            airlock_common::FILE_CAND_NAME
+        );
+        assert_eq!(
+            bits(&d.join("u2/.ssh/id_b")),
+            airlock_common::FILE_CAND_NAME
+        );
         assert_eq!(bits(&d.join("u1/.ssh")), airlock_common::FILE_CAND_DIR);
         assert_eq!(bits(&d.join("lone")), airlock_common::FILE_CAND_NAME);
         assert_eq!(bits(&d.join("u2/other/x")), 0);

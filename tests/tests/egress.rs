@@ -298,3 +298,72 @@ fn a_flow_decision_is_not_inherited_by_a_reused_pid() {
         "approved for the first process, refused for the second: {out}"
     );
 }
+
+/// io_uring does not re-issue a request a hook held (its completion
+/// would carry -ERESTARTNOINTR, and the process would stay stopped with
+/// nobody asked): a flagged connect through io_uring is refused at once,
+/// not held, and recorded as such; an unflagged one goes and is recorded
+/// too (no exit tracepoint to pair it with).
+#[test]
+fn io_uring_connects_are_refused_not_held_and_recorded() {
+    let test = "io_uring_connects_are_refused_not_held_and_recorded";
+    if !can_run(test) {
+        return;
+    }
+    const ALICE: &str = "alice-token-0123456789";
+    let policy = "pack: t\nrules:\n\
+         - {name: hold-9, on: connect, when: {dest: 127.0.0.9/32}, decision: hold, hold: {timeout: 120}}\n";
+    let daemon = Daemon::start_with_policy(
+        &[("t.yaml", policy)],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let held = TcpListener::bind("127.0.0.9:0").unwrap();
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let script = format!(
+        "{ACTOR} uring-connect {}; {ACTOR} uring-connect {}",
+        held.local_addr().unwrap(),
+        free.local_addr().unwrap()
+    );
+    let run = daemon.spawn_run(&[], &["/bin/sh", "-c", &script]);
+    let out = airlock_tests::held::finish_within(
+        run,
+        airlock_tests::scaled(std::time::Duration::from_secs(30)),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [libc::EPERM.to_string().as_str(), "0"],
+        "the flagged io_uring connect refused, the other one made: {out}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.requests(ALICE, false).is_empty(),
+        "nothing was asked: it could not have been held"
+    );
+    let session = daemon
+        .store()
+        .sessions()
+        .expect("sessions")
+        .last()
+        .map(|s| s.id)
+        .expect("the session");
+    let events = daemon.events(session);
+    let connects: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.kind == "connect")
+        .map(|e| {
+            (
+                e.detail["addr"].as_str().unwrap_or("").to_string(),
+                e.detail["enforcement"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        connects.contains(&("127.0.0.9".into(), "denied: cannot hold here".into()))
+            && connects
+                .iter()
+                .any(|(a, e)| a == "127.0.0.1" && e.is_empty()),
+        "both io_uring connects recorded: {connects:?}"
+    );
+}

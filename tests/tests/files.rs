@@ -232,8 +232,9 @@ fn file_open_of_candidates_is_held_then_approved_or_denied() {
 
 /// A rule names a file and a directory by their paths; an agent reaches
 /// them by other names it can make: a hard link elsewhere, the directory
-/// renamed, truncate(2) without an open. Each is refused as the plain
-/// path is (the kernel knows the files by inode), and recorded.
+/// renamed, truncate(2) without an open, or puts its own file in place by
+/// rename, link or symlink. Each is refused as the plain path is (the
+/// kernel knows the files by inode), and recorded.
 #[test]
 fn every_name_for_a_protected_file_is_refused_and_recorded() {
     const TEST: &str = "every_name_for_a_protected_file_is_refused_and_recorded";
@@ -258,12 +259,26 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
     expect_lsm(&daemon);
     let held = holds_opens(&daemon);
     let link = d.join("elsewhere/innocent.txt").display().to_string();
+    let planted = write(&d.join("elsewhere/planted"), "planted\n");
     let renamed = d.join("renamed");
     let tricks = [
         ("path", format!("{ACTOR} open {key}")),
         (
             "hard-link",
             format!("ln {key} {link} && {ACTOR} open {link}"),
+        ),
+        ("rename-onto", format!("{ACTOR} rename {planted} {key}")),
+        (
+            "rename-into-dir",
+            format!("{ACTOR} rename {planted} {}/vault/planted", d.display()),
+        ),
+        (
+            "link-into-dir",
+            format!("{ACTOR} link {planted} {}/vault/linked", d.display()),
+        ),
+        (
+            "symlink-into-dir",
+            format!("{ACTOR} symlink {planted} {}/vault/symlinked", d.display()),
         ),
         (
             "renamed-dir",
@@ -279,6 +294,7 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
             format!("{ACTOR} open {}/fresh create", renamed.display()),
         ),
         ("truncate", format!("{ACTOR} truncate {key}")),
+        ("io-uring-open", format!("{ACTOR} uring-open {key}")),
     ];
     let script: String = tricks
         .iter()

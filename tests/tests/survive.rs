@@ -622,6 +622,7 @@ fn full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided() {
     let stale = VerdictEntry {
         digest: 1,
         verdict: 1,
+        kind: 2,
         tgid: 1,
     };
     let mut filled = 0u32;

@@ -78,7 +78,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key) {
+    match take_verdict(pid_tgid as u32, key, EventKind::Exec) {
         Some(v) => {
             let _ = ARGV_STASH.remove(pid_tgid);
             if v == Verdict::Allow as u32 {
@@ -95,7 +95,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             output_exec(ev, FORCE_WAKEUP)
         }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
-            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::Unpublished | HoldOutcome::Unrestartable => Ok(LsmVerdict::Deny),
             HoldOutcome::FailOpen => {
                 let _ = ARGV_STASH.remove(pid_tgid);
                 // sched_process_exec records the exec with this mark.

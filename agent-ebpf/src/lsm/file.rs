@@ -1,10 +1,12 @@
-//! Opens of protected files held inside open.
+//! Opens, truncates and renames, links and symlinks onto the names of
+//! protected files, held inside the syscall.
 
 use airlock_common::{
     EventKind, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD,
-    FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_OP_OPEN, FILE_OP_TRUNCATE, FILE_PATH_MAX,
-    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey,
-    LossReason, Verdict, file_digest, fnv_step,
+    FILE_HOLD_UNAVAILABLE, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_OP_LINK, FILE_OP_OPEN,
+    FILE_OP_RENAME, FILE_OP_SYMLINK, FILE_OP_TRUNCATE, FILE_PATH_MAX, FILE_PATH_TRUNCATED,
+    FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey, LossReason, Verdict,
+    file_digest, fnv_step,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
@@ -21,6 +23,13 @@ use super::{LsmVerdict, earlier_denial};
 
 /// FMODE_WRITE in `file->f_mode`: opened write-only or read-write.
 const FMODE_WRITE: u32 = 0x2;
+
+/// renameat2's RENAME_EXCHANGE: both names change files.
+const RENAME_EXCHANGE: u32 = 2;
+
+/// Room kept after a directory's path for `/` and a name (NAME_MAX 255,
+/// and the NUL).
+const NAME_ROOM: usize = 257;
 
 /// `int security_file_open(struct file *file)`, called from do_dentry_open
 /// once the file is set up, before open(2) returns it (and for the opens
@@ -205,9 +214,97 @@ fn try_lsm_path_truncate(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     )
 }
 
+/// `int security_path_rename(const struct path *old_dir, struct dentry *old_dentry,
+/// const struct path *new_dir, struct dentry *new_dentry, unsigned int flags)`:
+/// another file put in place of a candidate's name (`mv x ~/.ssh/authorized_keys`)
+/// is a write to that name; with RENAME_EXCHANGE, so is the old name.
+/// Moving a candidate away is not: it stays known by its inode.
+#[lsm(hook = "path_rename")]
+pub fn lsm_path_rename(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(5)) {
+        return earlier;
+    }
+    let flags: u32 = ctx.arg(4);
+    let mut v = try_placement(ctx.arg(2), ctx.arg(3), FILE_OP_RENAME);
+    if matches!(v, Ok(LsmVerdict::Allow)) && flags & RENAME_EXCHANGE != 0 {
+        v = try_placement(ctx.arg(0), ctx.arg(1), FILE_OP_RENAME);
+    }
+    match v {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// `int security_path_link(struct dentry *old_dentry, const struct path *new_dir,
+/// struct dentry *new_dentry)`: a hard link made with a candidate's name
+/// (after removing the file) is a write to that name.
+#[lsm(hook = "path_link")]
+pub fn lsm_path_link(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
+        return earlier;
+    }
+    match try_placement(ctx.arg(1), ctx.arg(2), FILE_OP_LINK) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// `int security_path_symlink(const struct path *dir, struct dentry *dentry,
+/// const char *old_name)`: a symlink made with a candidate's name is a
+/// write to that name.
+#[lsm(hook = "path_symlink")]
+pub fn lsm_path_symlink(ctx: LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
+        return earlier;
+    }
+    match try_placement(ctx.arg(0), ctx.arg(1), FILE_OP_SYMLINK) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// The verdict on making the name `dentry` in the directory `dir` (a
+/// `struct path`) refer to another file: held as a write open of that
+/// name when the name is a candidate (by its name, its directory's name
+/// or inode, or the inode it names now).
+fn try_placement(dir: u64, dentry: u64, op: u32) -> Result<LsmVerdict, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return Ok(LsmVerdict::Allow);
+    };
+    let off = config().offsets;
+    let parent: u64 = read(dir, off.path_dentry)?;
+    let dir_key = inode_key(read(parent, off.dentry_d_inode)?)?;
+    // The file the name refers to now, if any (none: a negative dentry).
+    let inode: u64 = read(dentry, off.dentry_d_inode)?;
+    let key = if inode != 0 {
+        inode_key(inode)?
+    } else {
+        FileKey::default()
+    };
+    if !is_candidate(dentry, &key, parent, &dir_key) {
+        return Ok(LsmVerdict::Allow);
+    }
+    file_verdict(
+        pid_tgid,
+        session_id,
+        FileAct {
+            path: dir as *mut aya_ebpf::bindings::path,
+            dentry,
+            key,
+            dir: dir_key,
+            write: true,
+            op,
+        },
+    )
+}
+
 /// A candidate file action, as the hooks found it.
 struct FileAct {
-    /// The file's `struct path` (a BTF pointer `bpf_d_path` accepts).
+    /// The file's `struct path` (a BTF pointer `bpf_d_path` accepts), or
+    /// for a name being placed (rename, link, symlink) its directory's:
+    /// the name (`dentry`'s) is added to it.
     path: *mut aya_ebpf::bindings::path,
     dentry: u64,
     key: FileKey,
@@ -246,8 +343,36 @@ fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdi
             FILE_PATH_MAX as u32,
         )
     };
-    if n > 0 && n <= FILE_PATH_MAX as i64 {
+    let placed = act.op >= FILE_OP_RENAME;
+    // A directory's path, and room for `/` and a name after it.
+    let fits = if placed {
+        n > 0 && n <= (FILE_PATH_MAX - NAME_ROOM) as i64
+    } else {
+        n > 0 && n <= FILE_PATH_MAX as i64
+    };
+    if fits {
         ev.path_len = (n - 1) as u32;
+        if placed {
+            let at = (n as usize - 1) & (FILE_PATH_MAX - NAME_ROOM - 1);
+            let name: u64 = read(act.dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
+            if let Some(slash) = ev.path.get_mut(at) {
+                *slash = b'/';
+            }
+            // SAFETY: a kernel string read into the slot's buffer: `at` +
+            // 1 + NAME_ROOM - 1 stays within FILE_PATH_MAX.
+            let m = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+                    ev.path.as_mut_ptr().add(at + 1).cast(),
+                    (NAME_ROOM - 1) as u32,
+                    name as *const core::ffi::c_void,
+                )
+            };
+            ev.path_len = if m > 0 {
+                (at + m as usize) as u32
+            } else {
+                at as u32
+            };
+        }
     } else {
         // Too long (or unresolvable): record the file's own name instead.
         ev.flags |= FILE_PATH_TRUNCATED;
@@ -276,7 +401,7 @@ fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdi
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key) {
+    match take_verdict(pid_tgid as u32, key, EventKind::FileOpen) {
         Some(v) => {
             if v == Verdict::Allow as u32 {
                 ev.flags |= FILE_APPROVED;
@@ -294,6 +419,11 @@ fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdi
         }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::Unrestartable => {
+                ev.flags |= FILE_HOLD_UNAVAILABLE | FILE_DENIED;
+                emit_file(ev);
+                Ok(LsmVerdict::Deny)
+            }
             HoldOutcome::FailOpen => {
                 ev.flags |= FILE_NO_DAEMON;
                 emit_file(ev);

@@ -1,8 +1,8 @@
 //! Connects and sends held inside their syscall.
 
 use airlock_common::{
-    EventKind, HoldKey, NET_APPROVED, NET_DENIED, NET_NO_DAEMON, NET_REFUSED, NET_RET_UNKNOWN,
-    NetEvent, Verdict, net_digest,
+    EventKind, HoldKey, NET_APPROVED, NET_DENIED, NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED,
+    NET_RET_UNKNOWN, NetEvent, Verdict, net_digest,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
@@ -129,7 +129,7 @@ fn connect_verdict(
         digest: net_digest(family, protocol, port, &addr),
     };
     event.digest = key.digest;
-    match take_verdict(pid_tgid as u32, key) {
+    match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {
         Some(v) => {
             if v == Verdict::Allow as u32 {
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_APPROVED, 0);
@@ -146,6 +146,11 @@ fn connect_verdict(
         }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::Unrestartable => {
+                event.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
+                pend_connect(pid_tgid, event);
+                Ok(LsmVerdict::Deny)
+            }
             HoldOutcome::FailOpen => {
                 // The cgroup hook records it with this mark.
                 let _ = LSM_APPROVED.insert(pid_tgid, NET_NO_DAEMON, 0);
@@ -229,7 +234,7 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         digest: net_digest(event.family, event.protocol, event.port, &event.addr),
     };
     event.digest = key.digest;
-    match take_verdict(pid_tgid as u32, key) {
+    match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {
         Some(v) => {
             let _ = FLOWS_DECIDED.insert(flow, v, 0);
             if v == Verdict::Allow as u32 {
@@ -246,6 +251,11 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::Unrestartable => {
+                event.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
+                emit(&event);
+                Ok(LsmVerdict::Deny)
+            }
             HoldOutcome::FailOpen => Ok(LsmVerdict::Allow),
             HoldOutcome::FailClosed => {
                 event.flags |= NET_NO_DAEMON | NET_DENIED;

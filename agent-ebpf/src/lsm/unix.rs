@@ -4,8 +4,8 @@
 
 use airlock_common::{
     EventKind, FNV_OFFSET, FileKey, HoldKey, MODE_UNIX_ALL, MODE_UNIX_OUTSIDE, NET_APPROVED,
-    NET_DENIED, NET_NO_DAEMON, NET_REFUSED, UNIX_ABSTRACT, UNIX_DGRAM, UNIX_HELD, UNIX_PATH_MAX,
-    UNIX_PEER_OUTSIDE, UnixEvent, Verdict, fnv_step, unix_digest,
+    NET_DENIED, NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, UNIX_ABSTRACT, UNIX_DGRAM,
+    UNIX_HELD, UNIX_PATH_MAX, UNIX_PEER_OUTSIDE, UnixEvent, Verdict, fnv_step, unix_digest,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext,
@@ -178,7 +178,7 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key) {
+    match take_verdict(pid_tgid as u32, key, EventKind::UnixConnect) {
         Some(v) => {
             if dgram {
                 let _ = FLOWS_DECIDED.insert(flow, v, 0);
@@ -199,6 +199,11 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         }) {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
+            HoldOutcome::Unrestartable => {
+                ev.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
+                emit_unix(ev);
+                Ok(LsmVerdict::Deny)
+            }
             HoldOutcome::FailOpen => {
                 ev.flags |= NET_NO_DAEMON;
                 emit_unix(ev);

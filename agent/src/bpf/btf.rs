@@ -61,13 +61,15 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         socket_sk: f("socket", "sk")?,
         sock_sk_peer_pid: f("sock", "sk_peer_pid")?,
         pid_numbers: f("pid", "numbers")?,
+        pid_tasks: f("pid", "tasks")?,
+        task_flags: f("task_struct", "flags")?,
+        task_stack: f("task_struct", "stack")?,
         // Zero where AF_UNIX is a module (its structs are in the module's
         // BTF): the Unix socket hooks are then not attached.
         unix_sock_addr: f("unix_sock", "addr").unwrap_or(0),
         unix_sock_path: f("unix_sock", "path").unwrap_or(0),
         unix_address_len: f("unix_address", "len").unwrap_or(0),
         unix_address_name: f("unix_address", "name").unwrap_or(0),
-        _pad: 0,
     })
 }
 

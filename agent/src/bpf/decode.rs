@@ -7,14 +7,14 @@ use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_FILE_UNKNOWN,
     EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_HELD_IN_SYSCALL, EXEC_NAME_MAX, EXEC_NO_DAEMON,
     EXEC_REFUSED, EventHeader, EventKind, ExecEvent, ExitEvent, FILE_APPROVED, FILE_DENIED,
-    FILE_HELD, FILE_NO_DAEMON, FILE_OP_TRUNCATE, FILE_PATH_MAX, FILE_PATH_TRUNCATED, FILE_REFUSED,
-    FILE_WRITE, FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED,
+    FILE_HELD, FILE_HOLD_UNAVAILABLE, FILE_NO_DAEMON, FILE_PATH_MAX, FILE_PATH_TRUNCATED,
+    FILE_REFUSED, FILE_WRITE, FILENAME_MAX, FileEvent, FileId, ForkEvent, NET_APPROVED, NET_DENIED,
     NET_HOLD_UNAVAILABLE, NET_NO_DAEMON, NET_REFUSED, NetEvent, UNIX_ABSTRACT, UNIX_DGRAM,
     UNIX_HELD, UNIX_PATH_MAX, UNIX_PEER_OUTSIDE, UnixEvent,
 };
 
 use crate::model::{
-    Clock, Detail, Enforcement, ExecFile, ExitStatus, HoldInfo, Process, Protocol, Record,
+    Clock, Detail, Enforcement, ExecFile, ExitStatus, FileOp, HoldInfo, Process, Protocol, Record,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,6 +154,7 @@ fn decode_unix(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         held,
         (NET_NO_DAEMON, NET_DENIED),
         &[
+            (NET_HOLD_UNAVAILABLE, Enforcement::HoldUnavailable),
             (NET_APPROVED, Enforcement::Approved),
             (NET_REFUSED, Enforcement::Refused),
         ],
@@ -261,6 +262,7 @@ fn decode_file(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         held,
         (FILE_NO_DAEMON, FILE_DENIED),
         &[
+            (FILE_HOLD_UNAVAILABLE, Enforcement::HoldUnavailable),
             (FILE_REFUSED, Enforcement::Refused),
             (FILE_APPROVED, Enforcement::Approved),
             (FILE_DENIED, Enforcement::Denied),
@@ -272,7 +274,7 @@ fn decode_file(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         write: flags & FILE_WRITE != 0,
         path_truncated: flags & FILE_PATH_TRUNCATED != 0,
         enforcement,
-        truncate: f.op == FILE_OP_TRUNCATE,
+        op: FileOp::from_kernel(f.op),
         ino: f.ino,
         dev: f.dev,
         dir_ino: f.dir_ino,
@@ -487,7 +489,7 @@ mod tests {
                 write: false,
                 path_truncated: false,
                 enforcement: Some(Enforcement::Held),
-                truncate: false,
+                op: FileOp::Open,
                 ino: 7,
                 dev: 3,
                 dir_ino: 5,

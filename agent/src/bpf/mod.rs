@@ -87,6 +87,9 @@ pub struct Holds {
     pub lsm_exec: bool,
     /// BPF LSM `file_open` holds candidate opens.
     pub lsm_file: bool,
+    /// BPF LSM `path_truncate`, `path_rename`, `path_link` and
+    /// `path_symlink` hold the writes to candidates that open nothing.
+    pub lsm_file_paths: bool,
     /// BPF LSM `unix_stream_connect` and `unix_may_send` record and hold
     /// Unix socket connects.
     pub lsm_unix: bool,
@@ -284,16 +287,17 @@ impl Bpf {
 
     /// Stores a one-shot verdict for the held thread `pid` of process
     /// `tgid`: its re-issued syscall consumes it if it is still the action
-    /// `digest` names.
+    /// `digest` names, of the event kind `kind`.
     pub fn set_verdict(
         &mut self,
         (tgid, pid): (u32, u32),
-        digest: u64,
+        (kind, digest): (u32, u64),
         allow: bool,
     ) -> Result<(), BpfError> {
         let v = VerdictEntry {
             digest,
-            verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u32,
+            verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u16,
+            kind: kind as u16,
             tgid,
         };
         if self.verdicts.insert(pid, v, 0).is_ok() {
@@ -454,12 +458,24 @@ fn attach_lsm(
             }
             Err(why) => warn!("BPF LSM bprm_creds_for_exec not attached: {why}"),
         }
-        match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open")
-            .and_then(|()| attach::lsm(ebpf, btf, links, "lsm_path_truncate", "path_truncate"))
-        {
+        match attach::lsm(ebpf, btf, links, "lsm_file_open", "file_open") {
             Ok(()) => holds.lsm_file = true,
-            Err(why) => warn!("BPF LSM file_open and path_truncate not attached: {why}"),
+            Err(why) => warn!("BPF LSM file_open not attached: {why}"),
         }
+        // The path hooks (CONFIG_SECURITY_PATH): writes that open nothing.
+        let mut paths = holds.lsm_file;
+        for (name, hook) in [
+            ("lsm_path_truncate", "path_truncate"),
+            ("lsm_path_rename", "path_rename"),
+            ("lsm_path_link", "path_link"),
+            ("lsm_path_symlink", "path_symlink"),
+        ] {
+            if let Err(why) = attach::lsm(ebpf, btf, links, name, hook) {
+                warn!("BPF LSM {hook} not attached: {why}");
+                paths = false;
+            }
+        }
+        holds.lsm_file_paths = paths;
         if unix {
             let stream = attach::lsm(
                 ebpf,

@@ -50,6 +50,7 @@ pub enum SensorMsg {
     Verdict {
         tgid: u32,
         pid: u32,
+        kind: u32,
         digest: u64,
         allow: bool,
         reply: oneshot::Sender<Result<(), BpfError>>,
@@ -88,12 +89,13 @@ impl SensorHandle {
     pub async fn verdict(
         &self,
         (tgid, pid): (u32, u32),
-        digest: u64,
+        (kind, digest): (u32, u64),
         allow: bool,
     ) -> Result<(), HandleError> {
         Ok(ask(&self.0, "sensor", |reply| SensorMsg::Verdict {
             tgid,
             pid,
+            kind,
             digest,
             allow,
             reply,

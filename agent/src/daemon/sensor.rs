@@ -138,11 +138,12 @@ fn serve(bpf: &mut Bpf, msg: SensorMsg) {
         SensorMsg::Verdict {
             tgid,
             pid,
+            kind,
             digest,
             allow,
             reply,
         } => {
-            let _ = reply.send(bpf.set_verdict((tgid, pid), digest, allow));
+            let _ = reply.send(bpf.set_verdict((tgid, pid), (kind, digest), allow));
         }
         SensorMsg::Candidates { in_force, reply } => {
             let _ = reply.send(bpf.apply_candidates(&in_force.candidates, &in_force.exes));

@@ -35,8 +35,10 @@ fn enforces(h: Holds) -> Vec<String> {
         "connect hold: not possible on this kernel without BPF LSM: flagged connects fail with EPERM"
     });
     v.push("connect deny: EPERM");
-    v.push(if h.lsm_file {
-        "file: candidate opens and truncates (files and directories named by file rules, by name and by inode) are recorded and held inside the syscall (BPF LSM file_open, path_truncate)"
+    v.push(if h.lsm_file_paths {
+        "file: candidate opens (files and directories named by file rules, by name and by inode), truncates, and renames, links and symlinks onto their names are recorded and held inside the syscall (BPF LSM file_open, path_truncate, path_rename, path_link, path_symlink)"
+    } else if h.lsm_file {
+        "file: candidate opens (files and directories named by file rules, by name and by inode) are recorded and held inside open (BPF LSM file_open); truncate, rename, link and symlink are not seen (no CONFIG_SECURITY_PATH path hooks, see the log)"
     } else if h.lsm_connect {
         "file: BPF LSM is active but file_open could not be attached (see the log): file rules are not enforced and file opens not recorded"
     } else {

@@ -12,7 +12,8 @@ mod time;
 
 pub use action::{ActionKind, Decision, OnTimeout};
 pub use record::{
-    Detail, Enforcement, ExecFile, ExitStatus, HoldInfo, PolicyLoad, Process, Protocol, Record,
+    Detail, Enforcement, ExecFile, ExitStatus, FileOp, HoldInfo, PolicyLoad, Process, Protocol,
+    Record,
 };
 pub use request::{Ancestor, Approval, ApprovalRequest, DecideError, State};
 pub use time::{Clock, monotonic_ns, wall_now_ns};

@@ -92,7 +92,9 @@ pub enum Enforcement {
     /// A verdict refused a held action.
     #[serde(rename = "refused")]
     Refused,
-    /// A connect a rule flagged, on a kernel that cannot hold it.
+    /// An action a rule flagged where it cannot be held: a connect on a
+    /// kernel that cannot hold one, or an action in io_uring (which does
+    /// not re-issue a held request).
     #[serde(rename = "denied: cannot hold here")]
     HoldUnavailable,
     /// No daemon alive to ask, fail mode closed.
@@ -184,9 +186,11 @@ pub enum Detail {
         path_truncated: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<Enforcement>,
-        /// Cut by truncate(2) rather than opened (a write).
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        truncate: bool,
+        /// What was done to it, when it was not opened: cut by
+        /// truncate(2), or its name given to another file (rename, link,
+        /// symlink). Each is a write.
+        #[serde(skip_serializing_if = "FileOp::is_open")]
+        op: FileOp,
         /// The file (inode number, device): the same under every name.
         ino: u64,
         dev: u32,
@@ -218,6 +222,34 @@ pub enum Detail {
         /// From the kernel's event to the decision carried out, in µs.
         decided_in_us: u64,
     },
+}
+
+/// What a file event did to the file (see `FILE_OP_*` in airlock-common).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FileOp {
+    #[default]
+    Open,
+    Truncate,
+    Rename,
+    Link,
+    Symlink,
+}
+
+impl FileOp {
+    pub fn from_kernel(op: u32) -> Self {
+        match op {
+            airlock_common::FILE_OP_TRUNCATE => Self::Truncate,
+            airlock_common::FILE_OP_RENAME => Self::Rename,
+            airlock_common::FILE_OP_LINK => Self::Link,
+            airlock_common::FILE_OP_SYMLINK => Self::Symlink,
+            _ => Self::Open,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        *self == Self::Open
+    }
 }
 
 fn kind_name<S: Serializer>(k: &EventKind, s: S) -> Result<S::Ok, S::Error> {

@@ -95,6 +95,10 @@ pub struct ApprovalRequest {
     /// decision is a one-shot verdict the re-issued syscall consumes.
     #[serde(default)]
     pub in_syscall: bool,
+    /// The kernel event kind the hold was published as (`EventKind` id):
+    /// the verdict names it, so it covers no other kind of action.
+    #[serde(default)]
+    pub event_kind: u32,
     /// The rule's message for approvers, placeholders filled in.
     #[serde(default)]
     pub message: Option<String>,

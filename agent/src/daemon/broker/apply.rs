@@ -18,6 +18,8 @@ pub(super) struct Target {
     pub start_time: u64,
     pub digest: u64,
     pub in_syscall: bool,
+    /// The kernel event kind the hold was published as.
+    pub event_kind: u32,
 }
 
 impl Target {
@@ -29,6 +31,7 @@ impl Target {
             start_time: req.start_time,
             digest: req.digest,
             in_syscall: req.in_syscall,
+            event_kind: req.event_kind,
         }
     }
 }
@@ -56,7 +59,7 @@ impl Broker {
             procfs::check_same(t.tgid, t.start_time)?;
         }
         self.sensor
-            .verdict((t.tgid, t.pid), t.digest, allow)
+            .verdict((t.tgid, t.pid), (t.event_kind, t.digest), allow)
             .await?;
         procfs::signal_if_same(t.tgid, t.start_time, libc::SIGCONT)?;
         let call = t.kind.syscall();

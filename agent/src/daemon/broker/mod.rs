@@ -255,6 +255,7 @@ impl Broker {
             start_time: start_time.unwrap_or(0),
             digest: hold.digest,
             in_syscall: hold.in_syscall,
+            event_kind: record.kind as u32,
         };
         let Some((action, unseen_action)) = action else {
             warn!(

@@ -43,6 +43,7 @@ pub(super) fn new(
         digest: h.target.digest,
         start_time: h.target.start_time,
         in_syscall: h.target.in_syscall,
+        event_kind: h.target.event_kind,
         message: None,
         monitor: h.monitor.clone(),
         approvers: rule.hold.approvers.clone(),

@@ -402,3 +402,55 @@ pub fn udp_send_unspec(addr: std::net::SocketAddrV4) -> i32 {
         e
     }
 }
+
+/// Runs one io_uring operation and returns its completion's errno (0 for
+/// success, a negative result negated; -1 if io_uring is not there).
+fn uring_one(entry: io_uring::squeue::Entry) -> i32 {
+    let Ok(mut ring) = io_uring::IoUring::new(4) else {
+        return -1;
+    };
+    // SAFETY: the entry's buffers (built by the caller) outlive the wait
+    // below, which returns only once the operation completed.
+    if unsafe { ring.submission().push(&entry) }.is_err() {
+        return -1;
+    }
+    if ring.submit_and_wait(1).is_err() {
+        return -1;
+    }
+    match ring.completion().next() {
+        Some(c) if c.result() < 0 => -c.result(),
+        Some(_) => 0,
+        None => -1,
+    }
+}
+
+/// A TCP connect to `addr` by IORING_OP_CONNECT; the errno.
+pub fn uring_connect(addr: std::net::SocketAddrV4) -> i32 {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket");
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let entry = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(fd),
+        (&sa as *const libc::sockaddr_in).cast(),
+        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+    )
+    .build();
+    uring_one(entry)
+}
+
+/// An open of `path` for reading by IORING_OP_OPENAT; the errno.
+pub fn uring_open(path: &str) -> i32 {
+    let c = std::ffi::CString::new(path).expect("a path without NUL");
+    let entry = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c.as_ptr())
+        .flags(libc::O_RDONLY)
+        .build();
+    uring_one(entry)
+}

@@ -44,6 +44,9 @@
 //!                                  root); "busy" if PID is taken
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
+//! actor rename|link|symlink FROM TO  rename(2), link(2) or symlink(2); print the errno
+//! actor uring-connect A.B.C.D:PORT  TCP connect through io_uring (IORING_OP_CONNECT); print the errno
+//! actor uring-open PATH           open PATH for reading through io_uring (IORING_OP_OPENAT); print the errno
 //! actor truncate PATH            truncate(2) PATH to 0 bytes (no open); print the errno
 //! actor unix-connect PATH        stream connect to the Unix socket PATH (`@NAME`: abstract); print the errno
 //! actor unix-send PATH           one datagram by sendto from an unbound Unix datagram socket to PATH; print the errno
@@ -333,6 +336,21 @@ fn main() -> ExitCode {
                 }
                 Err(e) => println!("{}", e.raw_os_error().unwrap_or(-1)),
             }
+        }
+        ["uring-connect", addr] => {
+            let addr: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            println!("{}", held::uring_connect(addr));
+        }
+        ["uring-open", path] => {
+            println!("{}", held::uring_open(path));
+        }
+        [op @ ("rename" | "link" | "symlink"), from, to] => {
+            let r = match *op {
+                "rename" => std::fs::rename(from, to),
+                "link" => std::fs::hard_link(from, to),
+                _ => std::os::unix::fs::symlink(from, to),
+            };
+            println!("{}", errno_of(r));
         }
         ["truncate", path] => {
             let c = std::ffi::CString::new(*path).expect("a path without NUL");
