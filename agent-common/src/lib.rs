@@ -143,7 +143,8 @@ pub const CTL_SLOTS: u32 = 8;
 /// 3: exec events carry the file the kernel ran (`FileId`, its own name).
 /// 4: a pending hold's mark is the process's start time (a u64).
 /// 5: file events carry the file's inode, device and operation.
-pub const PIN_LAYOUT: u64 = 5;
+/// 6: a sixth loss reason (the per-reason array has six slots).
+pub const PIN_LAYOUT: u64 = 6;
 
 /// What a kernel-side rule does to a matching action.
 #[repr(u32)]
@@ -415,10 +416,13 @@ pub enum LossReason {
     /// A hold request could not be published: the held task was killed
     /// instead of being left stopped with nobody to answer.
     HoldUnpublished = 4,
+    /// The session map was full: with BPF LSM the fork was refused
+    /// (EAGAIN), so no process ran unwatched; this counts the refusals.
+    ForkRefused = 5,
 }
 
 /// Number of slots in the per-reason loss counter array.
-pub const LOSS_REASONS: u32 = 5;
+pub const LOSS_REASONS: u32 = 6;
 
 impl LossReason {
     /// Decodes a reason id.
@@ -428,6 +432,7 @@ impl LossReason {
             2 => Self::SessionMapFull,
             3 => Self::PendingMapFull,
             4 => Self::HoldUnpublished,
+            5 => Self::ForkRefused,
             _ => return None,
         })
     }
@@ -444,6 +449,7 @@ impl LossReason {
             Self::SessionMapFull => "session_map_full",
             Self::PendingMapFull => "pending_map_full",
             Self::HoldUnpublished => "hold_unpublished",
+            Self::ForkRefused => "fork_refused",
         }
     }
 }

@@ -3,9 +3,10 @@
 
 use airlock_common::{EventKind, ExitEvent, ForkEvent, LossReason, SessionEntry};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id},
+    macros::{btf_tracepoint, lsm},
+    programs::{BtfTracePointContext, LsmContext},
 };
 
 use crate::{
@@ -90,4 +91,42 @@ fn try_session_sched_process_exit() -> Result<(), i64> {
     }
     let _ = SESSIONS.remove(tgid);
     Ok(())
+}
+
+/// Tgids no process has (above PID_MAX_LIMIT, 2^22): the keys the fork
+/// check tries the session map with, one per CPU.
+const ROOM_PROBE: u32 = 0x8000_0000;
+/// `clone_flags`: a thread of the same process, not a new one.
+const CLONE_THREAD: u64 = 0x0001_0000;
+const EAGAIN: i32 = 11;
+
+/// `int security_task_alloc(struct task_struct *task, unsigned long clone_flags)`,
+/// in copy_process before the new task can run: a watched process may make
+/// a new process only while the session map has room for it, so a full
+/// map refuses the fork (EAGAIN) rather than let a child run unwatched.
+/// (A last slot taken between this check and sched_process_fork is still
+/// counted as `session_map_full`.) On an internal error it allows.
+#[lsm(hook = "task_alloc")]
+pub fn lsm_task_alloc(ctx: LsmContext) -> i32 {
+    let prev: i32 = ctx.arg(2);
+    if prev != 0 {
+        return prev.clamp(-4095, 0);
+    }
+    let clone_flags: u64 = ctx.arg(1);
+    if clone_flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(session_id) = session_of(tgid) else {
+        return 0;
+    };
+    // SAFETY: the helper takes no arguments.
+    let probe = ROOM_PROBE | unsafe { bpf_get_smp_processor_id() };
+    let room = SessionEntry { session_id: 0 };
+    if SESSIONS.insert(probe, room, BPF_NOEXIST as u64).is_err() {
+        count_loss(session_id, EventKind::Fork, LossReason::ForkRefused);
+        return -EAGAIN;
+    }
+    let _ = SESSIONS.remove(probe);
+    0
 }

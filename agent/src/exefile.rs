@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -139,6 +139,62 @@ pub fn is_loader(name: &str) -> bool {
     LOADERS.contains(&name)
 }
 
+/// What a path glob names on this host (see [`expand`]).
+struct Expanded {
+    /// Every path the whole glob matches.
+    paths: Vec<PathBuf>,
+    /// The directories listed for the glob's last component, when it is a
+    /// pattern (`~/.ssh/*`: each `.ssh`).
+    listed: Vec<PathBuf>,
+}
+
+/// The paths an absolute glob names on this host, walked one component at
+/// a time (a literal component is joined, a pattern lists the directory,
+/// at most [`MAX_DIR_ENTRIES`] entries each). None for a glob with `**`,
+/// which names paths anywhere below: those are matched by name only.
+fn expand(glob: &str) -> Option<Expanded> {
+    if glob.contains("**") || !glob.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = glob.split('/').filter(|c| !c.is_empty()).collect();
+    let mut level = vec![PathBuf::from("/")];
+    let mut listed = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let literal = crate::policy::matchers::is_literal(part);
+        let matcher = if literal {
+            None
+        } else {
+            Some(globset::Glob::new(part).ok()?.compile_matcher())
+        };
+        let mut next = Vec::new();
+        for dir in &level {
+            let Some(matcher) = &matcher else {
+                next.push(dir.join(part));
+                continue;
+            };
+            if last {
+                listed.push(dir.clone());
+            }
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            next.extend(
+                entries
+                    .take(MAX_DIR_ENTRIES)
+                    .flatten()
+                    .filter(|e| matcher.is_match(e.file_name()))
+                    .map(|e| e.path()),
+            );
+        }
+        level = next;
+    }
+    Some(Expanded {
+        paths: level,
+        listed,
+    })
+}
+
 /// The kernel's encoding of a device number (`MKDEV`: major << 20 | minor),
 /// as `inode->i_sb->s_dev` holds it, from the userspace `st_dev`.
 pub fn kernel_dev(st_dev: u64) -> u32 {
@@ -226,6 +282,14 @@ impl ExeIndex {
         for g in &c.file_paths {
             index.add_protected(g);
         }
+        for g in &c.unix.globs {
+            let Some(found) = expand(g) else { continue };
+            for p in &found.paths {
+                if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                    index.add_socket(p);
+                }
+            }
+        }
         index
     }
 
@@ -234,39 +298,11 @@ impl ExeIndex {
     /// name only). A pattern whose last component is a glob also names
     /// the directories it lists, for their every file.
     fn add_protected(&mut self, glob: &str) {
-        if glob.contains("**") || !glob.starts_with('/') {
-            return;
+        let Some(found) = expand(glob) else { return };
+        for dir in &found.listed {
+            self.protect(dir, airlock_common::FILE_CAND_DIR);
         }
-        let parts: Vec<&str> = glob.split('/').filter(|c| !c.is_empty()).collect();
-        let mut level = vec![PathBuf::from("/")];
-        for (i, part) in parts.iter().enumerate() {
-            let last = i + 1 == parts.len();
-            let mut next = Vec::new();
-            for dir in &level {
-                if crate::policy::matchers::is_literal(part) {
-                    next.push(dir.join(part));
-                    continue;
-                }
-                if last {
-                    self.protect(dir, airlock_common::FILE_CAND_DIR);
-                }
-                let Ok(matcher) = globset::Glob::new(part).map(|g| g.compile_matcher()) else {
-                    return;
-                };
-                let Ok(entries) = std::fs::read_dir(dir) else {
-                    continue;
-                };
-                next.extend(
-                    entries
-                        .take(MAX_DIR_ENTRIES)
-                        .flatten()
-                        .filter(|e| matcher.is_match(e.file_name()))
-                        .map(|e| e.path()),
-                );
-            }
-            level = next;
-        }
-        for f in &level {
+        for f in &found.paths {
             if std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
                 self.protect(f, airlock_common::FILE_CAND_NAME);
             }
@@ -326,6 +362,11 @@ impl ExeIndex {
     /// The socket files the policy names, by device and inode.
     pub fn sockets(&self) -> impl Iterator<Item = &FileKey> {
         self.sockets.keys()
+    }
+
+    /// Every path the policy knows a socket file by.
+    pub fn socket_paths_all(&self) -> impl Iterator<Item = &str> {
+        self.sockets.values().flatten().map(String::as_str)
     }
 
     /// The paths the policy knows the socket file `key` by.

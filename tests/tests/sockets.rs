@@ -75,13 +75,19 @@ fn every_name_for_a_denied_socket_is_refused_and_recorded() {
     std::fs::create_dir(d.join("hard")).unwrap();
     std::fs::hard_link(&engine, d.join("hard/h.sock")).unwrap();
     std::fs::create_dir(d.join("sub")).unwrap();
+    // A socket a rule names by a pattern, found on the host by the daemon.
+    std::fs::create_dir(d.join("g1")).unwrap();
+    let globbed = d.join("g1/s.sock");
+    let _globbed = UnixListener::bind(&globbed).unwrap();
+    std::os::unix::fs::symlink(&globbed, d.join("g-alias.sock")).unwrap();
     std::os::unix::fs::symlink(d, d.join("via")).unwrap();
 
     let policy = format!(
         "pack: t\nrules:\n\
-         - {{name: no-engine, on: connect, when: {{socket: [\"{}\", \"{}\", \"@{abs}\"]}}, decision: deny}}\n",
+         - {{name: no-engine, on: connect, when: {{socket: [\"{}\", \"{}\", \"@{abs}\", \"{}/g*/s.sock\"]}}, decision: deny}}\n",
         s(&engine),
-        s(&dgram)
+        s(&dgram),
+        s(d)
     );
     let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
     expect_lsm(&daemon);
@@ -114,6 +120,10 @@ fn every_name_for_a_denied_socket_is_refused_and_recorded() {
             format!("{ACTOR} unix-connect /proc/self/root{}", s(&engine)),
         ),
         ("abstract", format!("{ACTOR} unix-connect @{abs}")),
+        (
+            "pattern-symlink",
+            format!("{ACTOR} unix-connect {}", s(&d.join("g-alias.sock"))),
+        ),
         ("datagram", format!("{ACTOR} unix-send {}", s(&dgram))),
         (
             "datagram-symlink",
@@ -174,7 +184,7 @@ fn every_name_for_a_denied_socket_is_refused_and_recorded() {
 
     // Every refusal is recorded under the socket's own name, and the
     // control connect is recorded too.
-    let named = [s(&engine), s(&dgram), format!("@{abs}")];
+    let named = [s(&engine), s(&dgram), format!("@{abs}"), s(&globbed)];
     let refused: Vec<&str> = unix
         .iter()
         .filter(|e| e["enforcement"] == "refused")

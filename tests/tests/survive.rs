@@ -680,3 +680,90 @@ fn full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A full session map never lets a watched process's child run unseen:
+/// with BPF LSM the fork fails (EAGAIN) and is counted as `fork_refused`;
+/// without it the child runs unwatched and is counted as
+/// `session_map_full`. Either way the daemon then removes the entries of
+/// processes that are gone, and the next fork is watched again.
+#[test]
+fn a_full_session_map_refuses_the_fork_or_counts_it_and_makes_room() {
+    use airlock_common::SessionEntry;
+    use aya::maps::HashMap;
+    let test = "a_full_session_map_refuses_the_fork_or_counts_it_and_makes_room";
+    if !can_run(test) {
+        return;
+    }
+    let d = daemon("closed");
+    let gate = d.dir.path().join("gate");
+    let gate_s = gate.display().to_string();
+    let run = d.spawn_run(&[], &[ACTOR, "gated-spawns", &gate_s, "2", "/bin/true"]);
+    wait_file(Path::new(&format!("{gate_s}.ready")));
+
+    // Entries for pids no process has, until the map takes no more.
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut sessions: HashMap<_, u32, SessionEntry> =
+        HashMap::try_from(d.pinned_map("SESSIONS")).unwrap();
+    let mut filled = 0u32;
+    while sessions
+        .insert(
+            pid_max + 1 + filled,
+            SessionEntry {
+                session_id: 1 << 40,
+            },
+            0,
+        )
+        .is_ok()
+    {
+        filled += 1;
+    }
+    assert!(filled > 60_000, "the session map took {filled} entries");
+
+    std::fs::write(format!("{gate_s}.1"), "").unwrap();
+    // The daemon sees the loss and makes room again.
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
+    while sessions.keys().count() > 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "the entries of processes that are gone were not removed\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(format!("{gate_s}.2"), "").unwrap();
+    let out = finish_within(run, scaled(Duration::from_secs(30)));
+    let lines: Vec<&str> = out.lines().collect();
+    let lsm = airlock_tests::held::lsm_expected();
+    let (first, reason) = if lsm {
+        ("error:11", "fork_refused")
+    } else {
+        ("exit:0", "session_map_full")
+    };
+    assert_eq!(
+        lines,
+        [first, "exit:0"],
+        "the fork with the map full, then one with room: {out}\n{}",
+        d.log()
+    );
+    let session = d
+        .store()
+        .sessions()
+        .expect("sessions")
+        .last()
+        .map(|s| s.id)
+        .expect("the session");
+    let losses: Vec<String> = d
+        .events(session)
+        .iter()
+        .filter(|e| e.kind == "loss")
+        .map(|e| e.detail["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        losses.iter().any(|r| r == reason),
+        "the {reason} was recorded in the session: {losses:?}"
+    );
+}

@@ -28,7 +28,7 @@ const FMODE_WRITE: u32 = 0x2;
 const RENAME_EXCHANGE: u32 = 2;
 
 /// Room kept after a directory's path for `/` and a name (NAME_MAX 255,
-/// and the NUL).
+/// and the NUL): a directory's path of up to 254 bytes takes a name.
 const NAME_ROOM: usize = 257;
 
 /// `int security_file_open(struct file *file)`, called from do_dentry_open
@@ -353,7 +353,8 @@ fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdi
     if fits {
         ev.path_len = (n - 1) as u32;
         if placed {
-            let at = (n as usize - 1) & (FILE_PATH_MAX - NAME_ROOM - 1);
+            // n - 1 < 255: the mask only shows the verifier the bound.
+            let at = (n as usize - 1) & 0xff;
             let name: u64 = read(act.dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
             if let Some(slash) = ev.path.get_mut(at) {
                 *slash = b'/';

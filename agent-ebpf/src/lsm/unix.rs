@@ -24,6 +24,9 @@ use crate::{
 use super::{LsmVerdict, earlier_denial};
 
 const AF_UNIX: u16 = 1;
+/// `enum pid_type`'s PIDTYPE_TGID: `pid.tasks[1]` holds the thread-group
+/// leader using the pid.
+const PIDTYPE_TGID: u32 = 1;
 
 /// `int security_unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk)`,
 /// called from unix_stream_connect (stream and seqpacket) once the
@@ -131,10 +134,17 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         by_name
     };
 
-    // The server: the process that made the listening socket. Unknown
-    // (a datagram socket has none) counts as outside the session.
+    // The server: the process that called listen() on the socket, while
+    // it lives (its pid's thread-group list is not empty: a number freed
+    // by its exit may be a session member's by now). Unknown (a datagram
+    // socket has none, or it is gone) counts as outside the session.
     let pid: u64 = read(peer, off.sock_sk_peer_pid).unwrap_or(0);
-    ev.peer_tgid = read::<u32>(pid, off.pid_numbers).unwrap_or(0);
+    let leader: u64 = read(pid, off.pid_tasks + 8 * PIDTYPE_TGID).unwrap_or(0);
+    ev.peer_tgid = if leader != 0 {
+        read::<u32>(pid, off.pid_numbers).unwrap_or(0)
+    } else {
+        0
+    };
     let inside = ev.peer_tgid != 0 && session_of(ev.peer_tgid) == Some(session_id);
     if !inside {
         ev.flags |= UNIX_PEER_OUTSIDE;

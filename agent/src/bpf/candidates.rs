@@ -123,7 +123,13 @@ pub fn apply(ebpf: &mut Ebpf, c: &Candidates, exes: &ExeIndex) -> Result<(), Bpf
     // socket, before the next look-up finds its file), an abstract one
     // after the `@`.
     let mut unix: StdHashMap<FileKey, u32> = exes.sockets().map(|k| (*k, UNIX_CAND)).collect();
-    for a in c.unix.abstracts.iter().chain(&c.unix.paths) {
+    let names = c
+        .unix
+        .abstracts
+        .iter()
+        .chain(&c.unix.paths)
+        .map(String::as_str);
+    for a in names.chain(exes.socket_paths_all()) {
         let name = a.strip_prefix('@').unwrap_or(a);
         let key = FileKey {
             ino: name_hash(name.as_bytes()),

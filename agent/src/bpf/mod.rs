@@ -27,7 +27,7 @@ use crate::{
     config::{Config, FailMode},
     exefile::ExeIndex,
     features::Features,
-    model::{Clock, Record, wall_now_ns},
+    model::{Clock, Detail, Record, wall_now_ns},
     policy::candidates::Candidates,
 };
 
@@ -90,6 +90,9 @@ pub struct Holds {
     /// BPF LSM `path_truncate`, `path_rename`, `path_link` and
     /// `path_symlink` hold the writes to candidates that open nothing.
     pub lsm_file_paths: bool,
+    /// BPF LSM `task_alloc` refuses a watched fork the session map has no
+    /// room for.
+    pub lsm_fork: bool,
     /// BPF LSM `unix_stream_connect` and `unix_may_send` record and hold
     /// Unix socket connects.
     pub lsm_unix: bool,
@@ -312,6 +315,16 @@ impl Bpf {
             .map_err(|e| BpfError::map("VERDICTS", e))
     }
 
+    /// Removes the verdict of thread `pid` if it is still the one written
+    /// for `tgid`, `kind` and `digest` (not taken); true if it was.
+    pub fn forget_verdict(&mut self, (tgid, pid): (u32, u32), (kind, digest): (u32, u64)) -> bool {
+        let stale = self
+            .verdicts
+            .get(&pid, 0)
+            .is_ok_and(|v| v.tgid == tgid && u32::from(v.kind) == kind && v.digest == digest);
+        stale && self.verdicts.remove(&pid).is_ok()
+    }
+
     /// Removes the verdicts of threads that no longer exist.
     fn prune_verdicts(&mut self) {
         let gone: Vec<u32> = self
@@ -388,7 +401,38 @@ impl Bpf {
         if keys >= LOSS_PRUNE_AT {
             self.prune_losses();
         }
+        let full = records.iter().any(|r| {
+            matches!(
+                r.detail,
+                Detail::Loss {
+                    reason: LossReason::SessionMapFull | LossReason::ForkRefused,
+                    ..
+                }
+            )
+        });
+        if full {
+            self.prune_sessions();
+        }
         records
+    }
+
+    /// Removes the session map's entries of processes that no longer
+    /// exist (each is removed at its exit; these were left another way),
+    /// when a fork found the map full.
+    fn prune_sessions(&mut self) {
+        let gone: Vec<u32> = self
+            .sessions
+            .keys()
+            .flatten()
+            .filter(|tgid| !std::path::Path::new(&format!("/proc/{tgid}")).exists())
+            .collect();
+        for tgid in &gone {
+            let _ = self.sessions.remove(tgid);
+        }
+        warn!(
+            removed = gone.len(),
+            "the session map was full: removed the entries of processes that are gone"
+        );
     }
 
     /// Removes the counters of sessions that have ended (no member left in
@@ -434,6 +478,10 @@ fn attach_lsm(
     holds: &mut Holds,
     unix: bool,
 ) -> Result<(), BpfError> {
+    match attach::lsm(ebpf, btf, links, "lsm_task_alloc", "task_alloc") {
+        Ok(()) => holds.lsm_fork = true,
+        Err(why) => warn!("BPF LSM task_alloc not attached: {why}"),
+    }
     // The ways out that never call connect(2) first: connect holds move
     // to BPF LSM only with both hooks in place (socket_sendmsg acts only
     // once MODE_LSM_CONNECT is set).

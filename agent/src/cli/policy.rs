@@ -158,9 +158,10 @@ fn check_files(files: &[PathBuf], config: &Config) -> ExitCode {
             "every Unix socket (see warnings)".to_string()
         } else {
             format!(
-                "{} Unix sockets by path, {} abstract{}",
+                "{} Unix sockets by path, {} abstract, {} socket patterns looked up on this host{}",
                 c.unix.paths.len(),
                 c.unix.abstracts.len(),
+                c.unix.globs.len(),
                 if c.unix.outside {
                     ", every server outside the session"
                 } else {

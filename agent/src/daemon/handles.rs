@@ -55,6 +55,13 @@ pub enum SensorMsg {
         allow: bool,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
+    ForgetVerdict {
+        tgid: u32,
+        pid: u32,
+        kind: u32,
+        digest: u64,
+        reply: oneshot::Sender<bool>,
+    },
     Candidates {
         in_force: Arc<InForce>,
         reply: oneshot::Sender<Result<(), BpfError>>,
@@ -101,6 +108,23 @@ impl SensorHandle {
             reply,
         })
         .await??)
+    }
+
+    /// Drops the verdict written for a thread if it is still there (the
+    /// thread went on without taking it); true if it was.
+    pub async fn forget_verdict(
+        &self,
+        (tgid, pid): (u32, u32),
+        (kind, digest): (u32, u64),
+    ) -> Result<bool, HandleError> {
+        ask(&self.0, "sensor", |reply| SensorMsg::ForgetVerdict {
+            tgid,
+            pid,
+            kind,
+            digest,
+            reply,
+        })
+        .await
     }
 
     /// Replaces the kernel's candidate maps with a new policy's.

@@ -145,6 +145,15 @@ fn serve(bpf: &mut Bpf, msg: SensorMsg) {
         } => {
             let _ = reply.send(bpf.set_verdict((tgid, pid), (kind, digest), allow));
         }
+        SensorMsg::ForgetVerdict {
+            tgid,
+            pid,
+            kind,
+            digest,
+            reply,
+        } => {
+            let _ = reply.send(bpf.forget_verdict((tgid, pid), (kind, digest)));
+        }
         SensorMsg::Candidates { in_force, reply } => {
             let _ = reply.send(bpf.apply_candidates(&in_force.candidates, &in_force.exes));
         }

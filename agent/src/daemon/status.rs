@@ -44,6 +44,11 @@ fn enforces(h: Holds) -> Vec<String> {
     } else {
         "file: not possible without BPF LSM: file rules are not enforced and file opens not recorded"
     });
+    v.push(if h.lsm_fork {
+        "fork: with the session map full, a watched process's fork fails with EAGAIN (BPF LSM task_alloc; counted as fork_refused)"
+    } else {
+        "fork: with the session map full, a watched process's new child runs unwatched (counted as session_map_full)"
+    });
     v.push(if h.lsm_unix {
         "unix: connects to Unix sockets are recorded and, where a rule names the socket, held inside connect or sendmsg (BPF LSM unix_stream_connect, unix_may_send)"
     } else if h.lsm_connect {

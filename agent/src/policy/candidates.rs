@@ -63,6 +63,9 @@ pub struct UnixSet {
     pub paths: BTreeSet<String>,
     /// Abstract addresses, exactly (`@name`).
     pub abstracts: BTreeSet<String>,
+    /// Path globs without `**` (`/run/user/*/bus`): the daemon finds the
+    /// sockets they name on this host, as it does `paths`.
+    pub globs: BTreeSet<String>,
 }
 
 impl UnixSet {
@@ -78,12 +81,16 @@ impl UnixSet {
         self.outside |= o.outside;
         self.paths.extend(o.paths);
         self.abstracts.extend(o.abstracts);
+        self.globs.extend(o.globs);
     }
 
     /// Smaller is narrower: named sockets, then outside, then all.
     fn width(&self) -> (u8, usize) {
         let rank = if self.all { 2 } else { u8::from(self.outside) };
-        (rank, self.paths.len() + self.abstracts.len())
+        (
+            rank,
+            self.paths.len() + self.abstracts.len() + self.globs.len(),
+        )
     }
 }
 
@@ -95,9 +102,12 @@ fn unix_set(c: &Cond) -> UnixSet {
             for g in pats.iter().flat_map(|p| &p.0.globs) {
                 // `@` past the first stands for a NUL as well as for
                 // itself (as `ss` shows addresses): no one key for it.
-                if !g.is_literal() || g.pattern.get(1..).is_some_and(|r| r.contains('@')) {
+                let is_abstract = g.pattern.starts_with('@');
+                if !g.is_literal() && !is_abstract && !g.pattern.contains("**") {
+                    s.globs.insert(g.pattern.clone());
+                } else if !g.is_literal() || g.pattern.get(1..).is_some_and(|r| r.contains('@')) {
                     s.all = true;
-                } else if g.pattern.starts_with('@') {
+                } else if is_abstract {
                     s.abstracts.insert(g.pattern.clone());
                 } else {
                     s.paths.insert(g.pattern.clone());
@@ -424,6 +434,14 @@ impl Candidates {
                     .find(|n| self.unix.paths.contains(*n) || self.unix.abstracts.contains(*n))
                 {
                     Some(format!("the socket {p} is named by a rule"))
+                } else if let Some(g) = self.unix.globs.iter().find(|g| {
+                    globset::Glob::new(g)
+                        .map(|g| g.compile_matcher())
+                        .is_ok_and(|m| u.names().any(|n| m.is_match(n)))
+                }) {
+                    Some(format!(
+                        "the socket matches {g}, which the daemon looks up on this host every 5 s"
+                    ))
                 } else if self.unix.outside && u.outside {
                     Some("connects to a server outside the session are candidates".into())
                 } else {
@@ -555,7 +573,7 @@ impl Policy {
                     let u = unix_set(&r.when);
                     if u.all && !c.unix.all {
                         c.notes.push(format!(
-                            "rule {} names no Unix socket by exact path: every Unix socket connect of a watched session is a candidate",
+                            "rule {} names a Unix socket by a `**` or abstract glob (or names none): every Unix socket connect of a watched session is a candidate",
                             r.id
                         ));
                     }

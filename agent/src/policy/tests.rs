@@ -461,9 +461,13 @@ rules:
     let c = p.candidates();
     assert!(
         c.unix.all,
-        "a glob over paths makes every socket a candidate"
+        "an abstract glob makes every socket a candidate"
     );
     assert!(c.unix.paths.contains("/run/docker.sock"));
+    assert!(
+        c.unix.globs.contains("/tmp/tmux-*/*"),
+        "a path glob without ** is looked up on the host"
+    );
     // The socket rules add no IP candidates: only not-private's space.
     assert!(
         !c.explain(&check::connect_action("10.1.2.3:80", Protocol::Tcp).unwrap())

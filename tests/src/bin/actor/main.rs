@@ -45,6 +45,8 @@
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
 //! actor rename|link|symlink FROM TO  rename(2), link(2) or symlink(2); print the errno
+//! actor gated-spawns GATE N PROGRAM [ARGS]  make GATE.ready, then N times: wait for GATE.<i>,
+//!                                  spawn+wait PROGRAM, print "exit:<code>" or "error:<errno>"
 //! actor uring-connect A.B.C.D:PORT  TCP connect through io_uring (IORING_OP_CONNECT); print the errno
 //! actor uring-open PATH           open PATH for reading through io_uring (IORING_OP_OPENAT); print the errno
 //! actor truncate PATH            truncate(2) PATH to 0 bytes (no open); print the errno
@@ -335,6 +337,20 @@ fn main() -> ExitCode {
                     println!("0 {}", text.lines().next().unwrap_or(""));
                 }
                 Err(e) => println!("{}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
+        ["gated-spawns", gate, n, program, rest @ ..] => {
+            std::fs::write(format!("{gate}.ready"), "").expect("ready file");
+            for i in 1..=n.parse::<u32>().expect("N") {
+                let next = format!("{gate}.{i}");
+                while !std::path::Path::new(&next).exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                match Command::new(program).args(rest).status() {
+                    Ok(st) => println!("exit:{}", st.code().unwrap_or(-1)),
+                    Err(e) => println!("error:{}", e.raw_os_error().unwrap_or(-1)),
+                }
+                let _ = std::io::stdout().flush();
             }
         }
         ["uring-connect", addr] => {
