@@ -342,7 +342,11 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         refused.len() >= tricks.len()
             && refused.contains(&link)
             && refused.contains(&format!("{}/notes", renamed.display()))
-            && refused.contains(&format!("{}/vault/planted", d.display())),
+            // The path where the kernel lets the hook read it (6.12), the
+            // name only where it does not (6.1).
+            && refused.iter().any(|p| {
+                *p == format!("{}/vault/planted", d.display()) || p == "planted"
+            }),
         "each refusal recorded under the name used: {refused:?}"
     );
 }

@@ -155,7 +155,7 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     // `&file->f_path` as a typed kernel pointer: bpf_d_path checks that it
     // points at a struct path (a constant offset into the file argument).
     let path = (file + file_f_path_offset() as u64) as *mut aya_ebpf::bindings::path;
-    file_verdict(
+    file_verdict::<true>(
         pid_tgid,
         session_id,
         FileAct {
@@ -176,16 +176,28 @@ fn try_lsm_file_open(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
 /// open (0).
 #[lsm(hook = "path_truncate")]
 pub fn lsm_path_truncate(ctx: LsmContext) -> i32 {
+    on_truncate::<true>(&ctx)
+}
+
+/// [`lsm_path_truncate`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
+#[lsm(hook = "path_truncate")]
+pub fn lsm_path_truncate_named(ctx: LsmContext) -> i32 {
+    on_truncate::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_truncate<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     if let Some(earlier) = earlier_denial(ctx.arg(1)) {
         return earlier;
     }
-    match try_lsm_path_truncate(&ctx) {
+    match try_lsm_path_truncate::<D_PATH>(ctx) {
         Ok(v) => v.ret(),
         Err(_) => 0,
     }
 }
 
-fn try_lsm_path_truncate(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
+#[inline(always)]
+fn try_lsm_path_truncate<const D_PATH: bool>(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(session_id) = session_of(tgid) else {
@@ -200,7 +212,7 @@ fn try_lsm_path_truncate(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     if !is_candidate(dentry, &key, parent, &dir) {
         return Ok(LsmVerdict::Allow);
     }
-    file_verdict(
+    file_verdict::<D_PATH>(
         pid_tgid,
         session_id,
         FileAct {
@@ -221,13 +233,26 @@ fn try_lsm_path_truncate(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
 /// Moving a candidate away is not: it stays known by its inode.
 #[lsm(hook = "path_rename")]
 pub fn lsm_path_rename(ctx: LsmContext) -> i32 {
+    on_rename::<true>(&ctx)
+}
+
+/// [`lsm_path_rename`] for kernels that refuse `bpf_d_path` in this hook
+/// (6.1): the event names only the file, the daemon finds its directory
+/// by inode.
+#[lsm(hook = "path_rename")]
+pub fn lsm_path_rename_named(ctx: LsmContext) -> i32 {
+    on_rename::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_rename<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     if let Some(earlier) = earlier_denial(ctx.arg(5)) {
         return earlier;
     }
     let flags: u32 = ctx.arg(4);
-    let mut v = try_placement(ctx.arg(2), ctx.arg(3), FILE_OP_RENAME);
+    let mut v = try_placement::<D_PATH>(ctx.arg(2), ctx.arg(3), FILE_OP_RENAME);
     if matches!(v, Ok(LsmVerdict::Allow)) && flags & RENAME_EXCHANGE != 0 {
-        v = try_placement(ctx.arg(0), ctx.arg(1), FILE_OP_RENAME);
+        v = try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_RENAME);
     }
     match v {
         Ok(v) => v.ret(),
@@ -240,10 +265,21 @@ pub fn lsm_path_rename(ctx: LsmContext) -> i32 {
 /// (after removing the file) is a write to that name.
 #[lsm(hook = "path_link")]
 pub fn lsm_path_link(ctx: LsmContext) -> i32 {
+    on_link::<true>(&ctx)
+}
+
+/// [`lsm_path_link`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
+#[lsm(hook = "path_link")]
+pub fn lsm_path_link_named(ctx: LsmContext) -> i32 {
+    on_link::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_link<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     if let Some(earlier) = earlier_denial(ctx.arg(3)) {
         return earlier;
     }
-    match try_placement(ctx.arg(1), ctx.arg(2), FILE_OP_LINK) {
+    match try_placement::<D_PATH>(ctx.arg(1), ctx.arg(2), FILE_OP_LINK) {
         Ok(v) => v.ret(),
         Err(_) => 0,
     }
@@ -254,10 +290,21 @@ pub fn lsm_path_link(ctx: LsmContext) -> i32 {
 /// write to that name.
 #[lsm(hook = "path_symlink")]
 pub fn lsm_path_symlink(ctx: LsmContext) -> i32 {
+    on_symlink::<true>(&ctx)
+}
+
+/// [`lsm_path_symlink`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
+#[lsm(hook = "path_symlink")]
+pub fn lsm_path_symlink_named(ctx: LsmContext) -> i32 {
+    on_symlink::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_symlink<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     if let Some(earlier) = earlier_denial(ctx.arg(3)) {
         return earlier;
     }
-    match try_placement(ctx.arg(0), ctx.arg(1), FILE_OP_SYMLINK) {
+    match try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_SYMLINK) {
         Ok(v) => v.ret(),
         Err(_) => 0,
     }
@@ -267,7 +314,8 @@ pub fn lsm_path_symlink(ctx: LsmContext) -> i32 {
 /// `struct path`) refer to another file: held as a write open of that
 /// name when the name is a candidate (by its name, its directory's name
 /// or inode, or the inode it names now).
-fn try_placement(dir: u64, dentry: u64, op: u32) -> Result<LsmVerdict, i64> {
+#[inline(always)]
+fn try_placement<const D_PATH: bool>(dir: u64, dentry: u64, op: u32) -> Result<LsmVerdict, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(session_id) = session_of(tgid) else {
@@ -286,7 +334,7 @@ fn try_placement(dir: u64, dentry: u64, op: u32) -> Result<LsmVerdict, i64> {
     if !is_candidate(dentry, &key, parent, &dir_key) {
         return Ok(LsmVerdict::Allow);
     }
-    file_verdict(
+    file_verdict::<D_PATH>(
         pid_tgid,
         session_id,
         FileAct {
@@ -317,7 +365,11 @@ struct FileAct {
 /// (path, identity, access), the verdict for this exact path, access and
 /// operation taken, else the task held and the request published.
 #[inline(always)]
-fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdict, i64> {
+fn file_verdict<const D_PATH: bool>(
+    pid_tgid: u64,
+    session_id: u64,
+    act: FileAct,
+) -> Result<LsmVerdict, i64> {
     let tgid = (pid_tgid >> 32) as u32;
     let off = config().offsets;
     let Some(ev) = FILE_SCRATCH.get_ptr_mut(0) else {
@@ -333,15 +385,20 @@ fn file_verdict(pid_tgid: u64, session_id: u64, act: FileAct) -> Result<LsmVerdi
     ev.dir_ino = act.dir.ino;
     ev.dir_dev = act.dir.dev;
     ev._pad = 0;
-    // SAFETY: bpf_d_path writes at most FILE_PATH_MAX bytes into the slot's
-    // buffer of that size; it is allowed in security_file_open and
-    // security_path_truncate.
-    let n = unsafe {
-        aya_ebpf::helpers::generated::bpf_d_path(
-            act.path,
-            ev.path.as_mut_ptr().cast(),
-            FILE_PATH_MAX as u32,
-        )
+    // Without D_PATH (a hook this kernel refuses bpf_d_path in) the path
+    // is left out: the file's name below stands for it.
+    let n = if D_PATH {
+        // SAFETY: bpf_d_path writes at most FILE_PATH_MAX bytes into the
+        // slot's buffer of that size.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_d_path(
+                act.path,
+                ev.path.as_mut_ptr().cast(),
+                FILE_PATH_MAX as u32,
+            )
+        }
+    } else {
+        -1
     };
     let placed = act.op >= FILE_OP_RENAME;
     // A directory's path, and room for `/` and a name after it.

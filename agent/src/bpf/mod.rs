@@ -512,13 +512,23 @@ fn attach_lsm(
         }
         // The path hooks (CONFIG_SECURITY_PATH): writes that open nothing.
         let mut paths = holds.lsm_file;
-        for (name, hook) in [
-            ("lsm_path_truncate", "path_truncate"),
-            ("lsm_path_rename", "path_rename"),
-            ("lsm_path_link", "path_link"),
-            ("lsm_path_symlink", "path_symlink"),
+        // Each with the path (bpf_d_path), or where this kernel refuses
+        // that helper in the hook (6.1), with the file's name only.
+        for (name, named, hook) in [
+            (
+                "lsm_path_truncate",
+                "lsm_path_truncate_named",
+                "path_truncate",
+            ),
+            ("lsm_path_rename", "lsm_path_rename_named", "path_rename"),
+            ("lsm_path_link", "lsm_path_link_named", "path_link"),
+            ("lsm_path_symlink", "lsm_path_symlink_named", "path_symlink"),
         ] {
-            if let Err(why) = attach::lsm(ebpf, btf, links, name, hook) {
+            let attached = attach::lsm(ebpf, btf, links, name, hook).or_else(|why| {
+                info!("BPF LSM {hook} with bpf_d_path refused ({why}): the file's name only");
+                attach::lsm(ebpf, btf, links, named, hook)
+            });
+            if let Err(why) = attached {
                 warn!("BPF LSM {hook} not attached: {why}");
                 paths = false;
             }
