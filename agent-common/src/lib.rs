@@ -134,6 +134,11 @@ pub const CTL_FAIL_OPEN: u32 = 3;
 pub const CTL_LAYOUT: u32 = 4;
 /// Pid of the daemon that activated the current generation.
 pub const CTL_DAEMON_PID: u32 = 5;
+/// A random secret mixed into every verdict digest's start (set once per
+/// set of pinned maps): an agent cannot compute, and so cannot aim a
+/// collision at, the digest of an action it wants another verdict to
+/// cover.
+pub const CTL_DIGEST_SEED: u32 = 6;
 /// Slots in the control array.
 pub const CTL_SLOTS: u32 = 8;
 /// Version of the pinned maps' layout (types, keys, values). Bump it when
@@ -280,11 +285,13 @@ pub fn name_hash(name: &[u8]) -> u64 {
     h
 }
 
-/// FNV-1a over a connect's destination: family, protocol, port and address.
-/// Computed the same way by the kernel and the daemon.
+/// FNV-1a over a connect's destination: family, protocol, port and address,
+/// started from [`FNV_OFFSET`] xor `seed` ([`CTL_DIGEST_SEED`]; 0 in the
+/// tests). The verdict key digest of a held connect (the kernel computes
+/// it; the daemon hands it back).
 #[inline(always)]
-pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64 {
-    let mut h = FNV_OFFSET;
+pub fn net_digest(seed: u64, family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64 {
+    let mut h = FNV_OFFSET ^ seed;
     let head = [
         family as u8,
         (family >> 8) as u8,
@@ -307,11 +314,11 @@ pub fn net_digest(family: u16, protocol: u16, port: u16, addr: &[u8; 16]) -> u64
 }
 
 /// FNV-1a over an opened file's path (the first `len` bytes of `path`) and
-/// its write intent: the verdict key digest of a held open. Computed the
-/// same way by the kernel and the daemon.
+/// its write intent, started as [`net_digest`] is: the verdict key digest
+/// of a held open.
 #[inline(always)]
-pub fn file_digest(path: &[u8; FILE_PATH_MAX], len: usize, write: bool) -> u64 {
-    let mut h = FNV_OFFSET;
+pub fn file_digest(seed: u64, path: &[u8; FILE_PATH_MAX], len: usize, write: bool) -> u64 {
+    let mut h = FNV_OFFSET ^ seed;
     let mut i = 0;
     while i < FILE_PATH_MAX {
         if i >= len {
@@ -696,10 +703,10 @@ pub const UNIX_CAND: u32 = 1;
 
 /// FNV-1a over a Unix socket's identity: its file (device, inode), or for
 /// an abstract address the address's hash. The verdict key digest of a
-/// held Unix connect; computed the same way by the kernel and the daemon.
+/// held Unix connect, started as [`net_digest`] is.
 #[inline(always)]
-pub fn unix_digest(dev: u32, ino: u64, dgram: bool) -> u64 {
-    let mut h = FNV_OFFSET;
+pub fn unix_digest(seed: u64, dev: u32, ino: u64, dgram: bool) -> u64 {
+    let mut h = FNV_OFFSET ^ seed;
     let mut i = 0;
     while i < 4 {
         h = fnv_step(h, (dev >> (8 * i)) as u8);
@@ -890,27 +897,41 @@ mod tests {
 
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&[10, 0, 0, 1]);
-        assert_eq!(net_digest(2, 6, 443, &v4), 0x9fea_211a_1109_5b54);
+        assert_eq!(net_digest(0, 2, 6, 443, &v4), 0x9fea_211a_1109_5b54);
         let mut v6 = [0u8; 16];
         v6[15] = 1;
-        assert_eq!(net_digest(10, 17, 53, &v6), 0x89e5_fb96_02fc_bb38);
+        assert_eq!(net_digest(0, 10, 17, 53, &v6), 0x89e5_fb96_02fc_bb38);
 
         let mut path = [0u8; FILE_PATH_MAX];
         path[..11].copy_from_slice(b"/etc/passwd");
-        assert_eq!(file_digest(&path, 11, false), 0x82ed_a1a2_2c38_bc95);
-        assert_eq!(file_digest(&path, 11, true), 0x82ed_a0a2_2c38_bae2);
+        assert_eq!(file_digest(0, &path, 11, false), 0x82ed_a1a2_2c38_bc95);
+        assert_eq!(file_digest(0, &path, 11, true), 0x82ed_a0a2_2c38_bae2);
         assert_eq!(
-            file_digest(&[0; FILE_PATH_MAX], 0, false),
+            file_digest(0, &[0; FILE_PATH_MAX], 0, false),
             0xaf63_bd4c_8601_b7df
         );
         let full = [0xab; FILE_PATH_MAX];
         assert_eq!(
-            file_digest(&full, FILE_PATH_MAX, true),
+            file_digest(0, &full, FILE_PATH_MAX, true),
             0x2ca9_f9e8_3933_642c
+        );
+        // The secret seed changes every digest: one cannot be aimed at
+        // another without it.
+        assert_ne!(
+            file_digest(0x5eed, &path, 11, false),
+            file_digest(0, &path, 11, false)
+        );
+        assert_ne!(
+            net_digest(0x5eed, 2, 6, 443, &v4),
+            net_digest(0, 2, 6, 443, &v4)
+        );
+        assert_ne!(
+            unix_digest(0x5eed, 3, 7, false),
+            unix_digest(0, 3, 7, false)
         );
         // A length past the buffer hashes the whole buffer, no more.
         assert_eq!(
-            file_digest(&full, FILE_PATH_MAX + 7, true),
+            file_digest(0, &full, FILE_PATH_MAX + 7, true),
             0x2ca9_f9e8_3933_642c
         );
     }

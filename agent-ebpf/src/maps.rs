@@ -92,6 +92,14 @@ fn control(slot: u32) -> u64 {
     CONTROL.get(slot).copied().unwrap_or(0)
 }
 
+/// The secret every verdict digest starts from ([`CTL_DIGEST_SEED`]).
+///
+/// [`CTL_DIGEST_SEED`]: airlock_common::CTL_DIGEST_SEED
+#[inline(always)]
+pub fn digest_seed() -> u64 {
+    control(airlock_common::CTL_DIGEST_SEED)
+}
+
 /// True while a daemon heartbeat is fresh: someone will answer a hold.
 #[inline(always)]
 pub fn daemon_alive() -> bool {

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use crate::{
     hold::{ERESTARTNOINTR, HoldOutcome, hold},
     maps::{
-        EVENTS, FORCE_WAKEUP, LSM_APPROVED, NET_RULES, count_loss, session_of, submit_flags,
-        take_verdict,
+        EVENTS, FORCE_WAKEUP, LSM_APPROVED, NET_RULES, count_loss, digest_seed, session_of,
+        submit_flags, take_verdict,
     },
     task::{current_process_start, current_syscall, header},
 };
@@ -176,7 +176,13 @@ fn on_connect<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
             let key = HoldKey {
                 tgid,
                 _pad: 0,
-                digest: net_digest(event.family, event.protocol, event.port, &event.addr),
+                digest: net_digest(
+                    digest_seed(),
+                    event.family,
+                    event.protocol,
+                    event.port,
+                    &event.addr,
+                ),
             };
             event.digest = key.digest;
             // One shot: a verdict covers this attempt only.
@@ -391,7 +397,13 @@ fn on_sendmsg<const V6: bool, const HOLD: bool>(ctx: &SockAddrContext) -> i32 {
         let key = HoldKey {
             tgid,
             _pad: 0,
-            digest: net_digest(event.family, event.protocol, event.port, &event.addr),
+            digest: net_digest(
+                digest_seed(),
+                event.family,
+                event.protocol,
+                event.port,
+                &event.addr,
+            ),
         };
         event.digest = key.digest;
         match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {

@@ -249,7 +249,7 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
     std::fs::create_dir(d.join("elsewhere")).unwrap();
     let policy = format!(
         "pack: files\nrules:\n\
-         - {{name: secret, on: file, when: {{path: [\"{key}\", \"{}/vault/*\"]}}, decision: deny}}\n",
+         - {{name: secret, on: file, when: {{path: [\"{key}\", \"{}/vault/*\"], not: {{path: \"**/*.pub\"}}}}, decision: deny}}\n",
         d.display()
     );
     let daemon = Daemon::start_with_policy(
@@ -266,6 +266,14 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         (
             "hard-link",
             format!("ln {key} {link} && {ACTOR} open {link}"),
+        ),
+        (
+            "exempt-name-link",
+            format!(
+                "ln {key} {}/keys/k.pub && {ACTOR} open {}/keys/k.pub",
+                d.display(),
+                d.display()
+            ),
         ),
         ("rename-onto", format!("{ACTOR} rename {planted} {key}")),
         (
@@ -292,6 +300,15 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         (
             "new-file-in-renamed-dir",
             format!("{ACTOR} open {}/fresh create", renamed.display()),
+        ),
+        (
+            "directory-put-in-place",
+            format!(
+                "mkdir {}/prep && {ACTOR} rename {}/prep {}/vault",
+                d.display(),
+                d.display(),
+                d.display()
+            ),
         ),
         ("truncate", format!("{ACTOR} truncate {key}")),
         ("io-uring-open", format!("{ACTOR} uring-open {key}")),

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use crate::{
     exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, exec_file, output_exec},
     hold::{HoldOutcome, hold},
-    maps::{EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, session_of, take_verdict},
+    maps::{EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, digest_seed, session_of, take_verdict},
     task::{header, read},
 };
 
@@ -150,7 +150,7 @@ fn caller_argv(ev: &mut ExecEvent, pid_tgid: u64) {
 /// this exact command, run from this exact file.
 #[inline(always)]
 fn exec_digest(ev: &ExecEvent) -> u64 {
-    let mut h = FNV_OFFSET;
+    let mut h = FNV_OFFSET ^ digest_seed();
     for b in ev.file.ino.to_le_bytes() {
         h = fnv_step(h, b);
     }

@@ -5,21 +5,37 @@ use airlock_common::{
     EventKind, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD,
     FILE_HOLD_UNAVAILABLE, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_OP_LINK, FILE_OP_OPEN,
     FILE_OP_RENAME, FILE_OP_SYMLINK, FILE_OP_TRUNCATE, FILE_PATH_MAX, FILE_PATH_TRUNCATED,
-    FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey, LossReason, Verdict,
-    file_digest, fnv_step,
+    FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey, file_digest, fnv_step,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
 use crate::{
-    hold::{HoldOutcome, hold},
     maps::{
-        EVENTS, FILE_INODES, FILE_NAMES, FILE_SCRATCH, FORCE_WAKEUP, config, count_loss,
-        file_f_path_offset, session_of, take_verdict,
+        FILE_INODES, FILE_NAMES, FILE_SCRATCH, config, digest_seed, file_f_path_offset, session_of,
     },
     task::{header, read},
 };
 
-use super::{LsmVerdict, earlier_denial};
+use super::{Flagged, LsmVerdict, Marks, earlier_denial, verdict_or_hold};
+
+/// How file events mark their outcomes.
+const FILE_MARKS: Marks = Marks {
+    held: FILE_HELD,
+    approved: FILE_APPROVED,
+    refused: FILE_REFUSED,
+    no_daemon: FILE_NO_DAEMON,
+    denied: FILE_DENIED,
+    unavailable: FILE_HOLD_UNAVAILABLE,
+};
+
+impl Flagged for FileEvent {
+    fn flags(&mut self) -> &mut u32 {
+        &mut self.flags
+    }
+    fn session(&self) -> u64 {
+        self.header.session_id
+    }
+}
 
 /// FMODE_WRITE in `file->f_mode`: opened write-only or read-write.
 const FMODE_WRITE: u32 = 0x2;
@@ -331,7 +347,12 @@ fn try_placement<const D_PATH: bool>(dir: u64, dentry: u64, op: u32) -> Result<L
     } else {
         FileKey::default()
     };
-    if !is_candidate(dentry, &key, parent, &dir_key) {
+    // A protected directory's own name, or the protected directory the
+    // name replaces (`mv ~/prep ~/.ssh`, RENAME_EXCHANGE): a write to
+    // every file in it.
+    let whole_dir = candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_DIR != 0
+        || inode_bits(&key) & FILE_CAND_DIR != 0;
+    if !whole_dir && !is_candidate(dentry, &key, parent, &dir_key) {
         return Ok(LsmVerdict::Allow);
     }
     file_verdict::<D_PATH>(
@@ -449,9 +470,21 @@ fn file_verdict<const D_PATH: bool>(
             0
         };
     }
-    let mut digest = file_digest(&ev.path, ev.path_len as usize, act.write);
+    // The path, the access, the operation, and the files themselves: an
+    // approval of one file never covers another swapped in at that path
+    // while the task waited.
+    let mut digest = file_digest(digest_seed(), &ev.path, ev.path_len as usize, act.write);
     if act.op != FILE_OP_OPEN {
         digest = fnv_step(digest, act.op as u8);
+    }
+    for b in act.key.ino.to_le_bytes() {
+        digest = fnv_step(digest, b);
+    }
+    for b in act.dir.ino.to_le_bytes() {
+        digest = fnv_step(digest, b);
+    }
+    for b in act.key.dev.to_le_bytes() {
+        digest = fnv_step(digest, b);
     }
     ev.digest = digest;
     let key = HoldKey {
@@ -459,50 +492,12 @@ fn file_verdict<const D_PATH: bool>(
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key, EventKind::FileOpen) {
-        Some(v) => {
-            if v == Verdict::Allow as u32 {
-                ev.flags |= FILE_APPROVED;
-                emit_file(ev);
-                Ok(LsmVerdict::Allow)
-            } else {
-                ev.flags |= FILE_REFUSED;
-                emit_file(ev);
-                Ok(LsmVerdict::Deny)
-            }
-        }
-        None => match hold(key, session_id, EventKind::FileOpen, || {
-            ev.flags |= FILE_HELD;
-            EVENTS.output::<FileEvent>(&*ev, FORCE_WAKEUP).is_ok()
-        }) {
-            HoldOutcome::Held => Ok(LsmVerdict::Hold),
-            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
-            HoldOutcome::Unrestartable => {
-                ev.flags |= FILE_HOLD_UNAVAILABLE | FILE_DENIED;
-                emit_file(ev);
-                Ok(LsmVerdict::Deny)
-            }
-            HoldOutcome::FailOpen => {
-                ev.flags |= FILE_NO_DAEMON;
-                emit_file(ev);
-                Ok(LsmVerdict::Allow)
-            }
-            HoldOutcome::FailClosed => {
-                ev.flags |= FILE_NO_DAEMON | FILE_DENIED;
-                emit_file(ev);
-                Ok(LsmVerdict::Deny)
-            }
-        },
-    }
-}
-
-#[inline(always)]
-fn emit_file(ev: &FileEvent) {
-    if EVENTS.output::<FileEvent>(ev, FORCE_WAKEUP).is_err() {
-        count_loss(
-            ev.header.session_id,
-            EventKind::FileOpen,
-            LossReason::RingbufFull,
-        );
-    }
+    Ok(verdict_or_hold(
+        pid_tgid as u32,
+        key,
+        EventKind::FileOpen,
+        ev,
+        &FILE_MARKS,
+        |_| {},
+    ))
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmCont
 
 use crate::{
     hold::{HoldOutcome, hold},
-    maps::{LSM_APPROVED, config, session_of, take_verdict},
+    maps::{LSM_APPROVED, config, digest_seed, session_of, take_verdict},
     net::{
         FLOWS_DECIDED, FlowKey, emit, lsm_holds_connects, net_candidate, pend_connect,
         publish_connect,
@@ -126,7 +126,7 @@ fn connect_verdict(
     let key = HoldKey {
         tgid,
         _pad: 0,
-        digest: net_digest(family, protocol, port, &addr),
+        digest: net_digest(digest_seed(), family, protocol, port, &addr),
     };
     event.digest = key.digest;
     match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {
@@ -231,7 +231,13 @@ fn try_lsm_socket_sendmsg(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     let key = HoldKey {
         tgid,
         _pad: 0,
-        digest: net_digest(event.family, event.protocol, event.port, &event.addr),
+        digest: net_digest(
+            digest_seed(),
+            event.family,
+            event.protocol,
+            event.port,
+            &event.addr,
+        ),
     };
     event.digest = key.digest;
     match take_verdict(pid_tgid as u32, key, EventKind::ConnectHeld) {

@@ -12,16 +12,34 @@ use aya_ebpf::{
 };
 
 use crate::{
-    hold::{HoldOutcome, hold},
     maps::{
-        EVENTS, FORCE_WAKEUP, UNIX_FILES, UNIX_SCRATCH, config, count_loss, mode, session_of,
-        take_verdict,
+        EVENTS, FORCE_WAKEUP, UNIX_FILES, UNIX_SCRATCH, config, count_loss, digest_seed, mode,
+        session_of,
     },
     net::{FLOWS_DECIDED, FLOWS_SEEN, FlowKey},
     task::{current_process_start, header, read},
 };
 
-use super::{LsmVerdict, earlier_denial};
+use super::{Flagged, LsmVerdict, Marks, earlier_denial, verdict_or_hold};
+
+/// How Unix socket events mark their outcomes.
+const UNIX_MARKS: Marks = Marks {
+    held: UNIX_HELD,
+    approved: NET_APPROVED,
+    refused: NET_REFUSED,
+    no_daemon: NET_NO_DAEMON,
+    denied: NET_DENIED,
+    unavailable: NET_HOLD_UNAVAILABLE,
+};
+
+impl Flagged for UnixEvent {
+    fn flags(&mut self) -> &mut u32 {
+        &mut self.flags
+    }
+    fn session(&self) -> u64 {
+        self.header.session_id
+    }
+}
 
 const AF_UNIX: u16 = 1;
 /// `enum pid_type`'s PIDTYPE_TGID: `pid.tasks[1]` holds the thread-group
@@ -150,7 +168,7 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         ev.flags |= UNIX_PEER_OUTSIDE;
     }
 
-    let digest = unix_digest(key.dev, key.ino, dgram);
+    let digest = unix_digest(digest_seed(), key.dev, key.ino, dgram);
     ev.digest = digest;
     let mut flow_addr = [0u8; 16];
     flow_addr[..8].copy_from_slice(&key.ino.to_ne_bytes());
@@ -188,44 +206,18 @@ fn try_unix(peer: u64, dgram: bool) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key, EventKind::UnixConnect) {
-        Some(v) => {
+    Ok(verdict_or_hold(
+        pid_tgid as u32,
+        key,
+        EventKind::UnixConnect,
+        ev,
+        &UNIX_MARKS,
+        |v| {
             if dgram {
                 let _ = FLOWS_DECIDED.insert(flow, v, 0);
             }
-            if v == Verdict::Allow as u32 {
-                ev.flags |= NET_APPROVED;
-                emit_unix(ev);
-                Ok(LsmVerdict::Allow)
-            } else {
-                ev.flags |= NET_REFUSED;
-                emit_unix(ev);
-                Ok(LsmVerdict::Deny)
-            }
-        }
-        None => match hold(key, session_id, EventKind::UnixConnect, || {
-            ev.flags |= UNIX_HELD;
-            EVENTS.output::<UnixEvent>(&*ev, FORCE_WAKEUP).is_ok()
-        }) {
-            HoldOutcome::Held => Ok(LsmVerdict::Hold),
-            HoldOutcome::Unpublished => Ok(LsmVerdict::Deny),
-            HoldOutcome::Unrestartable => {
-                ev.flags |= NET_HOLD_UNAVAILABLE | NET_DENIED;
-                emit_unix(ev);
-                Ok(LsmVerdict::Deny)
-            }
-            HoldOutcome::FailOpen => {
-                ev.flags |= NET_NO_DAEMON;
-                emit_unix(ev);
-                Ok(LsmVerdict::Allow)
-            }
-            HoldOutcome::FailClosed => {
-                ev.flags |= NET_NO_DAEMON | NET_DENIED;
-                emit_unix(ev);
-                Ok(LsmVerdict::Deny)
-            }
         },
-    }
+    ))
 }
 
 /// FNV-1a over the socket's address as `airlock_common::name_hash`

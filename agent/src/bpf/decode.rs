@@ -445,11 +445,15 @@ mod tests {
             })
         );
         assert_eq!(r.kind.name(), "connect_held");
-        let d = airlock_common::net_digest(2, 6, 443, &n.addr);
-        assert_eq!(d, airlock_common::net_digest(2, 6, 443, &n.addr), "stable");
+        let d = airlock_common::net_digest(0, 2, 6, 443, &n.addr);
+        assert_eq!(
+            d,
+            airlock_common::net_digest(0, 2, 6, 443, &n.addr),
+            "stable"
+        );
         assert_ne!(
             d,
-            airlock_common::net_digest(2, 6, 444, &n.addr),
+            airlock_common::net_digest(0, 2, 6, 444, &n.addr),
             "bound to the port"
         );
     }
@@ -470,6 +474,7 @@ mod tests {
         };
         f.path[..path.len()].copy_from_slice(path);
         f.digest = airlock_common::file_digest(
+            0,
             &f.path,
             path.len(),
             flags & airlock_common::FILE_WRITE != 0,
@@ -560,7 +565,7 @@ mod tests {
         let mut g = f;
         g.path[100] = b'x';
         assert_eq!(
-            airlock_common::file_digest(&g.path, g.path_len as usize, false),
+            airlock_common::file_digest(0, &g.path, g.path_len as usize, false),
             f.digest
         );
     }

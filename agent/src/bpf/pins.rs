@@ -20,8 +20,8 @@ use std::{
 };
 
 use airlock_common::{
-    CTL_DAEMON_PID, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_LAYOUT, CTL_STALE_NS,
-    HoldKey, PIN_LAYOUT, SessionEntry,
+    CTL_DAEMON_PID, CTL_DIGEST_SEED, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_LAYOUT,
+    CTL_STALE_NS, HoldKey, PIN_LAYOUT, SessionEntry,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo},
@@ -327,7 +327,25 @@ pub fn activate(
     set(control, CTL_FAIL_OPEN, u64::from(fail_open))?;
     set(control, CTL_DAEMON_PID, u64::from(pid))?;
     set(control, CTL_HEARTBEAT_NS, monotonic_ns())?;
+    // One secret per set of pinned maps: pending holds keep their
+    // digests across a daemon restart.
+    if control.get(&CTL_DIGEST_SEED, 0).unwrap_or(0) == 0 {
+        set(control, CTL_DIGEST_SEED, digest_seed()?)?;
+    }
     set(control, CTL_GENERATION, generation)
+}
+
+/// A fresh, non-zero random seed for the verdict digests.
+fn digest_seed() -> Result<u64, PinError> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|error| PinError::Io {
+            path: PathBuf::from("/dev/urandom"),
+            error,
+        })?;
+    Ok(u64::from_ne_bytes(b).max(1))
 }
 
 /// Writes a heartbeat into the control array: the kernel side holds

@@ -363,8 +363,46 @@ impl Policy {
     }
 
     /// Decides `action`: the first matching rule that enforces, and the
-    /// first monitor rule that matched before it.
+    /// first monitor rule that matched before it. A file or Unix socket
+    /// known by several names (a hard link's, a renamed directory's) is
+    /// decided under each name on its own, and the most severe decision
+    /// stands: an exception (`not: {path: ~/.ssh/*.pub}`) applies only if
+    /// it covers every name the file has.
     pub fn evaluate(&self, action: &Action, subject: &Subject) -> Outcome<'_> {
+        let names: Vec<Action> = match action {
+            Action::File {
+                path,
+                aliases,
+                write,
+            } if !aliases.is_empty() => std::iter::once(path)
+                .chain(aliases)
+                .map(|p| Action::File {
+                    path: p.clone(),
+                    aliases: Vec::new(),
+                    write: *write,
+                })
+                .collect(),
+            Action::Unix(u) if !u.aliases.is_empty() => u
+                .names()
+                .map(|n| {
+                    Action::Unix(eval::UnixAction {
+                        socket: n.to_string(),
+                        aliases: Vec::new(),
+                        ..u.clone()
+                    })
+                })
+                .collect(),
+            _ => return self.evaluate_one(action, subject),
+        };
+        names
+            .iter()
+            .map(|a| self.evaluate_one(a, subject))
+            .min_by_key(|o| o.decision.severity_rank())
+            .unwrap_or_else(|| self.evaluate_one(action, subject))
+    }
+
+    /// [`Self::evaluate`] for the action under its own names at once.
+    fn evaluate_one(&self, action: &Action, subject: &Subject) -> Outcome<'_> {
         let mut monitor = None;
         for i in self.rules_for(action) {
             let r = &self.rules[i as usize];

@@ -517,3 +517,42 @@ rules:
     assert_eq!(c.unix.paths.iter().collect::<Vec<_>>(), ["/run/a.sock"]);
     assert_eq!(c.unix.abstracts.iter().collect::<Vec<_>>(), ["@bus"]);
 }
+
+#[test]
+fn a_file_under_several_names_meets_the_most_severe_decision() {
+    let p = policy(&[(
+        "k.yaml",
+        "rules:\n  - name: keys\n    on: file\n    when: {path: \"/home/*/.ssh/*\", not: {path: \"/home/*/.ssh/*.pub\"}}\n    decision: hold\n",
+    )])
+    .unwrap();
+    let labels = BTreeMap::new();
+    let s = Subject {
+        labels: &labels,
+        uid: 1000,
+        gid: 1000,
+    };
+    let file = |path: &str, aliases: &[&str]| Action::File {
+        path: path.into(),
+        aliases: aliases.iter().map(|a| a.to_string()).collect(),
+        write: false,
+    };
+    assert_eq!(
+        p.evaluate(&file("/home/u/.ssh/k.pub", &[]), &s).decision,
+        Decision::Record
+    );
+    // A private key hard-linked under an exempt name is still the key.
+    assert_eq!(
+        p.evaluate(
+            &file("/home/u/.ssh/k.pub", &["/home/u/.ssh/id_ed25519"]),
+            &s
+        )
+        .decision,
+        Decision::Hold
+    );
+    // A directory put in place of ~/.ssh: every file in it (`*`).
+    assert_eq!(
+        p.evaluate(&file("/home/u/.ssh", &["/home/u/.ssh/*"]), &s)
+            .decision,
+        Decision::Hold
+    );
+}

@@ -8,7 +8,7 @@ use airlock_common::FileKey;
 
 use crate::{
     exefile::{self, ExeIndex},
-    model::{ApprovalRequest, Detail, ExecFile, Protocol, Record},
+    model::{ApprovalRequest, Detail, ExecFile, FileOp, Protocol, Record},
     policy::{self, Action, ExecAction, UnixAction},
     procfs,
 };
@@ -64,6 +64,7 @@ pub(super) fn of(
             dev,
             dir_ino,
             dir_dev,
+            op,
             ..
         } => {
             let file = FileKey {
@@ -82,6 +83,16 @@ pub(super) fn of(
             let name = file_name(path);
             let mut aliases: Vec<String> = exes.protected_paths(&file).map(String::from).collect();
             aliases.extend(exes.protected_paths(&dir).map(|d| format!("{d}/{name}")));
+            // A name given to another file may be a directory's (`mv
+            // ~/prep ~/.ssh`): a write to every file in it, which `*`
+            // stands for.
+            if *op != FileOp::Open && *op != FileOp::Truncate {
+                let inside: Vec<String> = std::iter::once(path.as_str())
+                    .chain(aliases.iter().map(String::as_str))
+                    .map(|p| format!("{p}/*"))
+                    .collect();
+                aliases.extend(inside);
+            }
             aliases.retain(|p| p != path);
             aliases.sort();
             aliases.dedup();
