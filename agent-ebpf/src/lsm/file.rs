@@ -13,7 +13,7 @@ use crate::{
     maps::{
         FILE_INODES, FILE_NAMES, FILE_SCRATCH, config, digest_seed, file_f_path_offset, session_of,
     },
-    task::{header, read},
+    task::{current_syscall, header, read},
 };
 
 use super::{Flagged, LsmVerdict, Marks, earlier_denial, verdict_or_hold};
@@ -201,10 +201,21 @@ pub fn lsm_path_truncate_named(ctx: LsmContext) -> i32 {
     on_truncate::<false>(&ctx)
 }
 
+/// Syscalls that open a file (x86_64 open, openat, creat, openat2; i386
+/// open, creat, openat): before 6.2 an `O_TRUNC` open calls
+/// security_path_truncate after file_open decided the same open as a
+/// write. Held again there, the one verdict slot of the thread could never
+/// hold both answers, and the open would be asked about forever. (No
+/// truncate(2) or ftruncate(2) has one of these numbers in either table.)
+const OPEN_SYSCALLS: [u64; 7] = [2, 257, 85, 437, 5, 8, 295];
+
 #[inline(always)]
 fn on_truncate<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     if let Some(earlier) = earlier_denial(ctx.arg(1)) {
         return earlier;
+    }
+    if current_syscall().is_some_and(|nr| OPEN_SYSCALLS.contains(&nr)) {
+        return 0;
     }
     match try_lsm_path_truncate::<D_PATH>(ctx) {
         Ok(v) => v.ret(),
@@ -266,10 +277,20 @@ fn on_rename<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
         return earlier;
     }
     let flags: u32 = ctx.arg(4);
-    let mut v = try_placement::<D_PATH>(ctx.arg(2), ctx.arg(3), FILE_OP_RENAME);
-    if matches!(v, Ok(LsmVerdict::Allow)) && flags & RENAME_EXCHANGE != 0 {
-        v = try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_RENAME);
-    }
+    let (old_dir, old, new_dir, new): (u64, u64, u64, u64) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    let v = if flags & RENAME_EXCHANGE == 0 {
+        try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME)
+    } else {
+        // Both names change files. One of them a candidate: held as that
+        // name's write. Both: refused, as one syscall cannot wait for two
+        // decisions (the thread has one verdict slot).
+        match (is_placed(old_dir, old), is_placed(new_dir, new)) {
+            (Ok(true), Ok(true)) if in_session() => Ok(LsmVerdict::Deny),
+            (Ok(true), _) => try_placement::<D_PATH>(old_dir, old, FILE_OP_RENAME),
+            _ => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
+        }
+    };
     match v {
         Ok(v) => v.ret(),
         Err(_) => 0,
@@ -326,6 +347,40 @@ fn on_symlink<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     }
 }
 
+/// Whether the current process is in a watched session.
+#[inline(always)]
+fn in_session() -> bool {
+    session_of((bpf_get_current_pid_tgid() >> 32) as u32).is_some()
+}
+
+/// Whether giving the name `dentry` (inode `key`, or none) in directory
+/// `parent` (identity `dir`) to another file is a candidate write: the
+/// name or its directory is a candidate, or it is a protected directory's
+/// own name, or the protected directory it replaces (`mv ~/prep ~/.ssh`,
+/// RENAME_EXCHANGE): a write to every file in it.
+#[inline(always)]
+fn placement_candidate(dentry: u64, key: &FileKey, parent: u64, dir: &FileKey) -> bool {
+    candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_DIR != 0
+        || inode_bits(key) & FILE_CAND_DIR != 0
+        || is_candidate(dentry, key, parent, dir)
+}
+
+/// [`placement_candidate`] for the name `dentry` in the directory `dir`
+/// (a `struct path`).
+#[inline(always)]
+fn is_placed(dir: u64, dentry: u64) -> Result<bool, i64> {
+    let off = config().offsets;
+    let parent: u64 = read(dir, off.path_dentry)?;
+    let dir_key = inode_key(read(parent, off.dentry_d_inode)?)?;
+    let inode: u64 = read(dentry, off.dentry_d_inode)?;
+    let key = if inode != 0 {
+        inode_key(inode)?
+    } else {
+        FileKey::default()
+    };
+    Ok(placement_candidate(dentry, &key, parent, &dir_key))
+}
+
 /// The verdict on making the name `dentry` in the directory `dir` (a
 /// `struct path`) refer to another file: held as a write open of that
 /// name when the name is a candidate (by its name, its directory's name
@@ -347,12 +402,7 @@ fn try_placement<const D_PATH: bool>(dir: u64, dentry: u64, op: u32) -> Result<L
     } else {
         FileKey::default()
     };
-    // A protected directory's own name, or the protected directory the
-    // name replaces (`mv ~/prep ~/.ssh`, RENAME_EXCHANGE): a write to
-    // every file in it.
-    let whole_dir = candidate_bits(dentry_name_hash(dentry)) & FILE_CAND_DIR != 0
-        || inode_bits(&key) & FILE_CAND_DIR != 0;
-    if !whole_dir && !is_candidate(dentry, &key, parent, &dir_key) {
+    if !placement_candidate(dentry, &key, parent, &dir_key) {
         return Ok(LsmVerdict::Allow);
     }
     file_verdict::<D_PATH>(

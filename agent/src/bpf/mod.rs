@@ -98,6 +98,35 @@ pub struct Holds {
     pub lsm_unix: bool,
 }
 
+/// A verdict whose thread is stopped, and the session of its process (0
+/// when it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Parked {
+    pid: u32,
+    session: u64,
+}
+
+/// The threads whose verdicts go when the map is full: every one of the
+/// session with the most (the lowest session id on a tie).
+fn parked_to_evict(parked: &[Parked]) -> Vec<u32> {
+    let mut count: StdHashMap<u64, usize> = StdHashMap::new();
+    for p in parked {
+        *count.entry(p.session).or_default() += 1;
+    }
+    let Some(worst) = count
+        .iter()
+        .max_by_key(|(s, n)| (**n, std::cmp::Reverse(**s)))
+        .map(|(s, _)| *s)
+    else {
+        return Vec::new();
+    };
+    parked
+        .iter()
+        .filter(|p| p.session == worst)
+        .map(|p| p.pid)
+        .collect()
+}
+
 /// Entries of the per-session loss map (4096, see agent-ebpf maps.rs)
 /// past which the daemon removes those of ended sessions.
 const LOSS_PRUNE_AT: usize = 3072;
@@ -308,11 +337,41 @@ impl Bpf {
         }
         // Full: verdicts of threads that are gone (the kernel drops a
         // thread's verdict when it exits; these were left another way)
-        // make room, once.
+        // make room; failing that, those of the session that keeps the
+        // most threads stopped on untaken verdicts (one session filling
+        // the map must not end every other session's holds).
         self.prune_verdicts();
+        if self.verdicts.insert(pid, v, 0).is_ok() {
+            return Ok(());
+        }
+        self.evict_parked_verdicts();
         self.verdicts
             .insert(pid, v, 0)
             .map_err(|e| BpfError::map("VERDICTS", e))
+    }
+
+    /// Removes the verdicts of stopped threads of the session holding the
+    /// most of them: each of those threads, once resumed, is held and
+    /// asked about again.
+    fn evict_parked_verdicts(&mut self) {
+        let parked: Vec<Parked> = self
+            .verdicts
+            .iter()
+            .flatten()
+            .filter(|(pid, _)| crate::procfs::stat(*pid).is_some_and(|st| st.stopped()))
+            .map(|(pid, v)| Parked {
+                pid,
+                session: self.sessions.get(&v.tgid, 0).map_or(0, |e| e.session_id),
+            })
+            .collect();
+        let evict = parked_to_evict(&parked);
+        for pid in &evict {
+            let _ = self.verdicts.remove(pid);
+        }
+        warn!(
+            removed = evict.len(),
+            "the verdict map was full of verdicts stopped threads never took: removed those of the session with the most"
+        );
     }
 
     /// Removes the verdict of thread `pid` if it is still the one written
@@ -578,4 +637,18 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_verdict_map_gives_up_the_session_that_parks_the_most() {
+        let p = |pid, session| Parked { pid, session };
+        let parked = [p(1, 7), p(2, 9), p(3, 9), p(4, 9), p(5, 7), p(6, 0)];
+        assert_eq!(parked_to_evict(&parked), [2, 3, 4]);
+        assert_eq!(parked_to_evict(&[p(1, 7), p(2, 9)]), [1], "tie: lowest id");
+        assert!(parked_to_evict(&[]).is_empty());
+    }
 }
