@@ -616,8 +616,9 @@ pub struct FileEvent {
     pub flags: u32,
     /// Bytes of `path` used, without the NUL.
     pub path_len: u32,
-    /// [`file_digest`] of the path and write intent (for a truncate, mixed
-    /// with [`FILE_OP_TRUNCATE`]): the verdict key.
+    /// [`file_digest`] of the path and write intent, then the operation
+    /// (when it is not an open), the file's and the directory's inodes and
+    /// the device: the verdict key.
     pub digest: u64,
     /// The file's inode number and device (the kernel's encoding): the
     /// same file under every name.

@@ -4,7 +4,7 @@
 use airlock_common::{EventKind, ExitEvent, ForkEvent, LossReason, SessionEntry};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::{btf_tracepoint, lsm},
     programs::{BtfTracePointContext, LsmContext},
 };
@@ -94,7 +94,7 @@ fn try_session_sched_process_exit() -> Result<(), i64> {
 }
 
 /// Tgids no process has (above PID_MAX_LIMIT, 2^22): the keys the fork
-/// check tries the session map with, one per CPU.
+/// check tries the session map with, one per task.
 const ROOM_PROBE: u32 = 0x8000_0000;
 /// `clone_flags`: a thread of the same process, not a new one.
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -120,8 +120,9 @@ pub fn lsm_task_alloc(ctx: LsmContext) -> i32 {
     let Some(session_id) = session_of(tgid) else {
         return 0;
     };
-    // SAFETY: the helper takes no arguments.
-    let probe = ROOM_PROBE | unsafe { bpf_get_smp_processor_id() };
+    // One key per task (its pid is below 2^22): a task preempted between
+    // the two calls below keeps its own.
+    let probe = ROOM_PROBE | bpf_get_current_pid_tgid() as u32;
     let room = SessionEntry { session_id: 0 };
     if SESSIONS.insert(probe, room, BPF_NOEXIST as u64).is_err() {
         count_loss(session_id, EventKind::Fork, LossReason::ForkRefused);

@@ -354,19 +354,22 @@ impl Bpf {
     /// most of them: each of those threads, once resumed, is held and
     /// asked about again.
     fn evict_parked_verdicts(&mut self) {
-        let parked: Vec<Parked> = self
+        let entries: Vec<(u32, VerdictEntry)> = self
             .verdicts
             .iter()
             .flatten()
             .filter(|(pid, _)| crate::procfs::stat(*pid).is_some_and(|st| st.stopped()))
+            .collect();
+        let parked: Vec<Parked> = entries
+            .iter()
             .map(|(pid, v)| Parked {
-                pid,
+                pid: *pid,
                 session: self.sessions.get(&v.tgid, 0).map_or(0, |e| e.session_id),
             })
             .collect();
         let evict = parked_to_evict(&parked);
-        for pid in &evict {
-            let _ = self.verdicts.remove(pid);
+        for (pid, v) in entries.iter().filter(|(pid, _)| evict.contains(pid)) {
+            self.drop_verdict(*pid, v.tgid, v.digest);
         }
         warn!(
             removed = evict.len(),
@@ -381,19 +384,32 @@ impl Bpf {
             .verdicts
             .get(&pid, 0)
             .is_ok_and(|v| v.tgid == tgid && u32::from(v.kind) == kind && v.digest == digest);
-        stale && self.verdicts.remove(&pid).is_ok()
+        stale && self.drop_verdict(pid, tgid, digest)
+    }
+
+    /// Removes a verdict and its action's pending mark: a thread that
+    /// comes back to the action is then held and asked about again, not
+    /// stopped for good on a mark that says it was asked already.
+    fn drop_verdict(&mut self, pid: u32, tgid: u32, digest: u64) -> bool {
+        let key = HoldKey {
+            tgid,
+            _pad: 0,
+            digest,
+        };
+        let _ = self.hold_pending.remove(&key);
+        self.verdicts.remove(&pid).is_ok()
     }
 
     /// Removes the verdicts of threads that no longer exist.
     fn prune_verdicts(&mut self) {
-        let gone: Vec<u32> = self
+        let gone: Vec<(u32, VerdictEntry)> = self
             .verdicts
-            .keys()
+            .iter()
             .flatten()
-            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .filter(|(pid, _)| !std::path::Path::new(&format!("/proc/{pid}")).exists())
             .collect();
-        for pid in &gone {
-            let _ = self.verdicts.remove(pid);
+        for (pid, v) in &gone {
+            self.drop_verdict(*pid, v.tgid, v.digest);
         }
         warn!(
             removed = gone.len(),

@@ -105,7 +105,9 @@ fn unix_set(c: &Cond) -> UnixSet {
                 let is_abstract = g.pattern.starts_with('@');
                 if !g.is_literal() && !is_abstract && !g.pattern.contains("**") {
                     s.globs.insert(g.pattern.clone());
-                } else if !g.is_literal() || g.pattern.get(1..).is_some_and(|r| r.contains('@')) {
+                } else if !g.is_literal()
+                    || (is_abstract && g.pattern.get(1..).is_some_and(|r| r.contains('@')))
+                {
                     s.all = true;
                 } else if is_abstract {
                     s.abstracts.insert(g.pattern.clone());
