@@ -404,6 +404,45 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Runs the named commands one after another in one session (`sh
+    /// -c`, labelled `label`), each one's output line led by its name:
+    /// the session and what it printed (see [`Self::named_line`]).
+    pub fn run_named(&self, label: &str, cmds: &[(&str, String)]) -> (u64, String) {
+        let script: String = cmds
+            .iter()
+            .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
+            .collect();
+        let (session, out) = self.run(&[label], &["/bin/sh", "-c", &script]);
+        (session, String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What [`Self::run_named`] printed after `name` (a panic, with the
+    /// daemon's log, if it printed nothing for it).
+    pub fn named_line(&self, out: &str, name: &str) -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", self.log()))
+            .to_string()
+    }
+
+    /// The errno [`Self::run_named`] printed after `name`.
+    pub fn named_errno(&self, out: &str, name: &str) -> i32 {
+        let line = self.named_line(out, name);
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no errno for {name}: {line:?}\n{out}"))
+    }
+
+    /// The newest session in the store.
+    pub fn last_session(&self) -> u64 {
+        self.store()
+            .sessions()
+            .expect("sessions")
+            .last()
+            .map(|s| s.id)
+            .expect("a session")
+    }
+
     /// One of the daemon's pinned maps (`PINNED` in agent/src/bpf/pins.rs).
     pub fn pinned_map(&self, name: &str) -> aya::maps::Map {
         let path = pin_dir(self.dir.path()).join("maps").join(name);

@@ -56,19 +56,9 @@ fn every_way_out_to_a_denied_destination_is_refused_and_recorded() {
         ("control-udp", format!("{ACTOR} udp-send 127.0.0.1:{u_ok}")),
         ("control-tfo", format!("{ACTOR} tfo 127.0.0.1:{t_ok}")),
     ];
-    let script: String = tricks
-        .iter()
-        .chain(&controls)
-        .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
-        .collect();
-    let (session, out) = daemon.run(&["agent=egress-test"], &["/bin/sh", "-c", &script]);
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let errno = |name: &str| -> i32 {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|e| e.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no errno for {name}:\n{out}\n{}", daemon.log()))
-    };
+    let all: Vec<(&str, String)> = tricks.iter().chain(&controls).cloned().collect();
+    let (session, out) = daemon.run_named("agent=egress-test", &all);
+    let errno = |name: &str| daemon.named_errno(&out, name);
     let escaped: Vec<String> = tricks
         .iter()
         .filter(|(name, _)| errno(name) != libc::EPERM)
@@ -341,13 +331,7 @@ fn io_uring_connects_are_refused_not_held_and_recorded() {
         daemon.requests(ALICE, false).is_empty(),
         "nothing was asked: it could not have been held"
     );
-    let session = daemon
-        .store()
-        .sessions()
-        .expect("sessions")
-        .last()
-        .map(|s| s.id)
-        .expect("the session");
+    let session = daemon.last_session();
     let events = daemon.events(session);
     let connects: Vec<(String, String)> = events
         .iter()

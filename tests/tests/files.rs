@@ -313,18 +313,8 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         ("truncate", format!("{ACTOR} truncate {key}")),
         ("io-uring-open", format!("{ACTOR} uring-open {key}")),
     ];
-    let script: String = tricks
-        .iter()
-        .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
-        .collect();
-    let (session, out) = daemon.run(&[], &["/bin/sh", "-c", &script]);
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let result = |name: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no result for {name}:\n{out}\n{}", daemon.log()))
-            .to_string()
-    };
+    let (session, out) = daemon.run_named("agent=files-test", &tricks);
+    let result = |name: &str| daemon.named_line(&out, name);
     if !held {
         // No BPF LSM here: nothing is held or recorded, as the daemon said.
         assert!(file_opens(&daemon, session).is_empty());

@@ -227,21 +227,17 @@ fn busybox_tricks(test: &str, d: &str) -> (Tricks, Tricks) {
 /// Runs every trick and control in one session: its id, and the lines
 /// `NAME <run-timed's last line>`.
 fn run_all(daemon: &Daemon, tricks: &Tricks, controls: &Tricks) -> (u64, String) {
-    let script: String = tricks
+    let cmds: Tricks = tricks
         .iter()
         .chain(controls)
-        .map(|(name, cmd)| trick(name, cmd))
+        .map(|(name, cmd)| (*name, format!("{cmd} | tail -n 1")))
         .collect();
-    let (session, out) = daemon.run(&["agent=identity-test"], &["/bin/sh", "-c", &script]);
-    (session, String::from_utf8_lossy(&out.stdout).into_owned())
+    daemon.run_named("agent=identity-test", &cmds)
 }
 
 /// The line `run_all` printed for `name`.
 fn line(daemon: &Daemon, out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no line for {name}:\n{out}\n{}", daemon.log()))
-        .to_string()
+    daemon.named_line(out, name)
 }
 
 /// Every trick was refused, every control ran.

@@ -137,19 +137,9 @@ fn every_name_for_a_denied_socket_is_refused_and_recorded() {
             format!("{ACTOR} unix-self {}", s(&d.join("own.sock"))),
         ),
     ];
-    let script: String = tricks
-        .iter()
-        .chain(&controls)
-        .map(|(name, cmd)| format!("printf '{name} '; {cmd}\n"))
-        .collect();
-    let (session, out) = daemon.run(&["agent=sockets-test"], &["/bin/sh", "-c", &script]);
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let errno = |name: &str| -> i32 {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|e| e.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no errno for {name}:\n{out}\n{}", daemon.log()))
-    };
+    let all: Vec<(&str, String)> = tricks.iter().chain(&controls).cloned().collect();
+    let (session, out) = daemon.run_named("agent=sockets-test", &all);
+    let errno = |name: &str| daemon.named_errno(&out, name);
     for (name, _) in &controls {
         assert_eq!(errno(name), 0, "{name} is not flagged and goes: {out}");
     }

@@ -749,13 +749,7 @@ fn a_full_session_map_refuses_the_fork_or_counts_it_and_makes_room() {
         "the fork with the map full, then one with room: {out}\n{}",
         d.log()
     );
-    let session = d
-        .store()
-        .sessions()
-        .expect("sessions")
-        .last()
-        .map(|s| s.id)
-        .expect("the session");
+    let session = d.last_session();
     let losses: Vec<String> = d
         .events(session)
         .iter()
