@@ -37,6 +37,12 @@ pub const EXEC_NO_DAEMON: u32 = 1 << 7;
 /// The file the kernel opened could not be read (its identity is zero):
 /// the exec is a candidate, and the daemon refuses it unless a rule holds it.
 pub const EXEC_FILE_UNKNOWN: u32 = 1 << 8;
+/// With BPF LSM: the argv (or, for an approved exec, the environment) the
+/// new image received is not the one the exec was decided on (a sibling
+/// thread rewrote the caller's memory while execve copied it). Killed
+/// before its first instruction, with [`EXEC_DENIED`]; the event carries
+/// the argv that would have run.
+pub const EXEC_CHANGED: u32 = 1 << 9;
 
 /// The connect was refused without a human's verdict (the caller got
 /// EPERM): by the fail mode ([`NET_NO_DAEMON`]) or because it could not be
@@ -139,6 +145,11 @@ pub const CTL_DAEMON_PID: u32 = 5;
 /// collision at, the digest of an action it wants another verdict to
 /// cover.
 pub const CTL_DIGEST_SEED: u32 = 6;
+/// Another secret (set once per set of pinned maps) keying the hashes of
+/// the argv and environment a new image must receive. Digests are shown
+/// to approvers and stored (FNV-1a gives its key away to whoever sees a
+/// digest of a known action); this key is never exported.
+pub const CTL_CONTENT_SEED: u32 = 7;
 /// Slots in the control array.
 pub const CTL_SLOTS: u32 = 8;
 /// Version of the pinned maps' layout (types, keys, values). Bump it when
@@ -149,7 +160,10 @@ pub const CTL_SLOTS: u32 = 8;
 /// 4: a pending hold's mark is the process's start time (a u64).
 /// 5: file events carry the file's inode, device and operation.
 /// 6: a sixth loss reason (the per-reason array has six slots).
-pub const PIN_LAYOUT: u64 = 6;
+/// 7: verdicts carry an approved exec's environment hash; a seventh loss
+/// reason; the exec-decided map is pinned; a second secret in the control
+/// array.
+pub const PIN_LAYOUT: u64 = 7;
 
 /// What a kernel-side rule does to a matching action.
 #[repr(u32)]
@@ -252,8 +266,27 @@ pub struct VerdictEntry {
     /// got since (the thread died before it took its verdict) finds a
     /// verdict that is not its own, and drops it.
     pub tgid: u32,
+    /// For an exec held inside execve: the keyed FNV-1a of the environment
+    /// the approver saw (the caller's envp strings, NUL-terminated), which
+    /// the new image's must be ([`VERDICT_ENV_CHECK`]).
+    pub env_hash: u64,
+    /// Bytes `env_hash` covers.
+    pub env_len: u32,
+    /// `VERDICT_ENV_*` flags.
+    pub env_flags: u32,
 }
-const _: () = assert!(size_of::<VerdictEntry>() == 16);
+const _: () = assert!(size_of::<VerdictEntry>() == 32);
+
+/// [`VerdictEntry::env_flags`]: compare the new image's environment with
+/// `env_hash` before its first instruction (killed when it differs).
+pub const VERDICT_ENV_CHECK: u32 = 1;
+/// [`VerdictEntry::env_flags`]: the environment was longer than
+/// [`ENV_MAX`]; only its first `env_len` bytes are compared.
+pub const VERDICT_ENV_PREFIX: u32 = 2;
+/// Bytes of an environment the daemon reads and the kernel binds to an
+/// approval (a longer one is cut, and rules on the environment fail
+/// closed on it).
+pub const ENV_MAX: usize = 8 * ARGS_MAX;
 
 /// FNV-1a offset basis, the start of every digest and name hash here.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -268,6 +301,13 @@ pub const FNV_PRIME: u64 = 0x100_0000_01b3;
 #[inline(always)]
 pub const fn fnv_step(h: u64, b: u8) -> u64 {
     (h ^ b as u64).wrapping_mul(FNV_PRIME)
+}
+
+/// FNV-1a from the offset basis XOR `seed` over `bytes`: how the kernel
+/// hashes the argv and environment a new image receives (keyed with
+/// [`CTL_CONTENT_SEED`]), and the daemon an approved environment.
+pub fn content_hash(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET ^ seed, |h, &b| fnv_step(h, b))
 }
 
 /// FNV-1a over a file name (one path component, no `/`): the key of the
@@ -426,10 +466,14 @@ pub enum LossReason {
     /// The session map was full: with BPF LSM the fork was refused
     /// (EAGAIN), so no process ran unwatched; this counts the refusals.
     ForkRefused = 5,
+    /// With BPF LSM, the map that carries the argv an exec was decided on
+    /// to the new image's check was full: the exec was refused (EPERM)
+    /// rather than run with an argv nobody compared.
+    ExecUnchecked = 6,
 }
 
 /// Number of slots in the per-reason loss counter array.
-pub const LOSS_REASONS: u32 = 6;
+pub const LOSS_REASONS: u32 = 7;
 
 impl LossReason {
     /// Decodes a reason id.
@@ -440,6 +484,7 @@ impl LossReason {
             3 => Self::PendingMapFull,
             4 => Self::HoldUnpublished,
             5 => Self::ForkRefused,
+            6 => Self::ExecUnchecked,
             _ => return None,
         })
     }
@@ -457,6 +502,7 @@ impl LossReason {
             Self::PendingMapFull => "pending_map_full",
             Self::HoldUnpublished => "hold_unpublished",
             Self::ForkRefused => "fork_refused",
+            Self::ExecUnchecked => "exec_unchecked",
         }
     }
 }
@@ -641,8 +687,8 @@ pub const FILE_OP_OPEN: u32 = 0;
 /// [`FileEvent::op`]: the file is cut to a length by path (`truncate(2)`,
 /// `security_path_truncate`): a write.
 pub const FILE_OP_TRUNCATE: u32 = 1;
-/// [`FileEvent::op`]: another file is renamed to this name
-/// (`security_path_rename`; with `RENAME_EXCHANGE`, either name): a write.
+/// [`FileEvent::op`]: another file is renamed to this name, or this name
+/// is renamed away (`security_path_rename`): a write.
 pub const FILE_OP_RENAME: u32 = 2;
 /// [`FileEvent::op`]: a hard link is made with this name
 /// (`security_path_link`): a write.
@@ -650,6 +696,9 @@ pub const FILE_OP_LINK: u32 = 3;
 /// [`FileEvent::op`]: a symlink is made with this name
 /// (`security_path_symlink`): a write.
 pub const FILE_OP_SYMLINK: u32 = 4;
+/// [`FileEvent::op`]: this name is removed (`security_path_unlink`,
+/// `security_path_rmdir`): a write.
+pub const FILE_OP_UNLINK: u32 = 5;
 
 /// Bytes of a Unix socket's address (`sockaddr_un.sun_path`).
 pub const UNIX_PATH_MAX: usize = 108;
@@ -838,8 +887,17 @@ pub struct KernelOffsets {
     /// `task_struct.stack` (the kernel stack; the syscall's registers,
     /// `struct pt_regs`, sit at its top)
     pub task_stack: u32,
+    /// `linux_binprm.interp` (the same pointer as `filename` unless a
+    /// script or binfmt_misc handler put its interpreter in argv)
+    pub binprm_interp: u32,
+    /// `mm_struct.env_start`
+    pub mm_env_start: u32,
+    /// `mm_struct.env_end`
+    pub mm_env_end: u32,
+    /// `linux_binprm.argc` (an int)
+    pub binprm_argc: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 160);
+const _: () = assert!(size_of::<KernelOffsets>() == 176);
 
 /// Run-time settings the daemon writes into the programs before load.
 #[repr(C)]
@@ -858,7 +916,7 @@ pub struct AgentConfig {
     /// array's [`CTL_GENERATION`] equals it.
     pub generation: u64,
 }
-const _: () = assert!(size_of::<AgentConfig>() == 176);
+const _: () = assert!(size_of::<AgentConfig>() == 192);
 
 #[cfg(feature = "user")]
 mod pod {

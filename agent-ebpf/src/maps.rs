@@ -58,6 +58,10 @@ static AGENT_CONFIG: AgentConfig = AgentConfig {
         pid_tasks: 0,
         task_flags: 0,
         task_stack: 0,
+        binprm_interp: 0,
+        mm_env_start: 0,
+        mm_env_end: 0,
+        binprm_argc: 0,
     },
     generation: 0,
 };
@@ -98,6 +102,12 @@ fn control(slot: u32) -> u64 {
 #[inline(always)]
 pub fn digest_seed() -> u64 {
     control(airlock_common::CTL_DIGEST_SEED)
+}
+
+/// The key of the argv and environment hashes (see `CTL_CONTENT_SEED`).
+#[inline(always)]
+pub fn content_seed() -> u64 {
+    control(airlock_common::CTL_CONTENT_SEED)
 }
 
 /// True while a daemon heartbeat is fresh: someone will answer a hold.
@@ -274,6 +284,13 @@ pub const FORCE_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
 /// nothing, and the new action is held on its own.
 #[inline(always)]
 pub fn take_verdict(pid: u32, key: HoldKey, kind: EventKind) -> Option<u32> {
+    take_verdict_entry(pid, key, kind).map(|v| u32::from(v.verdict))
+}
+
+/// [`take_verdict`], with the whole entry (an exec's also binds the
+/// environment the approver saw).
+#[inline(always)]
+pub fn take_verdict_entry(pid: u32, key: HoldKey, kind: EventKind) -> Option<VerdictEntry> {
     // SAFETY: the value is copied out before the entry is removed.
     let v = unsafe { VERDICTS.get(pid) }.copied()?;
     let _ = VERDICTS.remove(pid);
@@ -282,6 +299,5 @@ pub fn take_verdict(pid: u32, key: HoldKey, kind: EventKind) -> Option<u32> {
         ..key
     };
     let _ = HOLD_PENDING.remove(decided);
-    (v.digest == key.digest && v.tgid == key.tgid && v.kind == kind as u16)
-        .then_some(u32::from(v.verdict))
+    (v.digest == key.digest && v.tgid == key.tgid && v.kind == kind as u16).then_some(v)
 }

@@ -10,9 +10,9 @@ use airlock_common::{
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_set_retval},
-    macros::{cgroup_sock_addr, map, tracepoint},
+    macros::{cgroup_sock_addr, fentry, fexit, map, tracepoint},
     maps::{HashMap, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, TracePointContext},
+    programs::{FEntryContext, FExitContext, SockAddrContext, TracePointContext},
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
         EVENTS, FORCE_WAKEUP, LSM_APPROVED, NET_RULES, count_loss, digest_seed, session_of,
         submit_flags, take_verdict,
     },
-    task::{current_process_start, current_syscall, header},
+    task::{REGS_SI, current_process_start, current_syscall, header, read},
 };
 
 const AF_INET: u16 = 2;
@@ -331,10 +331,12 @@ pub fn net_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// syscalls:sys_exit_connect (`long ret` at offset 16): pairs the outcome with
-/// the connect the cgroup hook saw on this thread.
+/// the connect the cgroup hook saw on this thread. Used where fexit cannot
+/// load: a syscall tracepoint puts every syscall of every task on the slow
+/// path.
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
-    finish_connect(&ctx);
+    finish_connect(exit_ret(&ctx));
     0
 }
 
@@ -342,19 +344,48 @@ pub fn net_sys_exit_connect(ctx: TracePointContext) -> u32 {
 /// `MSG_FASTOPEN`) ends here, not in connect(2).
 #[tracepoint(category = "syscalls", name = "sys_exit_sendto")]
 pub fn net_sys_exit_sendto(ctx: TracePointContext) -> u32 {
-    finish_connect(&ctx);
+    finish_connect(exit_ret(&ctx));
     0
 }
 
 /// syscalls:sys_exit_sendmsg: as sendto.
 #[tracepoint(category = "syscalls", name = "sys_exit_sendmsg")]
 pub fn net_sys_exit_sendmsg(ctx: TracePointContext) -> u32 {
-    finish_connect(&ctx);
+    finish_connect(exit_ret(&ctx));
     0
 }
 
+/// fexit/__x64_sys_connect: as `net_sys_exit_connect` (the syscall wrapper
+/// takes the saved registers and returns the result).
+#[fexit(function = "__x64_sys_connect")]
+pub fn net_fexit_connect(ctx: FExitContext) -> u32 {
+    finish_connect(ctx.arg(1));
+    0
+}
+
+/// fexit/__x64_sys_sendto: as `net_sys_exit_sendto`.
+#[fexit(function = "__x64_sys_sendto")]
+pub fn net_fexit_sendto(ctx: FExitContext) -> u32 {
+    finish_connect(ctx.arg(1));
+    0
+}
+
+/// fexit/__x64_sys_sendmsg: as `net_sys_exit_sendmsg`.
+#[fexit(function = "__x64_sys_sendmsg")]
+pub fn net_fexit_sendmsg(ctx: FExitContext) -> u32 {
+    finish_connect(ctx.arg(1));
+    0
+}
+
+/// `long ret` of a syscalls:sys_exit_* tracepoint.
 #[inline(always)]
-fn finish_connect(ctx: &TracePointContext) {
+fn exit_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: offset 16 is `long ret` in every syscalls:sys_exit_* format.
+    unsafe { ctx.read_at(16) }.unwrap_or(NET_RET_UNKNOWN as i64)
+}
+
+#[inline(always)]
+fn finish_connect(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let Some(pending) = (unsafe { PENDING_CONNECT.get(pid_tgid) }) else {
@@ -362,8 +393,6 @@ fn finish_connect(ctx: &TracePointContext) {
     };
     let mut event = *pending;
     let _ = PENDING_CONNECT.remove(pid_tgid);
-    // SAFETY: offset 16 is `long ret` in every syscalls:sys_exit_* format.
-    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(NET_RET_UNKNOWN as i64);
     event.ret = ret as i32;
     event.has_ret = 1;
     emit(&event);
@@ -478,45 +507,73 @@ pub fn net_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// the caller wants the peer address written.
 #[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
 pub fn net_sys_enter_accept4(ctx: TracePointContext) -> u32 {
-    on_accept_enter(&ctx);
+    // SAFETY: offset 24 is the second syscall argument in the format.
+    on_accept_enter(unsafe { ctx.read_at(24) }.unwrap_or(0));
     0
 }
 
 /// syscalls:sys_enter_accept: as accept4.
 #[tracepoint(category = "syscalls", name = "sys_enter_accept")]
 pub fn net_sys_enter_accept(ctx: TracePointContext) -> u32 {
-    on_accept_enter(&ctx);
+    // SAFETY: as above.
+    on_accept_enter(unsafe { ctx.read_at(24) }.unwrap_or(0));
     0
-}
-
-#[inline(always)]
-fn on_accept_enter(ctx: &TracePointContext) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if session_of((pid_tgid >> 32) as u32).is_none() {
-        return;
-    }
-    // SAFETY: offset 24 is the second syscall argument in the format.
-    let peer: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
-    let _ = PENDING_ACCEPT.insert(pid_tgid, peer, 0);
 }
 
 /// syscalls:sys_exit_accept4: a successful accept, with the peer address the
 /// kernel just wrote into the caller's buffer (when it passed one).
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn net_sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx);
+    on_accept_exit(exit_ret(&ctx));
     0
 }
 
 /// syscalls:sys_exit_accept: as accept4.
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn net_sys_exit_accept(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx);
+    on_accept_exit(exit_ret(&ctx));
+    0
+}
+
+/// fentry/__x64_sys_accept4: as `net_sys_enter_accept4`.
+#[fentry(function = "__x64_sys_accept4")]
+pub fn net_fentry_accept4(ctx: FEntryContext) -> u32 {
+    on_accept_enter(read(ctx.arg(0), REGS_SI).unwrap_or(0));
+    0
+}
+
+/// fentry/__x64_sys_accept: as `net_sys_enter_accept`.
+#[fentry(function = "__x64_sys_accept")]
+pub fn net_fentry_accept(ctx: FEntryContext) -> u32 {
+    on_accept_enter(read(ctx.arg(0), REGS_SI).unwrap_or(0));
+    0
+}
+
+/// fexit/__x64_sys_accept4: as `net_sys_exit_accept4`.
+#[fexit(function = "__x64_sys_accept4")]
+pub fn net_fexit_accept4(ctx: FExitContext) -> u32 {
+    on_accept_exit(ctx.arg(1));
+    0
+}
+
+/// fexit/__x64_sys_accept: as `net_sys_exit_accept`.
+#[fexit(function = "__x64_sys_accept")]
+pub fn net_fexit_accept(ctx: FExitContext) -> u32 {
+    on_accept_exit(ctx.arg(1));
     0
 }
 
 #[inline(always)]
-fn on_accept_exit(ctx: &TracePointContext) {
+fn on_accept_enter(peer: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if session_of((pid_tgid >> 32) as u32).is_none() {
+        return;
+    }
+    let _ = PENDING_ACCEPT.insert(pid_tgid, peer, 0);
+}
+
+#[inline(always)]
+fn on_accept_exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: copied out at once.
     let Some(peer) = (unsafe { PENDING_ACCEPT.get(pid_tgid) }).copied() else {
@@ -526,8 +583,6 @@ fn on_accept_exit(ctx: &TracePointContext) {
     let Some(session_id) = session_of((pid_tgid >> 32) as u32) else {
         return;
     };
-    // SAFETY: offset 16 is `long ret` in the format.
-    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
     if ret < 0 {
         // Failed accepts (EAGAIN on a non-blocking listener) are not actions.
         return;

@@ -10,6 +10,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    exec::EXEC_DECIDED,
     maps::{EVENTS, SESSIONS, VERDICTS, config, count_loss, session_of, submit_flags},
     task::{header, read},
 };
@@ -90,6 +91,8 @@ fn try_session_sched_process_exit() -> Result<(), i64> {
         count_loss(session_id, EventKind::Exit, LossReason::RingbufFull);
     }
     let _ = SESSIONS.remove(tgid);
+    // An exec let through that failed after the LSM hook leaves its entry.
+    let _ = EXEC_DECIDED.remove(tgid);
     Ok(())
 }
 

@@ -51,6 +51,14 @@ const THREAD_SIZE: u64 = 16384;
 const PT_REGS_SIZE: u64 = 21 * 8;
 const PT_REGS_ORIG_AX: u64 = 15 * 8;
 
+/// Offsets in x86_64 `struct pt_regs` of the registers syscalls take their
+/// arguments in (a syscall's wrapper, `__x64_sys_*`, gets a pointer to the
+/// saved registers): rsi, rdx (64-bit callers' second and third), rcx (a
+/// 32-bit `int $0x80` caller's second). x86_64 only, as the programs are.
+pub const REGS_SI: u32 = 13 * 8;
+pub const REGS_DX: u32 = 12 * 8;
+pub const REGS_CX: u32 = 11 * 8;
+
 /// Whether the current action runs where a syscall re-issue cannot hold
 /// it: io_uring (a worker thread, or the submitter inside
 /// io_uring_enter), where a held request's -ERESTARTNOINTR would reach

@@ -59,6 +59,90 @@ pub fn cwd(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
+/// The environment of a process stopped before its new image's first
+/// instruction (`/proc/PID/environ`, the kernel's copy): at most `max`
+/// bytes, and whether it was longer.
+pub fn environ(pid: u32, max: usize) -> Option<(Vec<u8>, bool)> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(format!("/proc/{pid}/environ")).ok()?;
+    let mut bytes = Vec::new();
+    f.take(max as u64 + 1).read_to_end(&mut bytes).ok()?;
+    let cut = bytes.len() > max;
+    bytes.truncate(max);
+    Some((bytes, cut))
+}
+
+/// The environment a thread held inside execve passes to it: the `envp`
+/// its registers hold (`/proc/TID/syscall`), read from its memory. At
+/// most `max` bytes of its NUL-terminated strings, and whether there was
+/// more. None when the thread is not in an execve or cannot be read.
+pub fn execve_environ(tid: u32, max: usize) -> Option<(Vec<u8>, bool)> {
+    // The thread may still be on its way to its stop: the file says
+    // "running" until it is off the CPU.
+    let mut fields = Vec::new();
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(format!("/proc/{tid}/syscall")).ok()?;
+        fields = text.split_whitespace().map(String::from).collect();
+        if fields.first().is_some_and(|f| f != "running") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let arg = |i: usize| u64::from_str_radix(fields.get(i + 1)?.trim_start_matches("0x"), 16).ok();
+    // x86_64 execve (59) and execveat (322); an `int $0x80` caller's
+    // execve (11) and execveat (358), and an x32 caller's (520 and 545 with
+    // bit 30), pass arrays of 32-bit pointers.
+    let (envp, word) = match fields.first()?.as_str() {
+        "59" => (arg(2)?, 8),
+        "322" => (arg(3)?, 8),
+        "11" => (arg(2)?, 4),
+        "358" => (arg(3)?, 4),
+        "1073742344" => (arg(2)?, 4),
+        "1073742369" => (arg(3)?, 4),
+        _ => return None,
+    };
+    let mem = std::fs::File::open(format!("/proc/{tid}/mem")).ok()?;
+    read_strings(&mem, envp, word, max)
+}
+
+/// The NUL-terminated strings a NULL-terminated array of `word`-byte
+/// pointers at `at` points to, in `mem`: at most `max` bytes, and whether
+/// there was more.
+fn read_strings(mem: &std::fs::File, at: u64, word: u64, max: usize) -> Option<(Vec<u8>, bool)> {
+    use std::os::unix::fs::FileExt as _;
+    let mut out = Vec::new();
+    for i in 0..(max as u64 + 1) {
+        let mut w = [0u8; 8];
+        mem.read_exact_at(&mut w[..word as usize], at + i * word)
+            .ok()?;
+        let p = u64::from_le_bytes(w);
+        if p == 0 {
+            return Some((out, false));
+        }
+        // The string, a chunk at a time (the next page may be unmapped).
+        let mut s = p;
+        loop {
+            let mut chunk = [0u8; 256];
+            let n = mem.read_at(&mut chunk, s).ok()?;
+            if n == 0 {
+                return None;
+            }
+            let end = chunk[..n].iter().position(|&b| b == 0);
+            let take = end.map_or(n, |e| e + 1);
+            out.extend_from_slice(&chunk[..take]);
+            if out.len() > max {
+                out.truncate(max);
+                return Some((out, true));
+            }
+            if end.is_some() {
+                break;
+            }
+            s += n as u64;
+        }
+    }
+    Some((out, true))
+}
+
 /// The process's executable.
 pub fn exe(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
@@ -141,6 +225,33 @@ pub fn signal_if_same(pid: u32, start: u64, sig: i32) -> Result<(), SignalError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_behind_a_pointer_array_are_read_whole_or_cut() {
+        let strings = [c"A=1", c"LD_PRELOAD=/x.so", c"B="];
+        let ptrs: Vec<u64> = strings
+            .iter()
+            .map(|s| s.as_ptr() as u64)
+            .chain([0])
+            .collect();
+        let mem = std::fs::File::open("/proc/self/mem").unwrap();
+        let at = ptrs.as_ptr() as u64;
+        let (bytes, cut) = read_strings(&mem, at, 8, 4096).unwrap();
+        assert_eq!(
+            (bytes.as_slice(), cut),
+            (&b"A=1\0LD_PRELOAD=/x.so\0B=\0"[..], false)
+        );
+        let (bytes, cut) = read_strings(&mem, at, 8, 6).unwrap();
+        assert_eq!((bytes.as_slice(), cut), (&b"A=1\0LD"[..], true));
+        // Exactly the limit: whole.
+        let (_, cut) = read_strings(&mem, at, 8, 24).unwrap();
+        assert!(!cut);
+        // 32-bit pointers: an array below 4 GiB is not at hand here, so
+        // only the NULL terminator is tried.
+        let zero = [0u32; 2];
+        let (bytes, cut) = read_strings(&mem, zero.as_ptr() as u64, 4, 64).unwrap();
+        assert!(bytes.is_empty() && !cut);
+    }
 
     #[test]
     fn reads_own_process() {

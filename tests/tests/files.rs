@@ -246,10 +246,13 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
     let d = dir.path();
     let key = write(&d.join("keys/secret.txt"), "secret\n");
     let vaulted = write(&d.join("vault/notes"), "vaulted\n");
+    write(&d.join("vault/old.pub"), "public\n");
     std::fs::create_dir(d.join("elsewhere")).unwrap();
+    std::fs::create_dir(d.join("empty")).unwrap();
     let policy = format!(
         "pack: files\nrules:\n\
-         - {{name: secret, on: file, when: {{path: [\"{key}\", \"{}/vault/*\"], not: {{path: \"**/*.pub\"}}}}, decision: deny}}\n",
+         - {{name: secret, on: file, when: {{path: [\"{key}\", \"{}/vault/*\", \"{}/empty/*\"], not: {{path: \"**/*.pub\"}}}}, decision: deny}}\n",
+        d.display(),
         d.display()
     );
     let daemon = Daemon::start_with_policy(
@@ -260,7 +263,12 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
     let held = holds_opens(&daemon);
     let link = d.join("elsewhere/innocent.txt").display().to_string();
     let planted = write(&d.join("elsewhere/planted"), "planted\n");
+    // Someone outside the session renames the protected directory: its
+    // files stay protected by inode under the new name.
     let renamed = d.join("renamed");
+    if held {
+        std::fs::rename(d.join("vault"), &renamed).unwrap();
+    }
     let tricks = [
         ("path", format!("{ACTOR} open {key}")),
         (
@@ -278,24 +286,19 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         ("rename-onto", format!("{ACTOR} rename {planted} {key}")),
         (
             "rename-into-dir",
-            format!("{ACTOR} rename {planted} {}/vault/planted", d.display()),
+            format!("{ACTOR} rename {planted} {}/planted", renamed.display()),
         ),
         (
             "link-into-dir",
-            format!("{ACTOR} link {planted} {}/vault/linked", d.display()),
+            format!("{ACTOR} link {planted} {}/linked", renamed.display()),
         ),
         (
             "symlink-into-dir",
-            format!("{ACTOR} symlink {planted} {}/vault/symlinked", d.display()),
+            format!("{ACTOR} symlink {planted} {}/symlinked", renamed.display()),
         ),
         (
             "renamed-dir",
-            format!(
-                "mv {}/vault {} && {ACTOR} open {}/notes",
-                d.display(),
-                renamed.display(),
-                renamed.display()
-            ),
+            format!("{ACTOR} open {}/notes", renamed.display()),
         ),
         (
             "new-file-in-renamed-dir",
@@ -311,9 +314,35 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
             ),
         ),
         ("truncate", format!("{ACTOR} truncate {key}")),
+        ("unlink", format!("{ACTOR} unlink {key}")),
+        (
+            "rename-away",
+            format!("{ACTOR} rename {key} {}/elsewhere/moved", d.display()),
+        ),
+        (
+            "rename-dir-away",
+            format!(
+                "{ACTOR} rename {} {}/elsewhere/dir",
+                renamed.display(),
+                d.display()
+            ),
+        ),
+        ("rmdir", format!("{ACTOR} rmdir {}/empty", d.display())),
         ("io-uring-open", format!("{ACTOR} uring-open {key}")),
     ];
-    let (session, out) = daemon.run_named("agent=files-test", &tricks);
+    // A file the rule exempts, renamed within the protected directory (as
+    // `sed -i` and `ssh-keygen -R` do): both names are candidates, the new
+    // one is asked about, and goes.
+    let controls = [(
+        "control-rename-exempt",
+        format!(
+            "{ACTOR} rename {}/old.pub {}/new.pub",
+            renamed.display(),
+            renamed.display()
+        ),
+    )];
+    let all: Vec<(&str, String)> = tricks.iter().chain(&controls).cloned().collect();
+    let (session, out) = daemon.run_named("agent=files-test", &all);
     let result = |name: &str| daemon.named_line(&out, name);
     if !held {
         // No BPF LSM here: nothing is held or recorded, as the daemon said.
@@ -337,6 +366,7 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
         "secret\n",
         "the file was not cut"
     );
+    assert_eq!(result("control-rename-exempt"), "0", "{out}");
     // Refused by the daemon's verdict, or (io_uring, which would not
     // re-issue a held open) at once as not holdable.
     let refused: Vec<String> = file_opens(&daemon, session)
@@ -352,7 +382,7 @@ fn every_name_for_a_protected_file_is_refused_and_recorded() {
             // The path where the kernel lets the hook read it (6.12), the
             // name only where it does not (6.1).
             && refused.iter().any(|p| {
-                *p == format!("{}/vault/planted", d.display()) || p == "planted"
+                *p == format!("{}/planted", renamed.display()) || p == "planted"
             }),
         "each refusal recorded under the name used: {refused:?}"
     );

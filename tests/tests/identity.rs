@@ -16,11 +16,12 @@ const ACTOR: &str = env!("CARGO_BIN_EXE_actor");
 const LOADERS: &[&str] = &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"];
 
 /// What `run-timed` (or `fexec`) prints for an exec refused here: EPERM
-/// from execve itself with BPF LSM (`fexec` then exits 126), SIGKILL
+/// from execve itself with BPF LSM (`fexec` then exits 126; a script's
+/// interpreter, known only once the exec is done, is killed), SIGKILL
 /// before the first instruction without it.
 fn refused(line: &str) -> bool {
     if lsm_expected() {
-        line.ends_with("error:1") || line.ends_with("exit:126")
+        line.ends_with("error:1") || line.ends_with("exit:126") || line.ends_with("signal:9")
     } else {
         line.ends_with("signal:9")
     }
@@ -53,6 +54,11 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
     std::os::unix::fs::symlink(&probe, format!("{d}/alias")).unwrap();
     std::fs::hard_link(&probe, format!("{d}/other")).unwrap();
     std::os::unix::fs::symlink(&suid, format!("{d}/suid-alias")).unwrap();
+    // A script whose interpreter is the flagged program, with the flagged
+    // argument on its `#!` line.
+    let script = format!("{d}/script");
+    std::fs::write(&script, format!("#!{probe} now\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let policy = format!(
         "pack: t\nrules:\n\
          - {{name: no-probe-now, on: exec, when: {{exe: {probe}, args: now}}, decision: deny}}\n\
@@ -87,6 +93,7 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
         ("setuid-fexecve", run(&format!("{ACTOR} fexec {suid} now"))),
         ("setuid-symlink", run(&format!("{d}/suid-alias now"))),
         ("whoami", run("whoami")),
+        ("script-interpreter", run(&script)),
         // The argument a rule looks for past the kernel's copy of argv at
         // the syscall's entry (64 words): the copy is cut, so it fails
         // closed.
@@ -101,11 +108,6 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
         .args(["exec32", "/bin/true"])
         .status()
         .is_ok_and(|s| s.success());
-    if compat {
-        tricks.push(("compat-execve", run(&format!("{ACTOR} exec32 {probe} now"))));
-    } else {
-        eprintln!("{test}: no 32-bit execve here (IA-32 emulation off): its trick is not tried");
-    }
     let mut controls = vec![
         ("control-alias", run(&format!("{d}/alias seq 1 /bin/true"))),
         (
@@ -113,6 +115,16 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
             run(&format!("{loader} {probe} seq 1 /bin/true")),
         ),
     ];
+    if compat {
+        tricks.push(("compat-execve", run(&format!("{ACTOR} exec32 {probe} now"))));
+        // Its argv is read too (not refused for being unreadable).
+        controls.push((
+            "control-compat-execve",
+            run(&format!("{ACTOR} exec32 {probe} seq 1 /bin/true")),
+        ));
+    } else {
+        eprintln!("{test}: no 32-bit execve here (IA-32 emulation off): its trick is not tried");
+    }
     let (more, more_controls) = busybox_tricks(test, &d);
     tricks.extend(more);
     controls.extend(more_controls);
@@ -177,6 +189,197 @@ fn a_replaced_program_is_found_again_by_its_new_file() {
         daemon.log()
     );
     assert!(line("control").ends_with("exit:0"), "{out}");
+}
+
+/// A second thread of the caller rewrites an argument between the moment
+/// the rules see argv and the moment execve copies it for the new image:
+/// whatever the timing, a program never runs with the argument a deny rule
+/// names. With BPF LSM the new image's argv is compared with the one
+/// decided on and killed before its first instruction when they differ;
+/// without it the rules see the new image's argv itself.
+#[test]
+fn an_argv_rewritten_while_execve_copies_it_never_runs() {
+    let test = "an_argv_rewritten_while_execve_copies_it_never_runs";
+    if !can_run(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    let ran = format!("{d}/ran");
+    std::fs::copy(ACTOR, &probe).unwrap();
+    let policy = format!(
+        "pack: t\nrules:\n\
+         - {{name: no-evil, on: exec, when: {{exe: {probe}, args: evil}}, decision: deny}}\n"
+    );
+    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
+    expect_lsm(&daemon);
+    let tries = 200;
+    let (session, out) = daemon.run_named(
+        "agent=identity-test",
+        &[("race", format!("{ACTOR} argv-race {tries} {probe} {ran}"))],
+    );
+    let counts = daemon.named_line(&out, "race");
+    let count = |key: &str| -> u64 {
+        counts
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}:")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {counts:?}"))
+    };
+    eprintln!("{test}: {counts}");
+    let lines = std::fs::read_to_string(&ran).unwrap_or_default();
+    let evil = lines.lines().filter(|l| l.contains("evil")).count();
+    assert_eq!(
+        evil,
+        0,
+        "the probe ran with the denied argument {evil} times ({counts}):\n{}",
+        daemon.log()
+    );
+    assert_eq!(count("other"), 0, "children ended another way: {counts}");
+    assert_eq!(count("ran") as usize, lines.lines().count(), "{counts}");
+    // Each child killed or refused was recorded as an exec of the probe
+    // that was stopped or refused, and none with the argument ran unflagged
+    // (without BPF LSM a deny is a hold the daemon answers with a kill).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&probe).unwrap());
+    let events = daemon.events(session);
+    let probe_execs: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "exec" && e.detail["file"]["ino"].as_u64() == Some(ino))
+        .map(|e| &e.detail)
+        .collect();
+    let flagged = probe_execs
+        .iter()
+        .filter(|d| d["enforcement"].is_string())
+        .count() as u64;
+    assert!(
+        flagged >= count("killed") + count("refused"),
+        "{flagged} flagged execs of the probe recorded, for {counts}"
+    );
+    let unflagged_evil: Vec<_> = probe_execs
+        .iter()
+        .filter(|d| !d["enforcement"].is_string() && d["argv"][3] == "evil")
+        .collect();
+    assert!(unflagged_evil.is_empty(), "{unflagged_evil:#?}");
+}
+
+/// Rules look at the environment a program gets and where it runs; an
+/// approver sees both (the values of variables that change what programs
+/// do, the others by name); and the environment approved is the one the
+/// program gets.
+#[test]
+fn the_environment_a_program_gets_is_ruled_on_and_shown() {
+    let test = "the_environment_a_program_gets_is_ruled_on_and_shown";
+    if !can_run(test) {
+        return;
+    }
+    const ALICE: &str = "alice-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    std::fs::copy(ACTOR, &probe).unwrap();
+    let policy = format!(
+        "pack: t\nrules:\n\
+         - {{name: no-preload, on: exec, when: {{exe: {probe}, env: {{LD_PRELOAD: \"*\"}}}}, decision: deny}}\n\
+         - {{name: proxied, on: exec, when: {{exe: {probe}, env: {{HTTPS_PROXY: \"*\"}}}}, decision: hold, hold: {{timeout: 120}}}}\n"
+    );
+    let daemon = Daemon::start_with_policy(
+        &[("t.yaml", &policy)],
+        &format!("[[approver]]\nname = \"alice\"\ntoken = \"{ALICE}\"\n"),
+    );
+    expect_lsm(&daemon);
+    let run = |cmd: &str| format!("{ACTOR} run-timed {cmd}");
+    let tricks: Tricks = vec![
+        (
+            "preload",
+            run(&format!("/usr/bin/env LD_PRELOAD= {probe} now")),
+        ),
+        (
+            "preload-among-many",
+            run(&format!(
+                "/usr/bin/env A=1 B=2 LD_PRELOAD=/x.so C=3 {probe} now"
+            )),
+        ),
+    ];
+    let controls: Tricks = vec![("control", run(&format!("{probe} seq 1 /bin/true")))];
+    let (_, out) = run_all(&daemon, &tricks, &controls);
+    assert_refused(&daemon, &out, &tricks, &controls);
+
+    // A hold: the approver sees where and with what it runs.
+    let child = daemon.spawn_run(
+        &["agent=identity-test"],
+        &[
+            "/usr/bin/env",
+            "HTTPS_PROXY=http://proxy.invalid:3128",
+            "SECRET_TOKEN=s3cr3t",
+            &probe,
+            "seq",
+            "1",
+            "/bin/true",
+        ],
+    );
+    let reqs = daemon.wait_pending(ALICE, 1);
+    let r = &reqs[0];
+    let env: Vec<(String, String)> =
+        serde_json::from_value(r["context"]["env"].clone()).unwrap_or_default();
+    assert!(
+        env.contains(&("HTTPS_PROXY".into(), "http://proxy.invalid:3128".into()))
+            && env.contains(&("SECRET_TOKEN".into(), "(set)".into()))
+            && r["context"]["env_complete"] == true
+            && r["context"]["cwd"].is_string(),
+        "the request shows the environment and working directory: {r:#}"
+    );
+    let out = daemon.approvals(
+        ALICE,
+        &["approve", &r["id"].as_u64().unwrap().to_string(), "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // It ran (finish_within insists the session exited 0).
+    airlock_tests::held::finish_within(
+        child,
+        airlock_tests::scaled(std::time::Duration::from_secs(30)),
+    );
+}
+
+/// A second thread flips an environment variable while the first execs a
+/// program a rule holds on that variable: the program never gets the
+/// value the rule denies, whatever the timing (with BPF LSM the new
+/// image's environment is compared with the one decided on).
+#[test]
+fn an_environment_rewritten_while_execve_copies_it_never_runs() {
+    let test = "an_environment_rewritten_while_execve_copies_it_never_runs";
+    if !can_run(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    let ran = format!("{d}/ran");
+    std::fs::copy(ACTOR, &probe).unwrap();
+    let policy = format!(
+        "pack: t\nrules:\n\
+         - {{name: no-evil, on: exec, when: {{exe: {probe}, env: {{XYZ: evil}}}}, decision: deny}}\n"
+    );
+    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
+    expect_lsm(&daemon);
+    let (_, out) = daemon.run_named(
+        "agent=identity-test",
+        &[("race", format!("{ACTOR} env-race 100 {probe} {ran}"))],
+    );
+    let counts = daemon.named_line(&out, "race");
+    eprintln!("{test}: {counts}");
+    let lines = std::fs::read_to_string(&ran).unwrap_or_default();
+    let evil = lines.lines().filter(|l| l.contains("evil")).count();
+    assert_eq!(
+        evil,
+        0,
+        "the probe ran with the denied value {evil} times ({counts}):\n{}",
+        daemon.log()
+    );
+    assert!(
+        counts.ends_with("other:0"),
+        "children ended another way: {counts}"
+    );
 }
 
 type Tricks = Vec<(&'static str, String)>;

@@ -624,6 +624,9 @@ fn full_verdict_and_loss_maps_are_cleaned_and_holds_still_decided() {
         verdict: 1,
         kind: 2,
         tgid: 1,
+        env_hash: 0,
+        env_len: 0,
+        env_flags: 0,
     };
     let mut filled = 0u32;
     while verdicts.insert(pid_max + 1 + filled, stale, 0).is_ok() {

@@ -3,7 +3,8 @@
 use airlock_common::{
     ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED, EXEC_HELD,
     EXEC_HELD_IN_SYSCALL, EXEC_NO_DAEMON, EXEC_REFUSED, EventKind, ExecEvent, FILENAME_MAX,
-    FNV_OFFSET, HoldKey, LossReason, RuleAction, Verdict, fnv_step,
+    FNV_OFFSET, HoldKey, LossReason, RuleAction, VERDICT_ENV_CHECK, Verdict, VerdictEntry,
+    fnv_step,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
@@ -12,9 +13,14 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exec::{ARGV_STASH, EXEC_MARKS, exec_candidate, exec_file, output_exec},
+    exec::{
+        ARGV_STASH, DECIDED_ARGV, DECIDED_ARGV_CUT, EXEC_DECIDED, EXEC_MARKS, ExecDecided,
+        argv_hashes, exec_candidate, exec_file, output_exec,
+    },
     hold::{HoldOutcome, hold},
-    maps::{EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, digest_seed, session_of, take_verdict},
+    maps::{
+        EXEC_SCRATCH, FORCE_WAKEUP, config, count_loss, digest_seed, session_of, take_verdict_entry,
+    },
     task::{header, read},
 };
 
@@ -61,8 +67,7 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     exec_file(ev, bprm);
     caller_argv(ev, pid_tgid);
     let Some(rule) = exec_candidate(ev) else {
-        let _ = ARGV_STASH.remove(pid_tgid);
-        return Ok(LsmVerdict::Allow);
+        return Ok(allow(ev, tgid, None));
     };
     ev.header = header(EventKind::Exec, session_id);
     ev.digest = 0;
@@ -78,12 +83,11 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
         _pad: 0,
         digest,
     };
-    match take_verdict(pid_tgid as u32, key, EventKind::Exec) {
+    match take_verdict_entry(pid_tgid as u32, key, EventKind::Exec) {
         Some(v) => {
-            let _ = ARGV_STASH.remove(pid_tgid);
-            if v == Verdict::Allow as u32 {
+            if u32::from(v.verdict) == Verdict::Allow as u32 {
                 // sched_process_exec records the exec that now happens.
-                Ok(LsmVerdict::Allow)
+                Ok(allow(ev, tgid, Some(&v)))
             } else {
                 ev.flags |= EXEC_REFUSED;
                 emit_exec(ev);
@@ -97,13 +101,11 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
             HoldOutcome::Held => Ok(LsmVerdict::Hold),
             HoldOutcome::Unpublished | HoldOutcome::Unrestartable => Ok(LsmVerdict::Deny),
             HoldOutcome::FailOpen => {
-                let _ = ARGV_STASH.remove(pid_tgid);
                 // sched_process_exec records the exec with this mark.
                 let _ = EXEC_MARKS.insert(tgid, EXEC_NO_DAEMON, 0);
-                Ok(LsmVerdict::Allow)
+                Ok(allow(ev, tgid, None))
             }
             HoldOutcome::FailClosed => {
-                let _ = ARGV_STASH.remove(pid_tgid);
                 ev.flags |= EXEC_NO_DAEMON | EXEC_DENIED;
                 emit_exec(ev);
                 Ok(LsmVerdict::Deny)
@@ -112,9 +114,57 @@ fn try_lsm_bprm_creds_for_exec(ctx: &LsmContext) -> Result<LsmVerdict, i64> {
     }
 }
 
+/// Lets the exec go on, leaving what was decided on for
+/// sched_process_exec to compare with the argv (and, for an approved exec,
+/// the environment the approver saw) the new image receives: a sibling
+/// thread can rewrite the caller's memory after the copy read here. Where
+/// that cannot be left, the exec is refused: an argv nobody checks is not
+/// let through.
+#[inline(always)]
+fn allow(ev: &ExecEvent, tgid: u32, verdict: Option<&VerdictEntry>) -> LsmVerdict {
+    let env = verdict.filter(|v| v.env_flags & VERDICT_ENV_CHECK != 0);
+    let argv = ev.flags & EXEC_ARGS_UNREADABLE == 0;
+    if !argv && env.is_none() {
+        // Nothing to compare: the rules already failed closed on argv.
+        let _ = EXEC_DECIDED.remove(tgid);
+        return LsmVerdict::Allow;
+    }
+    let (hash, tail_hash, tail_len, argc) = if argv {
+        argv_hashes(&ev.args, ev.args_len)
+    } else {
+        (0, 0, 0, 0)
+    };
+    let decided = ExecDecided {
+        hash,
+        tail_hash,
+        len: ev.args_len,
+        tail_len,
+        flags: if argv { DECIDED_ARGV } else { 0 }
+            | if ev.flags & EXEC_ARGS_TRUNCATED != 0 {
+                DECIDED_ARGV_CUT
+            } else {
+                0
+            },
+        env_len: env.map_or(0, |v| v.env_len),
+        env_hash: env.map_or(0, |v| v.env_hash),
+        env_flags: env.map_or(0, |v| v.env_flags),
+        argc,
+    };
+    if EXEC_DECIDED.insert(tgid, decided, 0).is_err() {
+        count_loss(
+            ev.header.session_id,
+            EventKind::Exec,
+            LossReason::ExecUnchecked,
+        );
+        return LsmVerdict::Deny;
+    }
+    LsmVerdict::Allow
+}
+
 /// The caller's argv, stashed at the syscall's entry, into `ev` (a
 /// multi-call binary's applet is named there, so before the candidate
-/// check), flagged cut or unreadable where the copy is not all of it.
+/// check), flagged cut or unreadable where the copy is not all of it. The
+/// stash is taken: a restart or a later exec copies afresh.
 #[inline(always)]
 fn caller_argv(ev: &mut ExecEvent, pid_tgid: u64) {
     // SAFETY: the stash is read by this task only, before it is removed.
@@ -139,6 +189,7 @@ fn caller_argv(ev: &mut ExecEvent, pid_tgid: u64) {
         if stash.truncated != 0 {
             ev.flags |= EXEC_ARGS_TRUNCATED;
         }
+        let _ = ARGV_STASH.remove(pid_tgid);
     } else {
         // No copy from the syscall's entry (a compat `int $0x80` execve,
         // or the stash map full): the policy cannot see argv.

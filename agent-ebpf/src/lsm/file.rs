@@ -4,8 +4,9 @@
 use airlock_common::{
     EventKind, FILE_APPROVED, FILE_CAND_DIR, FILE_CAND_NAME, FILE_DENIED, FILE_HELD,
     FILE_HOLD_UNAVAILABLE, FILE_NAME_HASHED, FILE_NO_DAEMON, FILE_OP_LINK, FILE_OP_OPEN,
-    FILE_OP_RENAME, FILE_OP_SYMLINK, FILE_OP_TRUNCATE, FILE_PATH_MAX, FILE_PATH_TRUNCATED,
-    FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey, file_digest, fnv_step,
+    FILE_OP_RENAME, FILE_OP_SYMLINK, FILE_OP_TRUNCATE, FILE_OP_UNLINK, FILE_PATH_MAX,
+    FILE_PATH_TRUNCATED, FILE_REFUSED, FILE_WRITE, FNV_OFFSET, FileEvent, FileKey, HoldKey,
+    file_digest, fnv_step,
 };
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::lsm, programs::LsmContext};
 
@@ -255,9 +256,10 @@ fn try_lsm_path_truncate<const D_PATH: bool>(ctx: &LsmContext) -> Result<LsmVerd
 
 /// `int security_path_rename(const struct path *old_dir, struct dentry *old_dentry,
 /// const struct path *new_dir, struct dentry *new_dentry, unsigned int flags)`:
-/// another file put in place of a candidate's name (`mv x ~/.ssh/authorized_keys`)
-/// is a write to that name; with RENAME_EXCHANGE, so is the old name.
-/// Moving a candidate away is not: it stays known by its inode.
+/// both names change: another file put in place of a candidate's name
+/// (`mv x ~/.ssh/authorized_keys`) is a write to that name, and so is a
+/// candidate's name moved away (as removing it is: `mv hardening.conf
+/// /tmp`). The file keeps its inode, so it stays known under any name.
 #[lsm(hook = "path_rename")]
 pub fn lsm_path_rename(ctx: LsmContext) -> i32 {
     on_rename::<true>(&ctx)
@@ -279,19 +281,58 @@ fn on_rename<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     let flags: u32 = ctx.arg(4);
     let (old_dir, old, new_dir, new): (u64, u64, u64, u64) =
         (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
-    let v = if flags & RENAME_EXCHANGE == 0 {
-        try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME)
-    } else {
-        // Both names change files. One of them a candidate: held as that
-        // name's write. Both: refused, as one syscall cannot wait for two
-        // decisions (the thread has one verdict slot).
-        match (is_placed(old_dir, old), is_placed(new_dir, new)) {
-            (Ok(true), Ok(true)) if in_session() => Ok(LsmVerdict::Deny),
-            (Ok(true), _) => try_placement::<D_PATH>(old_dir, old, FILE_OP_RENAME),
-            _ => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
+    // One of the names a candidate: held as that name's write. A plain
+    // rename onto a candidate is held as the new name's write (`sed -i`,
+    // `ssh-keygen -R`: a temporary file renamed over the real one, both in
+    // a protected directory). With RENAME_EXCHANGE both names are given
+    // other files: both candidates is refused, as one syscall cannot wait
+    // for two decisions (the thread has one verdict slot).
+    let v = match (is_placed(old_dir, old), is_placed(new_dir, new)) {
+        (Ok(true), Ok(true)) if flags & RENAME_EXCHANGE != 0 && in_session() => {
+            Ok(LsmVerdict::Deny)
         }
+        (_, Ok(true)) => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
+        (Ok(true), _) => try_placement::<D_PATH>(old_dir, old, FILE_OP_RENAME),
+        _ => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
     };
     match v {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
+}
+
+/// `int security_path_unlink(const struct path *dir, struct dentry *dentry)`:
+/// removing a candidate's name is a write to it.
+#[lsm(hook = "path_unlink")]
+pub fn lsm_path_unlink(ctx: LsmContext) -> i32 {
+    on_unlink::<true>(&ctx)
+}
+
+/// [`lsm_path_unlink`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
+#[lsm(hook = "path_unlink")]
+pub fn lsm_path_unlink_named(ctx: LsmContext) -> i32 {
+    on_unlink::<false>(&ctx)
+}
+
+/// `int security_path_rmdir(const struct path *dir, struct dentry *dentry)`:
+/// as unlink, for a directory.
+#[lsm(hook = "path_rmdir")]
+pub fn lsm_path_rmdir(ctx: LsmContext) -> i32 {
+    on_unlink::<true>(&ctx)
+}
+
+/// [`lsm_path_rmdir`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
+#[lsm(hook = "path_rmdir")]
+pub fn lsm_path_rmdir_named(ctx: LsmContext) -> i32 {
+    on_unlink::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_unlink<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(2)) {
+        return earlier;
+    }
+    match try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_UNLINK) {
         Ok(v) => v.ret(),
         Err(_) => 0,
     }

@@ -7,7 +7,8 @@ use std::fs::File;
 use aya::{
     Btf, Ebpf,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Lsm, Program, ProgramError, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, FEntry, FExit, Lsm, Program, ProgramError,
+        TracePoint, links::FdLink,
     },
 };
 
@@ -20,7 +21,34 @@ const TP_BTF: &[(&str, &str)] = &[
     ("session_sched_process_exit", "sched_process_exit"),
 ];
 
-/// Connect and accept outcomes: syscall tracepoints (program, tracepoint).
+/// Where a syscall's entry or exit is hooked. fentry/fexit on the syscall's
+/// wrapper costs only that syscall; a syscall tracepoint, once any is
+/// enabled, puts every syscall of every task on the tracing slow path. So
+/// the trampolines are preferred and the tracepoints are the fallback for
+/// kernels that refuse them (this project's development host does).
+struct SyscallHooks {
+    /// (program, kernel function, fexit rather than fentry, required):
+    /// an optional one is skipped where the function does not exist (the
+    /// ia32 entries without CONFIG_IA32_EMULATION).
+    trampolines: &'static [(&'static str, &'static str, bool, bool)],
+    /// (program, syscalls tracepoint) doing the same.
+    tracepoints: &'static [(&'static str, &'static str)],
+}
+
+/// Connect and accept outcomes.
+const NET_HOOKS: SyscallHooks = SyscallHooks {
+    trampolines: &[
+        ("net_fexit_connect", "__x64_sys_connect", true, true),
+        ("net_fexit_sendto", "__x64_sys_sendto", true, true),
+        ("net_fexit_sendmsg", "__x64_sys_sendmsg", true, true),
+        ("net_fentry_accept4", "__x64_sys_accept4", false, true),
+        ("net_fentry_accept", "__x64_sys_accept", false, true),
+        ("net_fexit_accept4", "__x64_sys_accept4", true, true),
+        ("net_fexit_accept", "__x64_sys_accept", true, true),
+    ],
+    tracepoints: NET_TRACEPOINTS,
+};
+
 const NET_TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_connect", "sys_exit_connect"),
     ("net_sys_exit_sendto", "sys_exit_sendto"),
@@ -31,14 +59,44 @@ const NET_TRACEPOINTS: &[(&str, &str)] = &[
     ("net_sys_exit_accept", "sys_exit_accept"),
 ];
 
-/// The argv stash the LSM exec hook reads, made at each call's entry and
-/// dropped at its exit (program, tracepoint).
-const EXEC_STASH: &[(&str, &str)] = &[
-    ("exec_sys_enter_execve", "sys_enter_execve"),
-    ("exec_sys_enter_execveat", "sys_enter_execveat"),
-    ("exec_sys_exit_execve", "sys_exit_execve"),
-    ("exec_sys_exit_execveat", "sys_exit_execveat"),
-];
+/// The argv stash the LSM exec hook reads, made at each call's entry (the
+/// tracepoints also drop it at the exit: they miss `int $0x80` entries).
+const EXEC_STASH: SyscallHooks = SyscallHooks {
+    trampolines: &[
+        ("exec_fentry_execve", "__x64_sys_execve", false, true),
+        ("exec_fentry_execveat", "__x64_sys_execveat", false, true),
+        (
+            "exec_fentry_compat_execve",
+            "__ia32_compat_sys_execve",
+            false,
+            false,
+        ),
+        (
+            "exec_fentry_compat_execveat",
+            "__ia32_compat_sys_execveat",
+            false,
+            false,
+        ),
+        (
+            "exec_fentry_x32_execve",
+            "__x64_compat_sys_execve",
+            false,
+            false,
+        ),
+        (
+            "exec_fentry_x32_execveat",
+            "__x64_compat_sys_execveat",
+            false,
+            false,
+        ),
+    ],
+    tracepoints: &[
+        ("exec_sys_enter_execve", "sys_enter_execve"),
+        ("exec_sys_enter_execveat", "sys_enter_execveat"),
+        ("exec_sys_exit_execve", "sys_exit_execve"),
+        ("exec_sys_exit_execveat", "sys_exit_execveat"),
+    ],
+};
 
 /// Connect and datagram hooks that can hold (need bpf_send_signal in
 /// cgroup programs, Linux 6.18+), and the ones used where the kernel
@@ -101,6 +159,83 @@ fn syscall_tracepoints(
     Ok(())
 }
 
+/// Attaches `hooks` by trampoline where this kernel loads every required
+/// one, else by syscall tracepoint. Nothing is attached before everything
+/// is loaded, so the two are never both attached.
+fn syscall_hooks(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    links: &mut LinkPins,
+    hooks: &SyscallHooks,
+) -> Result<(), BpfError> {
+    let attached =
+        load_trampolines(ebpf, btf, hooks.trampolines).and_then(|l| attach_trampolines(ebpf, l));
+    match attached {
+        Ok(attached) => {
+            for (name, link, what) in attached {
+                links.keep(name, Ok::<_, ProgramError>(link), what)?;
+            }
+            Ok(())
+        }
+        Err(why) => {
+            tracing::info!(
+                "syscall hooks by tracepoint, which slows every syscall on the host: {why}"
+            );
+            syscall_tracepoints(ebpf, links, hooks.tracepoints)
+        }
+    }
+}
+
+/// Attaches the loaded trampolines, all or none: their links, unpinned
+/// (dropping them detaches), with what each is.
+fn attach_trampolines(
+    ebpf: &mut Ebpf,
+    loaded: Vec<(&'static str, &'static str, bool)>,
+) -> Result<Vec<(&'static str, FdLink, String)>, BpfError> {
+    let mut attached = Vec::with_capacity(loaded.len());
+    for (name, func, exit) in loaded {
+        let (link, kind) = if exit {
+            let p: &mut FExit = program(ebpf, name)?;
+            let id = p.attach().map_err(err(name))?;
+            (p.take_link(id).map(FdLink::from), "fexit")
+        } else {
+            let p: &mut FEntry = program(ebpf, name)?;
+            let id = p.attach().map_err(err(name))?;
+            (p.take_link(id).map(FdLink::from), "fentry")
+        };
+        let link = link.map_err(err(name))?;
+        attached.push((name, link, format!("{name} ({kind}/{func})")));
+    }
+    Ok(attached)
+}
+
+/// Loads the trampolines; returns the ones to attach (program, function,
+/// exit), or the first required one this kernel refuses.
+fn load_trampolines(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    list: &[(&'static str, &'static str, bool, bool)],
+) -> Result<Vec<(&'static str, &'static str, bool)>, BpfError> {
+    let mut loaded = Vec::with_capacity(list.len());
+    for &(name, func, exit, required) in list {
+        let done = if exit {
+            program::<FExit>(ebpf, name)?.load(func, btf)
+        } else {
+            program::<FEntry>(ebpf, name)?.load(func, btf)
+        };
+        match done {
+            Ok(()) => loaded.push((name, func, exit)),
+            Err(e) if required => return Err(BpfError::program(name, e)),
+            // Where the function does not exist, neither do its callers
+            // (no IA-32 emulation or x32 ABI); said at start all the same.
+            Err(e) => {
+                tracing::info!("{name} not attached ({func}, an optional syscall entry): {e}")
+            }
+        }
+    }
+    Ok(loaded)
+}
+
 fn load_cgroup(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), BpfError> {
     for &name in names {
         program::<CgroupSockAddr>(ebpf, name)?
@@ -113,9 +248,14 @@ fn load_cgroup(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), BpfError> 
 /// The network programs: syscall tracepoints, then the cgroup sock_addr
 /// hooks on the root cgroup v2. Returns whether the cgroup hook can hold
 /// connects.
-pub fn network(ebpf: &mut Ebpf, cgroup2: &str, links: &mut LinkPins) -> Result<bool, BpfError> {
-    // Tracepoints first: a connect seen by the cgroup hook waits for its exit.
-    syscall_tracepoints(ebpf, links, NET_TRACEPOINTS)?;
+pub fn network(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    cgroup2: &str,
+    links: &mut LinkPins,
+) -> Result<bool, BpfError> {
+    // Exits first: a connect seen by the cgroup hook waits for its exit.
+    syscall_hooks(ebpf, btf, links, &NET_HOOKS)?;
     let cgroup = File::open(cgroup2).map_err(|source| BpfError::Cgroup {
         path: cgroup2.into(),
         source,
@@ -168,14 +308,14 @@ pub fn lsm(
     links.keep(name, p.take_link(id), format!("{name} (lsm/{hook})"))
 }
 
-/// The exec hold: `lsm_bprm_creds_for_exec` with the argv stash
-/// tracepoints it reads (loaded first, so no exec misses its stash).
+/// The exec hold: `lsm_bprm_creds_for_exec` with the argv stash hooks it
+/// reads (attached first, so no exec misses its stash).
 pub fn lsm_exec(ebpf: &mut Ebpf, btf: &Btf, links: &mut LinkPins) -> Result<(), BpfError> {
     let name = "lsm_bprm_creds_for_exec";
     program::<Lsm>(ebpf, name)?
         .load("bprm_creds_for_exec", btf)
         .map_err(err(name))?;
-    syscall_tracepoints(ebpf, links, EXEC_STASH)?;
+    syscall_hooks(ebpf, btf, links, &EXEC_STASH)?;
     let p: &mut Lsm = program(ebpf, name)?;
     let id = p.attach().map_err(err(name))?;
     links.keep(

@@ -40,6 +40,9 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         mm_arg_end: f("mm_struct", "arg_end")?,
         cred_euid: f("cred", "euid")?,
         binprm_filename: f("linux_binprm", "filename")?,
+        binprm_interp: f("linux_binprm", "interp")?,
+        mm_env_start: f("mm_struct", "env_start")?,
+        mm_env_end: f("mm_struct", "env_end")?,
         socket_type: f("socket", "type")?,
         binprm_file: f("linux_binprm", "file")?,
         file_inode: f("file", "f_inode")?,
@@ -70,6 +73,7 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         unix_sock_path: f("unix_sock", "path").unwrap_or(0),
         unix_address_len: f("unix_address", "len").unwrap_or(0),
         unix_address_name: f("unix_address", "name").unwrap_or(0),
+        binprm_argc: f("linux_binprm", "argc")?,
     })
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap as StdHashMap;
 
 use airlock_common::{
     AgentConfig, EventKind, HoldKey, LOSS_REASONS, LossKey, LossReason, MODE_LSM_CONNECT,
-    MODE_LSM_EXEC, SessionEntry, Verdict, VerdictEntry,
+    MODE_LSM_EXEC, SessionEntry, VERDICT_ENV_CHECK, VERDICT_ENV_PREFIX, Verdict, VerdictEntry,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -27,7 +27,7 @@ use crate::{
     config::{Config, FailMode},
     exefile::ExeIndex,
     features::Features,
-    model::{Clock, Detail, Record, wall_now_ns},
+    model::{Clock, Detail, EnvBinding, Record, wall_now_ns},
     policy::candidates::Candidates,
 };
 
@@ -87,8 +87,9 @@ pub struct Holds {
     pub lsm_exec: bool,
     /// BPF LSM `file_open` holds candidate opens.
     pub lsm_file: bool,
-    /// BPF LSM `path_truncate`, `path_rename`, `path_link` and
-    /// `path_symlink` hold the writes to candidates that open nothing.
+    /// BPF LSM `path_truncate`, `path_rename`, `path_link`,
+    /// `path_symlink`, `path_unlink` and `path_rmdir` hold the writes to
+    /// candidates that open nothing.
     pub lsm_file_paths: bool,
     /// BPF LSM `task_alloc` refuses a watched fork the session map has no
     /// room for.
@@ -157,6 +158,9 @@ pub struct Bpf {
     /// so sessions, holds and unread events) from an earlier daemon.
     pub generation: u64,
     pub took_over: bool,
+    /// The pin set's secret the kernel keys its argv and environment
+    /// hashes with (the daemon keys an approved exec's environment with it).
+    pub content_seed: u64,
     clock: Clock,
     /// Loss counts already recorded, so none is recorded twice.
     seen_losses: StdHashMap<LossKey, u64>,
@@ -179,13 +183,17 @@ impl Bpf {
         let generation = last + 1;
         let mut bpf = Self::load_generation(features, settings, candidates, pins, generation)
             .inspect_err(|_| pins.drop_links(generation))?;
+        let mut control = pins.control()?;
         pins::activate(
-            &mut pins.control()?,
+            &mut control,
             generation,
             settings.heartbeat_timeout_ms * 1_000_000,
             settings.fail_mode == FailMode::Open,
             daemon_tgid,
         )?;
+        bpf.content_seed = control
+            .get(&airlock_common::CTL_CONTENT_SEED, 0)
+            .map_err(|e| BpfError::map("CONTROL", e))?;
         pins.retire_links(generation);
         bpf.took_over = previous != pins::Previous::Nothing;
         Ok(bpf)
@@ -223,7 +231,7 @@ impl Bpf {
         attach::process(&mut ebpf, &btf, &mut links)?;
         let cgroup2 = features.cgroup2.as_deref().unwrap_or("/sys/fs/cgroup");
         let mut holds = Holds {
-            connect: attach::network(&mut ebpf, cgroup2, &mut links)?,
+            connect: attach::network(&mut ebpf, &btf, cgroup2, &mut links)?,
             ..Holds::default()
         };
         // BPF LSM where the kernel runs it; each hook that attaches tells
@@ -266,6 +274,7 @@ impl Bpf {
             holds,
             generation,
             took_over: false,
+            content_seed: 0,
             clock: Clock::now(),
             seen_losses: StdHashMap::new(),
         })
@@ -325,12 +334,18 @@ impl Bpf {
         (tgid, pid): (u32, u32),
         (kind, digest): (u32, u64),
         allow: bool,
+        env: Option<EnvBinding>,
     ) -> Result<(), BpfError> {
         let v = VerdictEntry {
             digest,
             verdict: if allow { Verdict::Allow } else { Verdict::Deny } as u16,
             kind: kind as u16,
             tgid,
+            env_hash: env.map_or(0, |e| e.hash),
+            env_len: env.map_or(0, |e| e.len),
+            env_flags: env.map_or(0, |e| {
+                VERDICT_ENV_CHECK | if e.prefix { VERDICT_ENV_PREFIX } else { 0 }
+            }),
         };
         if self.verdicts.insert(pid, v, 0).is_ok() {
             return Ok(());
@@ -598,6 +613,8 @@ fn attach_lsm(
             ("lsm_path_rename", "lsm_path_rename_named", "path_rename"),
             ("lsm_path_link", "lsm_path_link_named", "path_link"),
             ("lsm_path_symlink", "lsm_path_symlink_named", "path_symlink"),
+            ("lsm_path_unlink", "lsm_path_unlink_named", "path_unlink"),
+            ("lsm_path_rmdir", "lsm_path_rmdir_named", "path_rmdir"),
         ] {
             let attached = attach::lsm(ebpf, btf, links, name, hook).or_else(|why| {
                 info!("BPF LSM {hook} with bpf_d_path refused ({why}): the file's name only");

@@ -20,8 +20,8 @@ use std::{
 };
 
 use airlock_common::{
-    CTL_DAEMON_PID, CTL_DIGEST_SEED, CTL_FAIL_OPEN, CTL_GENERATION, CTL_HEARTBEAT_NS, CTL_LAYOUT,
-    CTL_STALE_NS, HoldKey, PIN_LAYOUT, SessionEntry,
+    CTL_CONTENT_SEED, CTL_DAEMON_PID, CTL_DIGEST_SEED, CTL_FAIL_OPEN, CTL_GENERATION,
+    CTL_HEARTBEAT_NS, CTL_LAYOUT, CTL_STALE_NS, HoldKey, PIN_LAYOUT, SessionEntry,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo},
@@ -41,6 +41,9 @@ pub const PINNED: &[&str] = &[
     "EVENTS",
     "LOSSES",
     "LOSS_TOTALS",
+    // An exec let through by one generation's LSM hook is compared by
+    // the next one's sched_process_exec during a takeover.
+    "EXEC_DECIDED",
 ];
 
 /// `statfs` magic of bpffs.
@@ -329,14 +332,16 @@ pub fn activate(
     set(control, CTL_HEARTBEAT_NS, monotonic_ns())?;
     // One secret per set of pinned maps: pending holds keep their
     // digests across a daemon restart.
-    if control.get(&CTL_DIGEST_SEED, 0).unwrap_or(0) == 0 {
-        set(control, CTL_DIGEST_SEED, digest_seed()?)?;
+    for slot in [CTL_DIGEST_SEED, CTL_CONTENT_SEED] {
+        if control.get(&slot, 0).unwrap_or(0) == 0 {
+            set(control, slot, random_seed()?)?;
+        }
     }
     set(control, CTL_GENERATION, generation)
 }
 
-/// A fresh, non-zero random seed for the verdict digests.
-fn digest_seed() -> Result<u64, PinError> {
+/// A fresh, non-zero random seed (the digest and content keys).
+fn random_seed() -> Result<u64, PinError> {
     use std::io::Read;
     let mut b = [0u8; 8];
     fs::File::open("/dev/urandom")

@@ -109,8 +109,38 @@ pub fn list(args: ApprovalsArgs, config: &Config) -> anyhow::Result<()> {
             super::time(r.deadline),
             describe(&r)
         );
+        if let Some(c) = &r.context {
+            println!("{:>5}  {}", "", context_line(c));
+        }
     }
     Ok(())
+}
+
+/// Where an exec runs and with which environment, on one line: the
+/// variables whose values are shown, then how many others are set.
+fn context_line(c: &crate::model::ExecContext) -> String {
+    let shown: Vec<String> = c
+        .env
+        .iter()
+        .filter(|(_, v)| v != "(set)")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let others = c.env.len() - shown.len();
+    format!(
+        "in {}; env: {}{}{}",
+        c.cwd.as_deref().unwrap_or("?"),
+        shown.join(" "),
+        if others > 0 {
+            format!(" (+{others} more set)")
+        } else {
+            String::new()
+        },
+        if c.env_complete {
+            ""
+        } else {
+            " (environment not read whole)"
+        }
+    )
 }
 
 pub fn decide(args: DecideArgs, config: &Config, approve: bool) -> anyhow::Result<()> {

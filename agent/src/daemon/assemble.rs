@@ -40,6 +40,8 @@ pub struct Parts {
     pub roots: HashMap<u64, u32>,
     /// The kernel side (the sensor task, started by the caller).
     pub sensor: SensorHandle,
+    /// The kernel's argv and environment key (see `Bpf::content_seed`).
+    pub content_seed: u64,
 }
 
 /// The running actors and their handles.
@@ -90,6 +92,7 @@ pub fn assemble(p: Parts) -> std::io::Result<Assembly> {
             db: db.clone(),
             pending: p.pending,
             ended: p.ended,
+            content_seed: p.content_seed,
         })
         .run(broker_rx),
     );

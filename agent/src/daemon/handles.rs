@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::inforce::InForce;
 use crate::{
     bpf::BpfError,
-    model::{ApprovalRequest, DecideError, HoldInfo, PolicyLoad, Record},
+    model::{ApprovalRequest, DecideError, EnvBinding, HoldInfo, PolicyLoad, Record},
     store::{NewSession, StoreError},
 };
 
@@ -53,6 +53,7 @@ pub enum SensorMsg {
         kind: u32,
         digest: u64,
         allow: bool,
+        env: Option<EnvBinding>,
         reply: oneshot::Sender<Result<(), BpfError>>,
     },
     ForgetVerdict {
@@ -98,6 +99,7 @@ impl SensorHandle {
         (tgid, pid): (u32, u32),
         (kind, digest): (u32, u64),
         allow: bool,
+        env: Option<EnvBinding>,
     ) -> Result<(), HandleError> {
         Ok(ask(&self.0, "sensor", |reply| SensorMsg::Verdict {
             tgid,
@@ -105,6 +107,7 @@ impl SensorHandle {
             kind,
             digest,
             allow,
+            env,
             reply,
         })
         .await??)

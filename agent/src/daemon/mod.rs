@@ -288,6 +288,7 @@ fn start_actors(
         ended,
         roots,
         sensor,
+        content_seed: bpf.content_seed,
     })?;
     Ok((a, sensor_rx))
 }

@@ -141,9 +141,10 @@ fn serve(bpf: &mut Bpf, msg: SensorMsg) {
             kind,
             digest,
             allow,
+            env,
             reply,
         } => {
-            let _ = reply.send(bpf.set_verdict((tgid, pid), (kind, digest), allow));
+            let _ = reply.send(bpf.set_verdict((tgid, pid), (kind, digest), allow, env));
         }
         SensorMsg::ForgetVerdict {
             tgid,

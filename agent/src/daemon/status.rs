@@ -36,9 +36,9 @@ fn enforces(h: Holds) -> Vec<String> {
     });
     v.push("connect deny: EPERM");
     v.push(if h.lsm_file_paths {
-        "file: candidate opens (files and directories named by file rules, by name and by inode), truncates, and renames, links and symlinks onto their names are recorded and held inside the syscall (BPF LSM file_open, path_truncate, path_rename, path_link, path_symlink)"
+        "file: candidate opens (files and directories named by file rules, by name and by inode), truncates, removals (unlink, rmdir, renamed away), and renames, links and symlinks onto their names are recorded and held inside the syscall (BPF LSM file_open, path_truncate, path_rename, path_link, path_symlink, path_unlink, path_rmdir)"
     } else if h.lsm_file {
-        "file: candidate opens (files and directories named by file rules, by name and by inode) are recorded and held inside open (BPF LSM file_open); truncate, rename, link and symlink are not seen (no CONFIG_SECURITY_PATH path hooks, see the log)"
+        "file: candidate opens (files and directories named by file rules, by name and by inode) are recorded and held inside open (BPF LSM file_open); truncate, rename, link, symlink, unlink and rmdir are not seen (no CONFIG_SECURITY_PATH path hooks, see the log)"
     } else if h.lsm_connect {
         "file: BPF LSM is active but file_open could not be attached (see the log): file rules are not enforced and file opens not recorded"
     } else {

@@ -15,5 +15,7 @@ pub use record::{
     Detail, Enforcement, ExecFile, ExitStatus, FileOp, HoldInfo, PolicyLoad, Process, Protocol,
     Record,
 };
-pub use request::{Ancestor, Approval, ApprovalRequest, DecideError, State};
+pub use request::{
+    Ancestor, Approval, ApprovalRequest, DecideError, EnvBinding, ExecContext, State,
+};
 pub use time::{Clock, monotonic_ns, wall_now_ns};

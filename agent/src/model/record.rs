@@ -103,6 +103,11 @@ pub enum Enforcement {
     /// No daemon alive to ask, fail mode open.
     #[serde(rename = "allowed: no daemon (fail open)")]
     NoDaemonAllowed,
+    /// With BPF LSM, an exec whose new image received another argv than
+    /// the one it was decided on (rewritten while execve copied it):
+    /// killed before its first instruction.
+    #[serde(rename = "denied: argv or environment changed during exec")]
+    ChangedDuringExec,
 }
 
 impl Enforcement {
@@ -115,6 +120,7 @@ impl Enforcement {
             Self::HoldUnavailable => "denied: cannot hold here",
             Self::NoDaemonDenied => "denied: no daemon (fail closed)",
             Self::NoDaemonAllowed => "allowed: no daemon (fail open)",
+            Self::ChangedDuringExec => "denied: argv or environment changed during exec",
         }
     }
 
@@ -187,8 +193,9 @@ pub enum Detail {
         #[serde(skip_serializing_if = "Option::is_none")]
         enforcement: Option<Enforcement>,
         /// What was done to it, when it was not opened: cut by
-        /// truncate(2), or its name given to another file (rename, link,
-        /// symlink). Each is a write.
+        /// truncate(2), its name given to another file (rename, link,
+        /// symlink) or moved away (rename), or removed (unlink, rmdir).
+        /// Each is a write.
         #[serde(skip_serializing_if = "FileOp::is_open")]
         op: FileOp,
         /// The file (inode number, device): the same under every name.
@@ -234,6 +241,7 @@ pub enum FileOp {
     Rename,
     Link,
     Symlink,
+    Unlink,
 }
 
 impl FileOp {
@@ -243,6 +251,7 @@ impl FileOp {
             airlock_common::FILE_OP_RENAME => Self::Rename,
             airlock_common::FILE_OP_LINK => Self::Link,
             airlock_common::FILE_OP_SYMLINK => Self::Symlink,
+            airlock_common::FILE_OP_UNLINK => Self::Unlink,
             _ => Self::Open,
         }
     }

@@ -117,6 +117,41 @@ pub struct ApprovalRequest {
     /// Approvals given so far.
     #[serde(default)]
     pub approvals: Vec<Approval>,
+    /// For an exec: where it runs and the environment it gets (values
+    /// that can change what a program does shown, others only named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ExecContext>,
+    /// For an exec held inside execve: the environment shown, as the new
+    /// image must receive it (else it is killed before it runs). Never
+    /// serialized (neither to the API nor to the store): a hash keyed with
+    /// FNV-1a gives its key away to whoever knows what it hashed. A daemon
+    /// that takes over reads it again from the held process.
+    #[serde(skip)]
+    pub env_binding: Option<EnvBinding>,
+}
+
+/// What an approver sees of an exec besides its command line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecContext {
+    /// The working directory, when it could be read.
+    pub cwd: Option<String>,
+    /// Every variable by name, in order: the value where it can change
+    /// what a program does (`LD_*`, proxies, `*_HOME`, `PATH`, ...),
+    /// else `(set)`, as others often hold secrets.
+    pub env: Vec<(String, String)>,
+    /// False when the environment could not be read whole (longer than
+    /// 32 KiB, or unreadable).
+    pub env_complete: bool,
+}
+
+/// The environment an approver saw, for the kernel to compare with the
+/// new image's: the keyed FNV-1a of its bytes (as in the verdict map).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnvBinding {
+    pub hash: u64,
+    pub len: u32,
+    /// Only the first `len` bytes (the rest was not read).
+    pub prefix: bool,
 }
 
 fn one() -> u32 {

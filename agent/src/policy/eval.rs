@@ -35,7 +35,45 @@ pub struct ExecAction {
     pub setuid: bool,
     /// The process's working directory, when known.
     pub cwd: Option<String>,
+    /// The environment the program gets, when read.
+    pub env: Option<ExecEnv>,
     cmdline: String,
+}
+
+/// An exec's environment as read: its NUL-terminated `NAME=value`
+/// strings (at most [`airlock_common::ENV_MAX`] bytes of them), whether
+/// they were cut there, and the variables they hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecEnv {
+    pub raw: Vec<u8>,
+    pub cut: bool,
+    pub vars: Vec<(String, String)>,
+}
+
+impl ExecEnv {
+    /// Parses NUL-terminated `NAME=value` strings (as in `/proc/PID/environ`).
+    pub fn parse(raw: Vec<u8>, cut: bool) -> Self {
+        let vars = raw
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let s = String::from_utf8_lossy(s);
+                match s.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => (s.to_string(), String::new()),
+                }
+            })
+            .collect();
+        Self { raw, cut, vars }
+    }
+
+    /// Every value `name` has (a variable can be set more than once).
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.vars
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl ExecAction {
@@ -52,6 +90,7 @@ impl ExecAction {
             parent_exe: None,
             setuid: false,
             cwd: None,
+            env: None,
             cmdline,
         }
     }
@@ -251,6 +290,32 @@ fn leaf(l: &Leaf, action: &Action, s: &Subject, explain: bool) -> Option<String>
             res.first(a, explain)
                 .map(|r| why(&|| format!("argument {a:?} matches /{r}/")))
         }),
+        (Leaf::Env(wanted), Action::Exec(e)) => {
+            let env = e.env.as_ref()?;
+            // Any of a name's values (set twice, a program may read either:
+            // getenv the first, the dynamic loader the last).
+            for (k, globs) in wanted {
+                if !env.values(k).any(|v| globs.is_match(v)) {
+                    return None;
+                }
+            }
+            Some(why(&|| {
+                format!(
+                    "environment {}",
+                    wanted
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }))
+        }
+        (Leaf::Cwd(pats), Action::Exec(e)) => {
+            let cwd = e.cwd.as_deref()?;
+            pats.iter()
+                .find(|p| p.is_match(cwd))
+                .map(|p| why(&|| format!("working directory {cwd} matches {:?}", p.pattern)))
+        }
         (Leaf::OutsideWorkdir(want), Action::Exec(e)) => {
             let outside = outside_workdir(e, s.labels.get("workdir").map(String::as_str));
             (outside.is_some() == *want).then(|| match outside {

@@ -14,9 +14,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use eval::{Action, ExecAction, Outcome, Subject, UnixAction};
+pub use eval::{Action, ExecAction, ExecEnv, Outcome, Subject, UnixAction};
 pub use model::{Access, ActionKind, Decision, Example, HoldModel, Mode, NetScope, Protocol};
-use model::{Cond, FileModel};
+use model::{Cond, FileModel, Leaf};
 
 /// A rule in force, with where it came from.
 #[derive(Debug, Clone)]
@@ -116,6 +116,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Whether some rule looks at an exec's environment: then an exec whose
+    /// environment was not read whole is decided fail closed.
+    pub fn uses_env(&self) -> bool {
+        self.rules.iter().any(|r| {
+            let mut uses = false;
+            r.when.visit(&mut |l| uses |= matches!(l, Leaf::Env(_)));
+            uses
+        })
+    }
+
     /// One line on the policy: how many rules of which kind, from how many
     /// files.
     pub fn describe(&self) -> String {

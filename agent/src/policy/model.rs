@@ -219,6 +219,11 @@ pub enum Leaf {
     Args(Globs),
     ArgsRegex(Regexes),
     OutsideWorkdir(bool),
+    /// Environment variables: each set, with a value one of its globs
+    /// matches.
+    Env(Vec<(String, Globs)>),
+    /// The working directory.
+    Cwd(Vec<PathPattern>),
     Dest(Vec<Net>),
     Port(Vec<Ports>),
     Protocol(Protocol),
@@ -243,6 +248,8 @@ impl Leaf {
             Self::Args(_) => "args",
             Self::ArgsRegex(_) => "args_regex",
             Self::OutsideWorkdir(_) => "outside_workdir",
+            Self::Env(_) => "env",
+            Self::Cwd(_) => "cwd",
             Self::Dest(_) => "dest",
             Self::Port(_) => "port",
             Self::Protocol(_) => "protocol",
@@ -264,7 +271,9 @@ impl Leaf {
             | Self::CmdlineRegex(_)
             | Self::Args(_)
             | Self::ArgsRegex(_)
-            | Self::OutsideWorkdir(_) => Some(ActionKind::Exec),
+            | Self::OutsideWorkdir(_)
+            | Self::Env(_)
+            | Self::Cwd(_) => Some(ActionKind::Exec),
             Self::Dest(_)
             | Self::Port(_)
             | Self::Protocol(_)
@@ -348,6 +357,8 @@ struct CondRaw {
     args: Option<OneOrMany<TextGlob>>,
     args_regex: Option<OneOrMany<Re>>,
     outside_workdir: Option<bool>,
+    env: Option<BTreeMap<String, OneOrMany<TextGlob>>>,
+    cwd: Option<OneOrMany<PathPattern>>,
     dest: Option<OneOrMany<Net>>,
     port: Option<OneOrMany<Ports>>,
     protocol: Option<Protocol>,
@@ -406,6 +417,17 @@ impl<'de> Deserialize<'de> for Cond {
         }
         if let Some(v) = r.path {
             leaf(Leaf::Path(v.0));
+        }
+        if let Some(v) = r.cwd {
+            leaf(Leaf::Cwd(v.0));
+        }
+        if let Some(env) = r.env {
+            if env.is_empty() {
+                return Err(D::Error::custom("`env` needs at least one variable"));
+            }
+            leaf(Leaf::Env(
+                env.into_iter().map(|(k, v)| (k, Globs::new(v.0))).collect(),
+            ));
         }
         if let Some(v) = r.parent_exe {
             leaf(Leaf::ParentExe(Exes::new(v.0)));

@@ -556,3 +556,81 @@ fn a_file_under_several_names_meets_the_most_severe_decision() {
         Decision::Hold
     );
 }
+
+#[test]
+fn environment_and_working_directory_rules() {
+    let d = "\
+rules:
+  - name: preload
+    on: exec
+    when: {env: {LD_PRELOAD: \"/tmp/*\"}}
+    decision: deny
+  - name: proxied-curl
+    on: exec
+    when: {exe: curl, env: {HTTPS_PROXY: [\"http://*\", \"https://*\"]}}
+    decision: hold
+  - name: rm-in-etc
+    on: exec
+    when: {exe: rm, cwd: \"/etc/**\"}
+    decision: hold
+";
+    let p = policy(&[("d.yaml", d)]).unwrap();
+    assert!(p.uses_env());
+    let labels = BTreeMap::new();
+    let s = Subject {
+        labels: &labels,
+        uid: 1000,
+        gid: 1000,
+    };
+    let run = |cmd: &str, env: &str, cwd: &str| {
+        let mut a = check::exec_action(cmd, None, None, false, Some(cwd.into())).unwrap();
+        if let Action::Exec(e) = &mut a {
+            let raw: Vec<u8> = env
+                .split(' ')
+                .filter(|v| !v.is_empty())
+                .flat_map(|v| v.bytes().chain([0]))
+                .collect();
+            e.env = Some(ExecEnv::parse(raw, false));
+        }
+        p.evaluate(&a, &s).decision
+    };
+    assert_eq!(run("ls", "LD_PRELOAD=/tmp/x.so", "/"), Decision::Deny);
+    assert_eq!(
+        run("ls", "LD_PRELOAD=/usr/lib/ok.so", "/"),
+        Decision::Record
+    );
+    assert_eq!(run("ls", "HOME=/root", "/"), Decision::Record);
+    assert_eq!(
+        run("curl x", "HTTPS_PROXY=http://p:3128", "/"),
+        Decision::Hold
+    );
+    assert_eq!(
+        run("curl x", "HTTP_PROXY=http://p:3128", "/"),
+        Decision::Record
+    );
+    assert_eq!(run("rm -f x", "", "/etc/ssh"), Decision::Hold);
+    assert_eq!(run("rm -f x", "", "/home/dev"), Decision::Record);
+    // A variable set twice: either value matches (getenv reads the first,
+    // the dynamic loader the last).
+    let env = ExecEnv::parse(b"A=1\0A=2\0B\0".to_vec(), false);
+    assert_eq!(env.values("A").collect::<Vec<_>>(), ["1", "2"]);
+    assert_eq!(env.values("B").collect::<Vec<_>>(), [""]);
+    assert_eq!(
+        run("ls", "LD_PRELOAD=/ok.so LD_PRELOAD=/tmp/evil.so", "/"),
+        Decision::Deny
+    );
+    // No env rule: nothing is decided on it.
+    let plain = policy(&[(
+        "p.yaml",
+        "rules:\n  - {name: r, on: exec, when: {exe: rm}, decision: hold}\n",
+    )])
+    .unwrap();
+    assert!(!plain.uses_env());
+    assert!(
+        policy(&[(
+            "e.yaml",
+            "rules:\n  - {name: r, on: exec, when: {env: {}}, decision: hold}\n"
+        )])
+        .is_err()
+    );
+}

@@ -8,8 +8,8 @@ use airlock_common::FileKey;
 
 use crate::{
     exefile::{self, ExeIndex},
-    model::{ApprovalRequest, Detail, ExecFile, FileOp, Protocol, Record},
-    policy::{self, Action, ExecAction, UnixAction},
+    model::{ApprovalRequest, Detail, ExecContext, ExecFile, FileOp, Protocol, Record},
+    policy::{self, Action, ExecAction, ExecEnv, UnixAction},
     procfs,
 };
 
@@ -83,9 +83,9 @@ pub(super) fn of(
             let name = file_name(path);
             let mut aliases: Vec<String> = exes.protected_paths(&file).map(String::from).collect();
             aliases.extend(exes.protected_paths(&dir).map(|d| format!("{d}/{name}")));
-            // A name given to another file may be a directory's (`mv
-            // ~/prep ~/.ssh`): a write to every file in it, which `*`
-            // stands for.
+            // A name given to another file, or removed, may be a
+            // directory's (`mv ~/prep ~/.ssh`, `rmdir`): a write to every
+            // file in it, which `*` stands for.
             if *op != FileOp::Open && *op != FileOp::Truncate {
                 let inside: Vec<String> = std::iter::once(path.as_str())
                     .chain(aliases.iter().map(String::as_str))
@@ -182,6 +182,15 @@ fn exec(
     a.aliases = aliases;
     a.setuid = file.setuid();
     a.cwd = procfs::cwd(tgid).map(|p| p.display().to_string());
+    // The environment the program gets: held inside execve, the one the
+    // caller passes (its memory; the kernel checks the new image gets the
+    // same); held after the exec, the new image's own.
+    let env = if in_syscall {
+        procfs::execve_environ(pid, airlock_common::ENV_MAX)
+    } else {
+        procfs::environ(tgid, airlock_common::ENV_MAX)
+    };
+    a.env = env.map(|(raw, cut)| ExecEnv::parse(raw, cut));
     a.parent_exe = procfs::exe(record.process.ppid).map(|p| p.display().to_string());
     (a, unseen)
 }
@@ -291,6 +300,89 @@ fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
+/// What an approver sees of an exec besides its command line: its
+/// working directory and environment, the values of the variables that
+/// change what programs do, the others by name only.
+pub(super) fn context(action: &Action) -> Option<ExecContext> {
+    let Action::Exec(e) = action else {
+        return None;
+    };
+    let env = e.env.as_ref();
+    Some(ExecContext {
+        cwd: e.cwd.clone(),
+        env: env
+            .map(|env| {
+                env.vars
+                    .iter()
+                    .map(|(k, v)| {
+                        let shown = if changes_behaviour(k) {
+                            v.clone()
+                        } else {
+                            "(set)".to_string()
+                        };
+                        (k.clone(), shown)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        env_complete: env.is_some_and(|env| !env.cut),
+    })
+}
+
+/// Whether an environment variable can change what a program does (the
+/// loader's, proxies, search paths, configuration homes, commands other
+/// programs run): its value is shown to approvers. Other values often
+/// hold secrets. Names are compared as written, except proxies (curl and
+/// others read `https_proxy` as well as `HTTPS_PROXY`).
+fn changes_behaviour(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "SHELL",
+        "ENV",
+        "BASH_ENV",
+        "PROMPT_COMMAND",
+        "IFS",
+        "TMPDIR",
+        "GLIBC_TUNABLES",
+        "GCONV_PATH",
+        "PAGER",
+        "EDITOR",
+        "VISUAL",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "PERL5LIB",
+        "PERL5OPT",
+        "PERLLIB",
+        "RUBYOPT",
+        "RUBYLIB",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "SSH_AUTH_SOCK",
+        "SSH_ASKPASS",
+        "SUDO_ASKPASS",
+        "CURL_CA_BUNDLE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "GIT_SSH",
+        "GIT_SSH_COMMAND",
+        "GIT_ASKPASS",
+        "GIT_EXEC_PATH",
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_PROXY_COMMAND",
+        "GIT_PAGER",
+        "GIT_EDITOR",
+        "GIT_EXTERNAL_DIFF",
+    ];
+    const PREFIXES: &[&str] = &["LD_", "PYTHON", "GIT_CONFIG", "BASH_FUNC_", "npm_config_"];
+    EXACT.contains(&name)
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || name.ends_with("_HOME")
+        || name.to_ascii_uppercase().ends_with("_PROXY")
+}
+
 /// Fills a rule's message: {command}, {exe}, {dest} (a Unix socket's
 /// too), {path} (a file's or a Unix socket's), {rule},
 /// {pack}, {user} and any session label; unknown names become `?`.
@@ -336,6 +428,27 @@ mod tests {
 
     use super::*;
     use crate::model::Process;
+
+    #[test]
+    fn an_approver_sees_values_that_change_behaviour_and_names_of_the_rest() {
+        let mut a = ExecAction::new("/usr/bin/curl".into(), vec!["curl".into()]);
+        a.cwd = Some("/home/dev/proj".into());
+        a.env = Some(ExecEnv::parse(
+            b"LD_PRELOAD=/tmp/x.so\0https_proxy=http://p:3128\0GIT_SSH_COMMAND=ssh -i k\0AWS_SECRET_ACCESS_KEY=s3cr3t\0CARGO_HOME=/c\0".to_vec(),
+            false,
+        ));
+        let c = context(&Action::Exec(a)).unwrap();
+        let shown = |k: &str| c.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(shown("LD_PRELOAD"), Some("/tmp/x.so"));
+        assert_eq!(shown("https_proxy"), Some("http://p:3128"));
+        assert_eq!(shown("GIT_SSH_COMMAND"), Some("ssh -i k"));
+        assert_eq!(shown("CARGO_HOME"), Some("/c"));
+        assert_eq!(shown("AWS_SECRET_ACCESS_KEY"), Some("(set)"));
+        assert_eq!(c.cwd.as_deref(), Some("/home/dev/proj"));
+        assert!(c.env_complete);
+        let unread = context(&Action::Exec(ExecAction::new("/bin/ls".into(), vec![]))).unwrap();
+        assert!(!unread.env_complete && unread.env.is_empty());
+    }
 
     /// An exec by this test process, reported as the file at `ran` (by
     /// device and inode; unknown if None) under the name `name`.

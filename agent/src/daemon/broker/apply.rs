@@ -5,7 +5,7 @@
 use super::Broker;
 use crate::{
     daemon::handles::HandleError,
-    model::{ActionKind, ApprovalRequest},
+    model::{ActionKind, ApprovalRequest, EnvBinding},
     procfs::{self, SignalError},
 };
 
@@ -20,6 +20,8 @@ pub(super) struct Target {
     pub in_syscall: bool,
     /// The kernel event kind the hold was published as.
     pub event_kind: u32,
+    /// An exec's environment as the approver saw it (held inside execve).
+    pub env: Option<EnvBinding>,
 }
 
 impl Target {
@@ -32,6 +34,7 @@ impl Target {
             digest: req.digest,
             in_syscall: req.in_syscall,
             event_kind: req.event_kind,
+            env: req.env_binding,
         }
     }
 }
@@ -99,7 +102,7 @@ impl Broker {
         }
         if let Err(e) = self
             .sensor
-            .verdict((t.tgid, t.pid), (t.event_kind, t.digest), allow)
+            .verdict((t.tgid, t.pid), (t.event_kind, t.digest), allow, t.env)
             .await
         {
             // Without its verdict the task re-holds at every SIGCONT and

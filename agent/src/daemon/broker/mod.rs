@@ -25,7 +25,10 @@ use super::{
 };
 use crate::{
     config::Approver,
-    model::{ApprovalRequest, Decision, Detail, HoldInfo, OnTimeout, Record, State, wall_now_ns},
+    model::{
+        ActionKind, ApprovalRequest, Decision, Detail, EnvBinding, HoldInfo, OnTimeout, Record,
+        State, wall_now_ns,
+    },
     policy::{self, Action, Subject},
     procfs,
     store::Store,
@@ -45,6 +48,9 @@ pub struct BrokerParts {
     pub pending: Vec<ApprovalRequest>,
     /// Of those, the ones whose hold ended while no daemon ran.
     pub ended: HashSet<u64>,
+    /// The kernel's argv and environment key (see `Bpf::content_seed`):
+    /// an approved exec's environment is handed to the kernel keyed with it.
+    pub content_seed: u64,
 }
 
 /// A held action on its way to a decision.
@@ -125,6 +131,17 @@ fn incomplete(detail: &Detail) -> bool {
     }
 }
 
+/// The environment an approver sees, hashed as the kernel hashes a new
+/// image's (FNV-1a from the offset basis XOR the content key), for the
+/// kernel to find again in the new image.
+fn env_binding(seed: u64, env: &policy::ExecEnv) -> EnvBinding {
+    EnvBinding {
+        hash: airlock_common::content_hash(seed, &env.raw),
+        len: env.raw.len() as u32,
+        prefix: env.cut,
+    }
+}
+
 pub struct Broker {
     policy: watch::Receiver<Arc<InForce>>,
     approvers: Vec<Approver>,
@@ -136,6 +153,7 @@ pub struct Broker {
     ended: HashSet<u64>,
     /// Session labels already read from the store.
     labels: HashMap<u64, BTreeMap<String, String>>,
+    content_seed: u64,
 }
 
 impl Broker {
@@ -150,6 +168,7 @@ impl Broker {
             db: p.db,
             ended: p.ended,
             labels: HashMap::new(),
+            content_seed: p.content_seed,
         }
     }
 
@@ -188,6 +207,17 @@ impl Broker {
                 )
             } else if procfs::is_same(r.tgid, r.start_time) {
                 info!(id, "pending request still decidable after restart");
+                if r.kind == ActionKind::Exec && r.in_syscall {
+                    // The environment shown is bound again, read from the
+                    // process that still waits inside execve.
+                    let binding =
+                        procfs::execve_environ(r.pid, airlock_common::ENV_MAX).map(|(raw, cut)| {
+                            env_binding(self.content_seed, &policy::ExecEnv::parse(raw, cut))
+                        });
+                    if let Some(r) = self.pending.get_mut(&id) {
+                        r.env_binding = binding;
+                    }
+                }
                 continue;
             } else {
                 (
@@ -256,6 +286,13 @@ impl Broker {
             digest: hold.digest,
             in_syscall: hold.in_syscall,
             event_kind: record.kind as u32,
+            env: match &action {
+                Some((Action::Exec(e), _)) if hold.in_syscall => e
+                    .env
+                    .as_ref()
+                    .map(|env| env_binding(self.content_seed, env)),
+                _ => None,
+            },
         };
         let Some((action, unseen_action)) = action else {
             warn!(
@@ -276,7 +313,19 @@ impl Broker {
         let monitor = out
             .monitor
             .map(|r| format!("would {} by {}", r.decision.name(), r.id));
-        let unseen = unseen(labels.is_some(), &record.detail, unseen_action);
+        let env_unseen = match &action {
+            Action::Exec(e) if in_force.policy.uses_env() => {
+                e.env.as_ref().is_none_or(|env| env.cut).then_some(
+                    "its environment could not be read whole (longer than 32 KiB, or unreadable), and a rule looks at it: refused (fail closed)",
+                )
+            }
+            _ => None,
+        };
+        let unseen = unseen(
+            labels.is_some(),
+            &record.detail,
+            unseen_action.or(env_unseen),
+        );
         let held = Held {
             record,
             target,

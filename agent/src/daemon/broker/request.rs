@@ -50,6 +50,8 @@ pub(super) fn new(
         groups: rule.hold.groups.clone(),
         approvals_needed: rule.hold.approvals,
         approvals: Vec::new(),
+        context: action::context(&h.action),
+        env_binding: h.target.env,
     };
     req.message = rule
         .hold

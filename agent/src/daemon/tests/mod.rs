@@ -89,6 +89,7 @@ async fn harness_in(policy: &str, arg: &str, session: Option<u64>) -> Harness {
         ended: Default::default(),
         roots: Default::default(),
         sensor,
+        content_seed: 0x5eed,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

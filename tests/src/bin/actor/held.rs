@@ -454,3 +454,95 @@ pub fn uring_open(path: &str) -> i32 {
         .build();
     uring_one(entry)
 }
+
+/// `argv-race` (`in_env` false) and `env-race`: in each child, argv[3],
+/// or the environment variable XYZ, is a 4-byte word (and a NUL) while a second thread writes "good" and "evil" into
+/// them as fast as it can, so what the kernel copies at execve's entry and
+/// what the new image receives can differ. Counts how each child ended.
+pub fn argv_race(n: u32, program: &str, file: &str, in_env: bool) -> String {
+    use std::{ffi::CString, sync::atomic::Ordering};
+    let program = CString::new(program).expect("no NUL in PROGRAM");
+    let file = CString::new(file).expect("no NUL in FILE");
+    let (mut ran, mut refused, mut killed, mut other) = (0, 0, 0, 0);
+    let good = u32::from_ne_bytes(*b"good");
+    let evil = u32::from_ne_bytes(*b"evil");
+    // "XYZ=", the word, and its NUL.
+    static WORD: [std::sync::atomic::AtomicU32; 3] = [
+        std::sync::atomic::AtomicU32::new(u32::from_ne_bytes(*b"XYZ=")),
+        std::sync::atomic::AtomicU32::new(0),
+        std::sync::atomic::AtomicU32::new(0),
+    ];
+    for _ in 0..n {
+        WORD[1].store(good, Ordering::SeqCst);
+        // SAFETY: fork from this single-threaded process; the child only
+        // starts a thread and execs.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            static STARTED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            std::thread::spawn(move || {
+                STARTED.store(true, Ordering::SeqCst);
+                loop {
+                    for w in [evil, good] {
+                        WORD[1].store(w, Ordering::Relaxed);
+                        for _ in 0..50 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                }
+            });
+            while !STARTED.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            let word = WORD[1].as_ptr().cast::<libc::c_char>().cast_const();
+            let argv = if in_env {
+                [
+                    program.as_ptr(),
+                    c"append-env".as_ptr(),
+                    file.as_ptr(),
+                    c"XYZ".as_ptr(),
+                    std::ptr::null(),
+                ]
+            } else {
+                [
+                    program.as_ptr(),
+                    c"append".as_ptr(),
+                    file.as_ptr(),
+                    word,
+                    std::ptr::null(),
+                ]
+            };
+            let env = [WORD.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
+            let envp: *const *const libc::c_char = if in_env {
+                env.as_ptr()
+            } else {
+                // SAFETY: reads the process's environment pointer.
+                unsafe { environ }
+            };
+            // SAFETY: NUL-terminated strings (WORD's last u32 is zero) in
+            // NULL-terminated arrays; returns only on failure.
+            unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp) };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            // SAFETY: leaves the child at once.
+            unsafe { libc::_exit(if errno == libc::EPERM { 101 } else { 102 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just made.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            ran += 1;
+        } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 101 {
+            refused += 1;
+        } else if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL {
+            killed += 1;
+        } else {
+            other += 1;
+        }
+    }
+    format!("ran:{ran} refused:{refused} killed:{killed} other:{other}")
+}
+
+unsafe extern "C" {
+    /// The process's environment (libc's).
+    static environ: *const *const libc::c_char;
+}

@@ -45,6 +45,7 @@
 //! actor argv0 NAME PROGRAM [ARGS]  become PROGRAM with argv[0] = NAME (`exec -a`); if that fails
 //!                                  print "error:<errno>" and exit 126
 //! actor rename|link|symlink FROM TO  rename(2), link(2) or symlink(2); print the errno
+//! actor unlink|rmdir PATH        unlink(2) or rmdir(2); print the errno
 //! actor gated-spawns GATE N PROGRAM [ARGS]  make GATE.ready, then N times: wait for GATE.<i>,
 //!                                  spawn+wait PROGRAM, print "exit:<code>" or "error:<errno>"
 //! actor uring-connect A.B.C.D:PORT  TCP connect through io_uring (IORING_OP_CONNECT); print the errno
@@ -56,6 +57,13 @@
 //! actor connect-rewritten A:PORT B:PORT [then-a]  IPv4 connect to A; a SIGUSR1 handler rewrites the
 //!                                  sockaddr buffer to B; print "handled:<n> errno:<e>"; with then-a,
 //!                                  connect to A once more and print "again:<errno>"
+//! actor append FILE WORDS...      append the words (one line) to FILE
+//! actor argv-race N PROGRAM FILE  N times: a child whose second thread flips a word between
+//!                                  "good" and "evil" while the first execs `PROGRAM append FILE
+//!                                  <word>`; print "ran:<a> refused:<b> killed:<c> other:<d>"
+//! actor env-race N PROGRAM FILE   as argv-race, the word the value of XYZ, the only variable of
+//!                                  `PROGRAM append-env FILE XYZ`'s environment
+//! actor append-env FILE NAME      append the value of the variable NAME (one line) to FILE
 
 mod held;
 
@@ -367,6 +375,28 @@ fn main() -> ExitCode {
                 _ => std::os::unix::fs::symlink(from, to),
             };
             println!("{}", errno_of(r));
+        }
+        ["unlink", path] => println!("{}", errno_of(std::fs::remove_file(path))),
+        ["rmdir", path] => println!("{}", errno_of(std::fs::remove_dir(path))),
+        ["append", file, words @ ..] => {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(file)
+                .expect("FILE");
+            writeln!(f, "{}", words.join(" ")).expect("append");
+        }
+        [race @ ("argv-race" | "env-race"), n, program, file] => {
+            let n: u32 = n.parse().expect("N");
+            println!("{}", held::argv_race(n, program, file, *race == "env-race"));
+        }
+        ["append-env", file, name] => {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(file)
+                .expect("FILE");
+            writeln!(f, "{}", std::env::var(name).unwrap_or_default()).expect("append");
         }
         ["truncate", path] => {
             let c = std::ffi::CString::new(*path).expect("a path without NUL");

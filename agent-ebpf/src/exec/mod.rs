@@ -4,7 +4,7 @@
 use core::mem::offset_of;
 
 use airlock_common::{
-    APPLET_WINDOW, ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_DENIED,
+    APPLET_WINDOW, ARGS_MAX, EXEC_ARGS_TRUNCATED, EXEC_ARGS_UNREADABLE, EXEC_CHANGED, EXEC_DENIED,
     EXEC_FILE_UNKNOWN, EXEC_FILENAME_TRUNCATED, EXEC_HELD, EXEC_NAME_MAX, EXEC_NO_DAEMON,
     EXEC_RULE_BUSYBOX, EXEC_RULE_DENY_AS_APPLET, EXEC_RULE_MULTICALL, EventKind, ExecEvent,
     ExecRule, FILENAME_MAX, FNV_OFFSET, FileId, FileKey, LossReason, MODE_EXEC_ALL,
@@ -13,11 +13,11 @@ use airlock_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user, bpf_send_signal, generated,
+        bpf_send_signal, generated,
     },
-    macros::{btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, map},
+    maps::LruHashMap,
+    programs::BtfTracePointContext,
 };
 
 use crate::{
@@ -28,6 +28,13 @@ use crate::{
     },
     task::{header, read},
 };
+
+mod decided;
+mod stash;
+
+use decided::exec_as_decided;
+pub use decided::{DECIDED_ARGV, DECIDED_ARGV_CUT, EXEC_DECIDED, ExecDecided, argv_hashes};
+pub use stash::ARGV_STASH;
 
 const SIGKILL: u32 = 9;
 
@@ -101,6 +108,25 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     ev.args_len = args_len;
+    // With BPF LSM the rules were applied inside execve already.
+    let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
+    let mut flags = submit_flags();
+    // A script's (or binfmt_misc's) handler put its interpreter in place:
+    // None where that cannot be read.
+    let rewritten = match (
+        read::<u64>(bprm, off.binprm_interp),
+        read::<u64>(bprm, off.binprm_filename),
+    ) {
+        (Ok(interp), Ok(filename)) => Some(interp != filename),
+        _ => None,
+    };
+    if lsm && !exec_as_decided(ev, (bprm, rewritten), tgid, arg_start, arg_end) {
+        // Not the command that was decided on (or approved): it never runs.
+        // SAFETY: signals the current process; no memory is touched.
+        unsafe { bpf_send_signal(SIGKILL) };
+        ev.flags |= EXEC_DENIED | EXEC_CHANGED;
+        flags = FORCE_WAKEUP;
+    }
 
     // A mark the LSM hook left for this exec (the fail mode let it through).
     // SAFETY: copied out at once.
@@ -108,10 +134,11 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         ev.flags |= mark;
         let _ = EXEC_MARKS.remove(tgid);
     }
-    let mut flags = submit_flags();
-    // With BPF LSM the rules were applied inside execve already.
-    let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
-    if let Some(rule) = (!lsm).then(|| exec_candidate(ev)).flatten() {
+    // With BPF LSM the rules were applied inside execve, to the file the
+    // caller named; a script's interpreter (`#!/usr/bin/curl -K`) is only
+    // known now, and is decided as without BPF LSM (unless already killed).
+    let decide_here = ev.flags & EXEC_CHANGED == 0 && (!lsm || rewritten != Some(false));
+    if let Some(rule) = decide_here.then(|| exec_candidate(ev)).flatten() {
         // The new image has not run an instruction yet: stop (or kill) it
         // before publishing, so a fast answer cannot overtake the stop.
         if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
@@ -416,140 +443,7 @@ pub fn output_exec(ev: &ExecEvent, flags: u64) -> bool {
     EVENTS.output::<[u8]>(bytes, flags).is_ok()
 }
 
-/// argv as the caller passed it to execve, kept from the syscall's entry
-/// until the LSM hook (the new image's copy is not readable there). Twice
-/// ARGS_MAX so every bounded write stays inside for the verifier.
-#[repr(C)]
-pub struct ArgvStash {
-    pub len: u32,
-    pub truncated: u32,
-    pub bytes: [u8; 2 * ARGS_MAX],
-}
-
 /// Flags the LSM exec hook leaves for sched_process_exec's record of the
 /// same exec, by tgid (the execing thread may not be the leader yet).
 #[map]
 pub static EXEC_MARKS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
-
-#[map]
-pub static ARGV_STASH: LruHashMap<u64, ArgvStash> = LruHashMap::with_max_entries(1024, 0);
-
-#[map]
-static STASH_SCRATCH: PerCpuArray<ArgvStash> = PerCpuArray::with_max_entries(1, 0);
-
-/// Most argv entries read from the caller.
-const MAX_ARGS: u32 = 64;
-
-/// syscalls:sys_enter_execve (`argv` at offset 24): stashes the caller's
-/// argv for `lsm_bprm_creds_for_exec`. Only while BPF LSM holds execs.
-#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
-pub fn exec_sys_enter_execve(ctx: TracePointContext) -> u32 {
-    stash_argv(&ctx, 24);
-    0
-}
-
-/// syscalls:sys_enter_execveat (`argv` at offset 32): as execve.
-#[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
-pub fn exec_sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    stash_argv(&ctx, 32);
-    0
-}
-
-/// syscalls:sys_exit_execve: the stash is this call's only. A call that
-/// failed before the LSM hook (a missing file, E2BIG) must not leave its
-/// argv for a later exec the stash does not see (a compat `int $0x80`
-/// execve fires no syscall tracepoint). A held exec leaves here too, and
-/// its restart stashes afresh.
-#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
-pub fn exec_sys_exit_execve(_ctx: TracePointContext) -> u32 {
-    drop_stash();
-    0
-}
-
-/// syscalls:sys_exit_execveat: as execve.
-#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
-pub fn exec_sys_exit_execveat(_ctx: TracePointContext) -> u32 {
-    drop_stash();
-    0
-}
-
-#[inline(always)]
-fn drop_stash() {
-    if MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1) {
-        let _ = ARGV_STASH.remove(bpf_get_current_pid_tgid());
-    }
-}
-
-#[inline(always)]
-fn stash_argv(ctx: &TracePointContext, argv_at: usize) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1)
-        || session_of((pid_tgid >> 32) as u32).is_none()
-    {
-        return;
-    }
-    // SAFETY: a syscall tracepoint's arguments are 8-byte slots from 16 on.
-    let Ok(argv) = (unsafe { ctx.read_at::<u64>(argv_at) }) else {
-        return;
-    };
-    // Built in this CPU's scratch (8 KiB is far beyond the stack), then
-    // copied into the map under this thread's key.
-    let Some(stash) = STASH_SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
-    let stash = unsafe { &mut *stash };
-    stash.truncated = 0;
-    let mut off: u32 = 0;
-    // Every way this copy ends short of the whole argv (more than
-    // MAX_ARGS words, ARGS_MAX bytes, a page not in memory) marks it
-    // truncated: the daemon then fails closed on it.
-    let mut ended = false;
-    for i in 0..MAX_ARGS {
-        // SAFETY: user memory read that fails cleanly.
-        let Ok(p) = (unsafe { bpf_probe_read_user((argv + i as u64 * 8) as *const u64) }) else {
-            stash.truncated = 1;
-            ended = true;
-            break;
-        };
-        if p == 0 {
-            ended = true;
-            break;
-        }
-        // black_box keeps the mask: LLVM would drop it as redundant, but the
-        // verifier needs it to bound the write.
-        let at = (core::hint::black_box(off) & (ARGS_MAX as u32 - 1)) as usize;
-        // SAFETY: writes at most ARGS_MAX bytes from `at` < ARGS_MAX into a
-        // buffer of 2 * ARGS_MAX.
-        let n = unsafe {
-            generated::bpf_probe_read_user_str(
-                stash.bytes.as_mut_ptr().add(at).cast(),
-                ARGS_MAX as u32,
-                p as *const _,
-            )
-        };
-        if n <= 0 {
-            stash.truncated = 1;
-            ended = true;
-            break;
-        }
-        off += n as u32;
-        if off >= ARGS_MAX as u32 {
-            off = ARGS_MAX as u32;
-            stash.truncated = 1;
-            ended = true;
-            break;
-        }
-    }
-    if !ended {
-        // MAX_ARGS words read: truncated unless argv ends right here.
-        // SAFETY: user memory read that fails cleanly.
-        let next =
-            unsafe { bpf_probe_read_user((argv + MAX_ARGS as u64 * 8) as *const u64) }.unwrap_or(1);
-        if next != 0 {
-            stash.truncated = 1;
-        }
-    }
-    stash.len = off;
-    let _ = ARGV_STASH.insert(pid_tgid, &*stash, 0);
-}
