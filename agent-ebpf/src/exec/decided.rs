@@ -75,9 +75,9 @@ pub fn argv_hashes(bytes: &[u8; ARGS_MAX], len: u32) -> (u64, u64, u32, u32) {
 }
 
 /// The walk of [`argv_hashes`] over `len` bytes of `bytes`, its hashes
-/// going on from `start` (a buffer is hashed a chunk at a time so).
+/// going on from `start`.
 #[inline(always)]
-fn hash_walk(start: u64, bytes: &[u8; ARGS_MAX], len: u32) -> HashWalk {
+pub fn hash_walk(start: u64, bytes: &[u8; ARGS_MAX], len: u32) -> HashWalk {
     let mut walk = HashWalk {
         bytes,
         n: len.min(ARGS_MAX as u32),
@@ -109,7 +109,7 @@ fn hash_of(bytes: &[u8; ARGS_MAX], len: u32) -> u64 {
 
 /// [`argv_hashes`]'s walk.
 #[repr(C)]
-struct HashWalk {
+pub struct HashWalk {
     bytes: *const [u8; ARGS_MAX],
     n: u32,
     /// Past the first NUL.
@@ -117,7 +117,7 @@ struct HashWalk {
     tail_len: u32,
     /// NULs seen: the strings.
     strings: u32,
-    whole: u64,
+    pub whole: u64,
     tail: u64,
 }
 
@@ -323,29 +323,67 @@ fn env_as_approved(d: &ExecDecided) -> bool {
     let Some(buf) = CONTENT_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
-    let buf = unsafe { &mut *buf };
-    // A chunk of the buffer's size at a time, one hash over all of them.
-    let mut h = FNV_OFFSET ^ content_seed();
-    for c in 0..(ENV_MAX / ARGS_MAX) as u64 {
-        let at = c * ARGS_MAX as u64;
-        if at >= n {
-            break;
-        }
-        let len = (n - at).min(ARGS_MAX as u64) as u32;
+    // One walk over the whole environment, read a buffer at a time (one
+    // bpf_loop: the verifier walks the callback once).
+    let mut walk = EnvWalk {
+        buf,
+        start,
+        n,
+        h: FNV_OFFSET ^ content_seed(),
+        ok: 1,
+    };
+    // SAFETY: the callback only reads and writes `walk` and the buffer it
+    // points to, both alive for the call.
+    unsafe {
+        generated::bpf_loop(
+            ENV_MAX as u32,
+            env_byte as *mut core::ffi::c_void,
+            (&mut walk as *mut EnvWalk).cast(),
+            0,
+        )
+    };
+    walk.ok == 1 && walk.h == d.env_hash
+}
+
+/// [`env_as_approved`]'s walk over the new image's environment.
+#[repr(C)]
+struct EnvWalk {
+    buf: *mut [u8; ARGS_MAX],
+    start: u64,
+    n: u64,
+    h: u64,
+    /// Every read succeeded.
+    ok: u32,
+}
+
+/// One byte of [`EnvWalk`] (the next buffer's worth read at each buffer's
+/// start): 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn env_byte(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer env_as_approved gave it.
+    let walk = unsafe { &mut *ctx.cast::<EnvWalk>() };
+    if i >= walk.n {
+        return 1;
+    }
+    let at = (i as usize) & (ARGS_MAX - 1);
+    if at == 0 {
+        let len = (walk.n - i).min(ARGS_MAX as u64) as u32;
         // SAFETY: a user memory read of the new image, before it runs, of
-        // at most ARGS_MAX bytes into a buffer of that size; fails cleanly.
+        // at most ARGS_MAX bytes into a per-CPU buffer of that size.
         let rc = unsafe {
             generated::bpf_probe_read_user(
-                buf.as_mut_ptr().cast(),
+                walk.buf.cast(),
                 len.min(ARGS_MAX as u32),
-                (start + at) as *const _,
+                (walk.start + i) as *const _,
             )
         };
         if rc != 0 {
-            return false;
+            walk.ok = 0;
+            return 1;
         }
-        h = hash_walk(h, buf, len).whole;
     }
-    h == d.env_hash
+    // SAFETY: the per-CPU buffer, alive for the whole program; `at` is
+    // below ARGS_MAX.
+    walk.h = fnv_step(walk.h, unsafe { (*walk.buf)[at] });
+    0
 }

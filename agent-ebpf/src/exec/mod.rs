@@ -33,7 +33,9 @@ mod decided;
 mod stash;
 
 use decided::exec_as_decided;
-pub use decided::{DECIDED_ARGV, DECIDED_ARGV_CUT, EXEC_DECIDED, ExecDecided, argv_hashes};
+pub use decided::{
+    DECIDED_ARGV, DECIDED_ARGV_CUT, EXEC_DECIDED, ExecDecided, argv_hashes, hash_walk,
+};
 pub use stash::ARGV_STASH;
 
 const SIGKILL: u32 = 9;
@@ -67,47 +69,8 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // The file that runs: for a script, its interpreter (binfmt_script put
     // it in bprm->file before this tracepoint).
     exec_file(ev, bprm);
-    let filename: u64 = read(bprm, off.binprm_filename)?;
-    // SAFETY: a kernel string read into a bounded buffer; the helper stops at
-    // the buffer's end and always NUL-terminates.
-    let len =
-        match unsafe { bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut ev.filename) } {
-            Ok(s) => s.len(),
-            Err(_) => 0,
-        };
-    if len >= FILENAME_MAX - 1 {
-        ev.flags |= EXEC_FILENAME_TRUNCATED;
-    }
-    ev.filename_len = len as u32;
-
-    // SAFETY: the helper returns the current task pointer as an integer.
-    let task = unsafe { bpf_get_current_task() };
-    let mm: u64 = read(task, off.task_mm)?;
-    let arg_start: u64 = read(mm, off.mm_arg_start).unwrap_or(0);
-    let arg_end: u64 = read(mm, off.mm_arg_end).unwrap_or(0);
-    let mut n = arg_end.saturating_sub(arg_start);
-    if n > ARGS_MAX as u64 {
-        n = ARGS_MAX as u64;
-        ev.flags |= EXEC_ARGS_TRUNCATED;
-    }
-    let mut args_len = 0u32;
-    if n > 0 {
-        // SAFETY: reads at most ARGS_MAX bytes of the new image's argv into
-        // a buffer of exactly that size; the helper fails cleanly.
-        let rc = unsafe {
-            generated::bpf_probe_read_user(
-                ev.args.as_mut_ptr().cast(),
-                n as u32,
-                arg_start as *const _,
-            )
-        };
-        if rc == 0 {
-            args_len = n as u32;
-        } else {
-            ev.flags |= EXEC_ARGS_UNREADABLE;
-        }
-    }
-    ev.args_len = args_len;
+    caller_path(ev, bprm)?;
+    let (arg_start, arg_end) = new_argv(ev)?;
     // With BPF LSM the rules were applied inside execve already.
     let lsm = MODE.get(MODE_LSM_EXEC).is_some_and(|v| *v == 1);
     let mut flags = submit_flags();
@@ -139,25 +102,7 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // known now, and is decided as without BPF LSM (unless already killed).
     let decide_here = ev.flags & EXEC_CHANGED == 0 && (!lsm || rewritten != Some(false));
     if let Some(rule) = decide_here.then(|| exec_candidate(ev)).flatten() {
-        // The new image has not run an instruction yet: stop (or kill) it
-        // before publishing, so a fast answer cannot overtake the stop.
-        if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
-            // Nobody would answer the hold: the fail mode decides.
-            ev.flags |= EXEC_NO_DAEMON;
-            if !fail_open() {
-                // SAFETY: signals the current process; no memory is touched.
-                unsafe { bpf_send_signal(SIGKILL) };
-                ev.flags |= EXEC_DENIED;
-            }
-        } else if rule.action == RuleAction::Deny as u32 {
-            // SAFETY: signals the current process; no memory is touched.
-            unsafe { bpf_send_signal(SIGKILL) };
-            ev.flags |= EXEC_DENIED;
-        } else {
-            // SAFETY: as above.
-            unsafe { bpf_send_signal(SIGSTOP) };
-            ev.flags |= EXEC_HELD;
-        }
+        stop_or_kill(ev, rule);
         flags = FORCE_WAKEUP;
     }
 
@@ -173,6 +118,87 @@ fn try_exec_sched_process_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// Applies a candidate rule to the new image, which has not run an
+/// instruction yet: stopped (hold) or killed (deny, or a hold nobody would
+/// answer with the fail mode closed), before the event is published, so a
+/// fast answer cannot overtake the stop.
+#[inline(always)]
+fn stop_or_kill(ev: &mut ExecEvent, rule: ExecRule) {
+    if rule.action == RuleAction::Hold as u32 && !daemon_alive() {
+        // Nobody would answer the hold: the fail mode decides.
+        ev.flags |= EXEC_NO_DAEMON;
+        if !fail_open() {
+            // SAFETY: signals the current process; no memory is touched.
+            unsafe { bpf_send_signal(SIGKILL) };
+            ev.flags |= EXEC_DENIED;
+        }
+    } else if rule.action == RuleAction::Deny as u32 {
+        // SAFETY: signals the current process; no memory is touched.
+        unsafe { bpf_send_signal(SIGKILL) };
+        ev.flags |= EXEC_DENIED;
+    } else {
+        // SAFETY: as above.
+        unsafe { bpf_send_signal(SIGSTOP) };
+        ev.flags |= EXEC_HELD;
+    }
+}
+
+/// The path string the caller handed to execve (`bprm->filename`) into
+/// `ev.filename`, flagged when cut.
+#[inline(always)]
+fn caller_path(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
+    let filename: u64 = read(bprm, config().offsets.binprm_filename)?;
+    // SAFETY: a kernel string read into a bounded buffer; the helper stops at
+    // the buffer's end and always NUL-terminates.
+    let len =
+        match unsafe { bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut ev.filename) } {
+            Ok(s) => s.len(),
+            Err(_) => 0,
+        };
+    if len >= FILENAME_MAX - 1 {
+        ev.flags |= EXEC_FILENAME_TRUNCATED;
+    }
+    ev.filename_len = len as u32;
+    Ok(())
+}
+
+/// The new image's argv (`mm->arg_start..arg_end`, in place before its
+/// first instruction) into `ev.args`, cut at ARGS_MAX and flagged where
+/// it is not all of it; returns where it lies.
+#[inline(always)]
+fn new_argv(ev: &mut ExecEvent) -> Result<(u64, u64), i64> {
+    let off = config().offsets;
+    // SAFETY: the helper returns the current task pointer as an integer.
+    let task = unsafe { bpf_get_current_task() };
+    let mm: u64 = read(task, off.task_mm)?;
+    let arg_start: u64 = read(mm, off.mm_arg_start).unwrap_or(0);
+    let arg_end: u64 = read(mm, off.mm_arg_end).unwrap_or(0);
+    let mut n = arg_end.saturating_sub(arg_start);
+    if n > ARGS_MAX as u64 {
+        n = ARGS_MAX as u64;
+        ev.flags |= EXEC_ARGS_TRUNCATED;
+    }
+    let mut args_len = 0u32;
+    if n > 0 {
+        // SAFETY: reads at most ARGS_MAX bytes of the new image's argv into
+        // a buffer of exactly that size; the helper fails cleanly.
+        let rc = unsafe {
+            generated::bpf_probe_read_user(
+                ev.args.as_mut_ptr().cast(),
+                n as u32,
+                arg_start as *const _,
+            )
+        };
+        if rc == 0 {
+            args_len = n as u32;
+        } else {
+            ev.flags |= EXEC_ARGS_UNREADABLE;
+        }
+    }
+    ev.args_len = args_len;
+    Ok((arg_start, arg_end))
 }
 
 /// Reads the file the kernel opened to run (`bprm->file`, after every

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use crate::{
     exec::{
         ARGV_STASH, DECIDED_ARGV, DECIDED_ARGV_CUT, EXEC_DECIDED, EXEC_MARKS, ExecDecided,
-        argv_hashes, exec_candidate, exec_file, output_exec,
+        argv_hashes, exec_candidate, exec_file, hash_walk, output_exec,
     },
     hold::{HoldOutcome, hold},
     maps::{
@@ -208,16 +208,10 @@ fn exec_digest(ev: &ExecEvent) -> u64 {
     for b in ev.file.dev.to_le_bytes() {
         h = fnv_step(h, b);
     }
-    // One 0xff byte between the file and argv.
+    // One 0xff byte between the file and argv (bpf_loop'd: the verifier
+    // walks its callback once, not once per byte).
     h = fnv_step(h, 0xff);
-    let n = ev.args_len as usize;
-    for i in 0..ARGS_MAX {
-        if i >= n {
-            break;
-        }
-        h = fnv_step(h, ev.args[i]);
-    }
-    h
+    hash_walk(h, &ev.args, ev.args_len).whole
 }
 
 #[inline(always)]

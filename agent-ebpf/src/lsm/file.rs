@@ -287,13 +287,16 @@ fn on_rename<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
     // a protected directory). With RENAME_EXCHANGE both names are given
     // other files: both candidates is refused, as one syscall cannot wait
     // for two decisions (the thread has one verdict slot).
-    let v = match (is_placed(old_dir, old), is_placed(new_dir, new)) {
-        (Ok(true), Ok(true)) if flags & RENAME_EXCHANGE != 0 && in_session() => {
-            Ok(LsmVerdict::Deny)
-        }
-        (_, Ok(true)) => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
-        (Ok(true), _) => try_placement::<D_PATH>(old_dir, old, FILE_OP_RENAME),
-        _ => try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME),
+    // (A name that cannot be read counts as no candidate: the other one
+    // still decides.)
+    let old_placed = is_placed(old_dir, old).unwrap_or(false);
+    let new_placed = is_placed(new_dir, new).unwrap_or(false);
+    let v = if old_placed && new_placed && flags & RENAME_EXCHANGE != 0 && in_session() {
+        Ok(LsmVerdict::Deny)
+    } else if old_placed && !new_placed {
+        try_placement::<D_PATH>(old_dir, old, FILE_OP_RENAME)
+    } else {
+        try_placement::<D_PATH>(new_dir, new, FILE_OP_RENAME)
     };
     match v {
         Ok(v) => v.ret(),

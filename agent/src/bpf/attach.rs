@@ -27,68 +27,88 @@ const TP_BTF: &[(&str, &str)] = &[
 /// the trampolines are preferred and the tracepoints are the fallback for
 /// kernels that refuse them (this project's development host does).
 struct SyscallHooks {
-    /// (program, kernel function, fexit rather than fentry, required):
-    /// an optional one is skipped where the function does not exist (the
-    /// ia32 entries without CONFIG_IA32_EMULATION).
-    trampolines: &'static [(&'static str, &'static str, bool, bool)],
+    trampolines: &'static [Trampoline],
     /// (program, syscalls tracepoint) doing the same.
     tracepoints: &'static [(&'static str, &'static str)],
+}
+
+/// One fentry or fexit program and the kernel function it goes on.
+#[derive(Clone, Copy)]
+struct Trampoline {
+    program: &'static str,
+    function: &'static str,
+    /// fexit (on the return) rather than fentry.
+    exit: bool,
+    /// Needed for the trampolines to stand in for the tracepoints; an
+    /// optional one is skipped where its function does not load (the ia32
+    /// and x32 entries without IA-32 emulation or the x32 ABI).
+    required: bool,
+}
+
+const fn entry(program: &'static str, function: &'static str) -> Trampoline {
+    Trampoline {
+        program,
+        function,
+        exit: false,
+        required: true,
+    }
+}
+
+const fn exit(program: &'static str, function: &'static str) -> Trampoline {
+    Trampoline {
+        exit: true,
+        ..entry(program, function)
+    }
+}
+
+const fn optional(t: Trampoline) -> Trampoline {
+    Trampoline {
+        required: false,
+        ..t
+    }
 }
 
 /// Connect and accept outcomes.
 const NET_HOOKS: SyscallHooks = SyscallHooks {
     trampolines: &[
-        ("net_fexit_connect", "__x64_sys_connect", true, true),
-        ("net_fexit_sendto", "__x64_sys_sendto", true, true),
-        ("net_fexit_sendmsg", "__x64_sys_sendmsg", true, true),
-        ("net_fentry_accept4", "__x64_sys_accept4", false, true),
-        ("net_fentry_accept", "__x64_sys_accept", false, true),
-        ("net_fexit_accept4", "__x64_sys_accept4", true, true),
-        ("net_fexit_accept", "__x64_sys_accept", true, true),
+        exit("net_fexit_connect", "__x64_sys_connect"),
+        exit("net_fexit_sendto", "__x64_sys_sendto"),
+        exit("net_fexit_sendmsg", "__x64_sys_sendmsg"),
+        entry("net_fentry_accept4", "__x64_sys_accept4"),
+        entry("net_fentry_accept", "__x64_sys_accept"),
+        exit("net_fexit_accept4", "__x64_sys_accept4"),
+        exit("net_fexit_accept", "__x64_sys_accept"),
     ],
-    tracepoints: NET_TRACEPOINTS,
+    tracepoints: &[
+        ("net_sys_exit_connect", "sys_exit_connect"),
+        ("net_sys_exit_sendto", "sys_exit_sendto"),
+        ("net_sys_exit_sendmsg", "sys_exit_sendmsg"),
+        ("net_sys_enter_accept4", "sys_enter_accept4"),
+        ("net_sys_enter_accept", "sys_enter_accept"),
+        ("net_sys_exit_accept4", "sys_exit_accept4"),
+        ("net_sys_exit_accept", "sys_exit_accept"),
+    ],
 };
-
-const NET_TRACEPOINTS: &[(&str, &str)] = &[
-    ("net_sys_exit_connect", "sys_exit_connect"),
-    ("net_sys_exit_sendto", "sys_exit_sendto"),
-    ("net_sys_exit_sendmsg", "sys_exit_sendmsg"),
-    ("net_sys_enter_accept4", "sys_enter_accept4"),
-    ("net_sys_enter_accept", "sys_enter_accept"),
-    ("net_sys_exit_accept4", "sys_exit_accept4"),
-    ("net_sys_exit_accept", "sys_exit_accept"),
-];
 
 /// The argv stash the LSM exec hook reads, made at each call's entry (the
 /// tracepoints also drop it at the exit: they miss `int $0x80` entries).
 const EXEC_STASH: SyscallHooks = SyscallHooks {
     trampolines: &[
-        ("exec_fentry_execve", "__x64_sys_execve", false, true),
-        ("exec_fentry_execveat", "__x64_sys_execveat", false, true),
-        (
+        entry("exec_fentry_execve", "__x64_sys_execve"),
+        entry("exec_fentry_execveat", "__x64_sys_execveat"),
+        optional(entry(
             "exec_fentry_compat_execve",
             "__ia32_compat_sys_execve",
-            false,
-            false,
-        ),
-        (
+        )),
+        optional(entry(
             "exec_fentry_compat_execveat",
             "__ia32_compat_sys_execveat",
-            false,
-            false,
-        ),
-        (
-            "exec_fentry_x32_execve",
-            "__x64_compat_sys_execve",
-            false,
-            false,
-        ),
-        (
+        )),
+        optional(entry("exec_fentry_x32_execve", "__x64_compat_sys_execve")),
+        optional(entry(
             "exec_fentry_x32_execveat",
             "__x64_compat_sys_execveat",
-            false,
-            false,
-        ),
+        )),
     ],
     tracepoints: &[
         ("exec_sys_enter_execve", "sys_enter_execve"),
@@ -190,10 +210,16 @@ fn syscall_hooks(
 /// (dropping them detaches), with what each is.
 fn attach_trampolines(
     ebpf: &mut Ebpf,
-    loaded: Vec<(&'static str, &'static str, bool)>,
+    loaded: Vec<Trampoline>,
 ) -> Result<Vec<(&'static str, FdLink, String)>, BpfError> {
     let mut attached = Vec::with_capacity(loaded.len());
-    for (name, func, exit) in loaded {
+    for Trampoline {
+        program: name,
+        function: func,
+        exit,
+        ..
+    } in loaded
+    {
         let (link, kind) = if exit {
             let p: &mut FExit = program(ebpf, name)?;
             let id = p.attach().map_err(err(name))?;
@@ -209,22 +235,23 @@ fn attach_trampolines(
     Ok(attached)
 }
 
-/// Loads the trampolines; returns the ones to attach (program, function,
-/// exit), or the first required one this kernel refuses.
+/// Loads the trampolines; returns the ones to attach, or the first
+/// required one this kernel refuses.
 fn load_trampolines(
     ebpf: &mut Ebpf,
     btf: &Btf,
-    list: &[(&'static str, &'static str, bool, bool)],
-) -> Result<Vec<(&'static str, &'static str, bool)>, BpfError> {
+    list: &[Trampoline],
+) -> Result<Vec<Trampoline>, BpfError> {
     let mut loaded = Vec::with_capacity(list.len());
-    for &(name, func, exit, required) in list {
-        let done = if exit {
+    for &t in list {
+        let (name, func, required) = (t.program, t.function, t.required);
+        let done = if t.exit {
             program::<FExit>(ebpf, name)?.load(func, btf)
         } else {
             program::<FEntry>(ebpf, name)?.load(func, btf)
         };
         match done {
-            Ok(()) => loaded.push((name, func, exit)),
+            Ok(()) => loaded.push(t),
             Err(e) if required => return Err(BpfError::program(name, e)),
             // Where the function does not exist, neither do its callers
             // (no IA-32 emulation or x32 ABI); said at start all the same.

@@ -15,7 +15,7 @@ use std::collections::HashMap as StdHashMap;
 
 use airlock_common::{
     AgentConfig, EventKind, HoldKey, LOSS_REASONS, LossKey, LossReason, MODE_LSM_CONNECT,
-    MODE_LSM_EXEC, SessionEntry, VERDICT_ENV_CHECK, VERDICT_ENV_PREFIX, Verdict, VerdictEntry,
+    MODE_LSM_EXEC, SessionEntry, Verdict, VerdictEntry,
 };
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -343,9 +343,7 @@ impl Bpf {
             tgid,
             env_hash: env.map_or(0, |e| e.hash),
             env_len: env.map_or(0, |e| e.len),
-            env_flags: env.map_or(0, |e| {
-                VERDICT_ENV_CHECK | if e.prefix { VERDICT_ENV_PREFIX } else { 0 }
-            }),
+            env_flags: env.map_or(0, |e| e.verdict_flags()),
         };
         if self.verdicts.insert(pid, v, 0).is_ok() {
             return Ok(());

@@ -154,6 +154,18 @@ pub struct EnvBinding {
     pub prefix: bool,
 }
 
+impl EnvBinding {
+    /// The verdict map's `env_flags` for it.
+    pub fn verdict_flags(&self) -> u32 {
+        airlock_common::VERDICT_ENV_CHECK
+            | if self.prefix {
+                airlock_common::VERDICT_ENV_PREFIX
+            } else {
+                0
+            }
+    }
+}
+
 fn one() -> u32 {
     1
 }

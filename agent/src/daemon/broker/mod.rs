@@ -313,6 +313,8 @@ impl Broker {
         let monitor = out
             .monitor
             .map(|r| format!("would {} by {}", r.decision.name(), r.id));
+        // The reason below says 32 KiB.
+        const _: () = assert!(airlock_common::ENV_MAX == 32 * 1024);
         let env_unseen = match &action {
             Action::Exec(e) if in_force.policy.uses_env() => {
                 e.env.as_ref().is_none_or(|env| env.cut).then_some(
