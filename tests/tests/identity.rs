@@ -203,46 +203,13 @@ fn an_argv_rewritten_while_execve_copies_it_never_runs() {
     if !can_run(test) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let probe = format!("{d}/probe");
-    let ran = format!("{d}/ran");
-    std::fs::copy(ACTOR, &probe).unwrap();
-    let policy = format!(
-        "pack: t\nrules:\n\
-         - {{name: no-evil, on: exec, when: {{exe: {probe}, args: evil}}, decision: deny}}\n"
-    );
-    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
-    expect_lsm(&daemon);
-    let tries = 200;
-    let (session, out) = daemon.run_named(
-        "agent=identity-test",
-        &[("race", format!("{ACTOR} argv-race {tries} {probe} {ran}"))],
-    );
-    let counts = daemon.named_line(&out, "race");
-    let count = |key: &str| -> u64 {
-        counts
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix(&format!("{key}:")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {counts:?}"))
-    };
-    eprintln!("{test}: {counts}");
-    let lines = std::fs::read_to_string(&ran).unwrap_or_default();
-    let evil = lines.lines().filter(|l| l.contains("evil")).count();
-    assert_eq!(
-        evil,
-        0,
-        "the probe ran with the denied argument {evil} times ({counts}):\n{}",
-        daemon.log()
-    );
-    assert_eq!(count("other"), 0, "children ended another way: {counts}");
-    assert_eq!(count("ran") as usize, lines.lines().count(), "{counts}");
+    let r = Race::run(test, "argv-race", "args: evil", 200);
+    let (daemon, counts, probe) = (&r.daemon, &r.counts, &r.probe);
     // Each child killed or refused was recorded as an exec of the probe
     // that was stopped or refused, and none with the argument ran unflagged
     // (without BPF LSM a deny is a hold the daemon answers with a kill).
-    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&probe).unwrap());
-    let events = daemon.events(session);
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(probe).unwrap());
+    let events = daemon.events(r.session);
     let probe_execs: Vec<_> = events
         .iter()
         .filter(|e| e.kind == "exec" && e.detail["file"]["ino"].as_u64() == Some(ino))
@@ -253,7 +220,7 @@ fn an_argv_rewritten_while_execve_copies_it_never_runs() {
         .filter(|d| d["enforcement"].is_string())
         .count() as u64;
     assert!(
-        flagged >= count("killed") + count("refused"),
+        flagged >= r.count("killed") + r.count("refused"),
         "{flagged} flagged execs of the probe recorded, for {counts}"
     );
     let unflagged_evil: Vec<_> = probe_execs
@@ -351,35 +318,79 @@ fn an_environment_rewritten_while_execve_copies_it_never_runs() {
     if !can_run(test) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let probe = format!("{d}/probe");
-    let ran = format!("{d}/ran");
-    std::fs::copy(ACTOR, &probe).unwrap();
-    let policy = format!(
-        "pack: t\nrules:\n\
-         - {{name: no-evil, on: exec, when: {{exe: {probe}, env: {{XYZ: evil}}}}, decision: deny}}\n"
-    );
-    let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
-    expect_lsm(&daemon);
-    let (_, out) = daemon.run_named(
-        "agent=identity-test",
-        &[("race", format!("{ACTOR} env-race 100 {probe} {ran}"))],
-    );
-    let counts = daemon.named_line(&out, "race");
-    eprintln!("{test}: {counts}");
-    let lines = std::fs::read_to_string(&ran).unwrap_or_default();
-    let evil = lines.lines().filter(|l| l.contains("evil")).count();
-    assert_eq!(
-        evil,
-        0,
-        "the probe ran with the denied value {evil} times ({counts}):\n{}",
-        daemon.log()
-    );
-    assert!(
-        counts.ends_with("other:0"),
-        "children ended another way: {counts}"
-    );
+    Race::run(test, "env-race", "env: {XYZ: evil}", 100);
+}
+
+/// A race of a second thread against execve (the actor's `argv-race` or
+/// `env-race`) in a session whose policy denies the probe when `when`
+/// holds (the value "evil"), run `tries` times: it never ran with "evil",
+/// every child ended as ran, refused or killed, and each one that ran
+/// wrote its line.
+struct Race {
+    daemon: Daemon,
+    session: u64,
+    counts: String,
+    probe: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Race {
+    fn run(test: &str, mode: &str, when: &str, tries: u32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display().to_string();
+        let probe = format!("{d}/probe");
+        let ran = format!("{d}/ran");
+        std::fs::copy(ACTOR, &probe).expect("a copy of the actor");
+        let policy = format!(
+            "pack: t\nrules:\n\
+             - {{name: no-evil, on: exec, when: {{exe: {probe}, {when}}}, decision: deny}}\n"
+        );
+        let daemon = Daemon::start_with_policy(&[("t.yaml", &policy)], "");
+        expect_lsm(&daemon);
+        let (session, out) = daemon.run_named(
+            "agent=identity-test",
+            &[("race", format!("{ACTOR} {mode} {tries} {probe} {ran}"))],
+        );
+        let counts = daemon.named_line(&out, "race");
+        eprintln!("{test}: {counts}");
+        let lines = std::fs::read_to_string(&ran).unwrap_or_default();
+        let evil = lines.lines().filter(|l| l.contains("evil")).count();
+        assert_eq!(
+            evil,
+            0,
+            "the probe ran with the denied value {evil} times ({counts}):\n{}",
+            daemon.log()
+        );
+        let race = Self {
+            daemon,
+            session,
+            counts,
+            probe,
+            _dir: dir,
+        };
+        assert_eq!(
+            race.count("other"),
+            0,
+            "children ended another way: {}",
+            race.counts
+        );
+        assert_eq!(
+            race.count("ran") as usize,
+            lines.lines().count(),
+            "{}",
+            race.counts
+        );
+        race
+    }
+
+    /// One of the actor's counts (`ran`, `refused`, `killed`, `other`).
+    fn count(&self, key: &str) -> u64 {
+        self.counts
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{key}:")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {:?}", self.counts))
+    }
 }
 
 type Tricks = Vec<(&'static str, String)>;
