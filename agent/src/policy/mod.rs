@@ -113,17 +113,15 @@ pub struct Policy {
     exec_by_name: HashMap<String, Vec<u32>>,
     /// Exec rules that could match any executable.
     exec_any: Vec<u32>,
+    /// Some rule looks at an exec's environment.
+    uses_env: bool,
 }
 
 impl Policy {
     /// Whether some rule looks at an exec's environment: then an exec whose
     /// environment was not read whole is decided fail closed.
     pub fn uses_env(&self) -> bool {
-        self.rules.iter().any(|r| {
-            let mut uses = false;
-            r.when.visit(&mut |l| uses |= matches!(l, Leaf::Env(_)));
-            uses
-        })
+        self.uses_env
     }
 
     /// One line on the policy: how many rules of which kind, from how many
@@ -321,6 +319,11 @@ impl Policy {
                 None => exec_any.push(i),
             }
         }
+        let uses_env = rules.iter().any(|r| {
+            let mut uses = false;
+            r.when.visit(&mut |l| uses |= matches!(l, Leaf::Env(_)));
+            uses
+        });
         Self {
             rules,
             packs,
@@ -328,6 +331,7 @@ impl Policy {
             by_kind,
             exec_by_name,
             exec_any,
+            uses_env,
         }
     }
 
