@@ -27,6 +27,18 @@ fn refused(line: &str) -> bool {
     }
 }
 
+/// A fresh directory with a copy of the actor in it, `probe`, the program
+/// the test's policy flags (made before the daemon starts: it looks the
+/// files a policy names up when it loads): the directory, its path, the
+/// probe's path.
+fn probe_dir() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    let probe = format!("{d}/probe");
+    std::fs::copy(ACTOR, &probe).expect("a copy of the actor");
+    (dir, d, probe)
+}
+
 /// One line of the script: `NAME <run-timed's last line>`.
 fn trick(name: &str, cmd: &str) -> String {
     format!("printf '{name} '; {cmd} | tail -n 1\n")
@@ -42,13 +54,8 @@ fn other_names_for_a_flagged_program_are_refused_as_the_program_is() {
         airlock_tests::skip(test, "no dynamic loader this test knows on this machine");
         return;
     };
-    // The flagged programs: copies of the actor, made before the daemon
-    // starts (it looks the files a policy names up when it loads).
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let probe = format!("{d}/probe");
+    let (_dir, d, probe) = probe_dir();
     let suid = format!("{d}/suid");
-    std::fs::copy(ACTOR, &probe).unwrap();
     std::fs::copy(ACTOR, &suid).unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::os::unix::fs::symlink(&probe, format!("{d}/alias")).unwrap();
@@ -143,10 +150,7 @@ fn a_replaced_program_is_found_again_by_its_new_file() {
     if !can_run(test) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let probe = format!("{d}/probe");
-    std::fs::copy(ACTOR, &probe).unwrap();
+    let (_dir, d, probe) = probe_dir();
     let policy = format!(
         "pack: t\nrules:\n\
          - {{name: no-probe-now, on: exec, when: {{exe: {probe}, args: now}}, decision: deny}}\n"
@@ -241,10 +245,7 @@ fn the_environment_a_program_gets_is_ruled_on_and_shown() {
         return;
     }
     const ALICE: &str = "alice-token-0123456789";
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let probe = format!("{d}/probe");
-    std::fs::copy(ACTOR, &probe).unwrap();
+    let (_dir, _, probe) = probe_dir();
     let policy = format!(
         "pack: t\nrules:\n\
          - {{name: no-preload, on: exec, when: {{exe: {probe}, env: {{LD_PRELOAD: \"*\"}}}}, decision: deny}}\n\
@@ -336,11 +337,8 @@ struct Race {
 
 impl Race {
     fn run(test: &str, mode: &str, when: &str, tries: u32) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().display().to_string();
-        let probe = format!("{d}/probe");
+        let (dir, d, probe) = probe_dir();
         let ran = format!("{d}/ran");
-        std::fs::copy(ACTOR, &probe).expect("a copy of the actor");
         let policy = format!(
             "pack: t\nrules:\n\
              - {{name: no-evil, on: exec, when: {{exe: {probe}, {when}}}, decision: deny}}\n"
