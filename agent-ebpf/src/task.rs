@@ -18,25 +18,6 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.map_err(|e| e as i64)
 }
 
-/// Copies a dentry's name into `buf` (at most `len` bytes with its NUL):
-/// the bytes copied with the NUL, or a negative error.
-#[inline(always)]
-pub fn dentry_name(dentry: u64, buf: *mut u8, len: u32) -> i64 {
-    let off = config().offsets;
-    let name: u64 = match read(dentry, off.dentry_d_name + off.qstr_name) {
-        Ok(name) => name,
-        Err(e) => return e,
-    };
-    // SAFETY: a kernel string read into `len` bytes the caller provides.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
-            buf.cast(),
-            len,
-            name as *const core::ffi::c_void,
-        )
-    }
-}
-
 /// tgid of the current task's real parent (0 if unreadable).
 #[inline(always)]
 pub fn current_ppid() -> u32 {

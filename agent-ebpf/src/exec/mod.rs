@@ -227,7 +227,15 @@ fn read_exec_file(ev: &mut ExecEvent, bprm: u64) -> Result<(), i64> {
         mode: u32::from(read::<u16>(inode, off.inode_mode)?),
     };
     let dentry: u64 = read(file, off.file_f_path + off.path_dentry)?;
-    let n = crate::task::dentry_name(dentry, ev.name.as_mut_ptr(), EXEC_NAME_MAX as u32);
+    let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name)?;
+    // SAFETY: a kernel string read into the slot's bounded buffer.
+    let n = unsafe {
+        generated::bpf_probe_read_kernel_str(
+            ev.name.as_mut_ptr().cast(),
+            EXEC_NAME_MAX as u32,
+            name as *const core::ffi::c_void,
+        )
+    };
     ev.name_len = if n > 0 && n <= EXEC_NAME_MAX as i64 {
         (n - 1) as u32
     } else {

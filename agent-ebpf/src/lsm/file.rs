@@ -14,7 +14,7 @@ use crate::{
     maps::{
         FILE_INODES, FILE_NAMES, FILE_SCRATCH, config, digest_seed, file_f_path_offset, session_of,
     },
-    task::{current_syscall, dentry_name, header, read},
+    task::{current_syscall, header, read},
 };
 
 use super::{Flagged, LsmVerdict, Marks, earlier_denial, verdict_or_hold};
@@ -72,10 +72,19 @@ pub fn lsm_file_open(ctx: LsmContext) -> i32 {
 /// (the key of FILE_NAMES, as `airlock_common::name_hash` computes it).
 #[inline(always)]
 fn dentry_name_hash(dentry: u64) -> Option<u64> {
+    let off = config().offsets;
+    let name: u64 = read(dentry, off.dentry_d_name + off.qstr_name).ok()?;
     // Two bytes more than hashed: one for the NUL, one to tell a name that
     // fits from a longer one cut to fit.
     let mut buf = [0u8; FILE_NAME_HASHED + 2];
-    let n = dentry_name(dentry, buf.as_mut_ptr(), buf.len() as u32);
+    // SAFETY: a kernel string read into a bounded stack buffer.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+            buf.as_mut_ptr().cast(),
+            buf.len() as u32,
+            name as *const core::ffi::c_void,
+        )
+    };
     // n counts the NUL: 2..=FILE_NAME_HASHED+1 is a whole, non-empty name.
     if n < 2 || n > FILE_NAME_HASHED as i64 + 1 {
         return None;
@@ -299,26 +308,37 @@ fn on_rename<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
 /// removing a candidate's name is a write to it.
 #[lsm(hook = "path_unlink")]
 pub fn lsm_path_unlink(ctx: LsmContext) -> i32 {
-    on_placement::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(2), FILE_OP_UNLINK)
+    on_unlink::<true>(&ctx)
 }
 
 /// [`lsm_path_unlink`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
 #[lsm(hook = "path_unlink")]
 pub fn lsm_path_unlink_named(ctx: LsmContext) -> i32 {
-    on_placement::<false>(ctx.arg(0), ctx.arg(1), ctx.arg(2), FILE_OP_UNLINK)
+    on_unlink::<false>(&ctx)
 }
 
 /// `int security_path_rmdir(const struct path *dir, struct dentry *dentry)`:
 /// as unlink, for a directory.
 #[lsm(hook = "path_rmdir")]
 pub fn lsm_path_rmdir(ctx: LsmContext) -> i32 {
-    on_placement::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(2), FILE_OP_UNLINK)
+    on_unlink::<true>(&ctx)
 }
 
 /// [`lsm_path_rmdir`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
 #[lsm(hook = "path_rmdir")]
 pub fn lsm_path_rmdir_named(ctx: LsmContext) -> i32 {
-    on_placement::<false>(ctx.arg(0), ctx.arg(1), ctx.arg(2), FILE_OP_UNLINK)
+    on_unlink::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_unlink<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(2)) {
+        return earlier;
+    }
+    match try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_UNLINK) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
 }
 
 /// `int security_path_link(struct dentry *old_dentry, const struct path *new_dir,
@@ -326,13 +346,24 @@ pub fn lsm_path_rmdir_named(ctx: LsmContext) -> i32 {
 /// (after removing the file) is a write to that name.
 #[lsm(hook = "path_link")]
 pub fn lsm_path_link(ctx: LsmContext) -> i32 {
-    on_placement::<true>(ctx.arg(1), ctx.arg(2), ctx.arg(3), FILE_OP_LINK)
+    on_link::<true>(&ctx)
 }
 
 /// [`lsm_path_link`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
 #[lsm(hook = "path_link")]
 pub fn lsm_path_link_named(ctx: LsmContext) -> i32 {
-    on_placement::<false>(ctx.arg(1), ctx.arg(2), ctx.arg(3), FILE_OP_LINK)
+    on_link::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_link<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
+        return earlier;
+    }
+    match try_placement::<D_PATH>(ctx.arg(1), ctx.arg(2), FILE_OP_LINK) {
+        Ok(v) => v.ret(),
+        Err(_) => 0,
+    }
 }
 
 /// `int security_path_symlink(const struct path *dir, struct dentry *dentry,
@@ -340,24 +371,21 @@ pub fn lsm_path_link_named(ctx: LsmContext) -> i32 {
 /// write to that name.
 #[lsm(hook = "path_symlink")]
 pub fn lsm_path_symlink(ctx: LsmContext) -> i32 {
-    on_placement::<true>(ctx.arg(0), ctx.arg(1), ctx.arg(3), FILE_OP_SYMLINK)
+    on_symlink::<true>(&ctx)
 }
 
 /// [`lsm_path_symlink`] without `bpf_d_path` (see [`lsm_path_rename_named`]).
 #[lsm(hook = "path_symlink")]
 pub fn lsm_path_symlink_named(ctx: LsmContext) -> i32 {
-    on_placement::<false>(ctx.arg(0), ctx.arg(1), ctx.arg(3), FILE_OP_SYMLINK)
+    on_symlink::<false>(&ctx)
 }
 
-/// A hook that gives or takes the name `dentry` in the directory `dir` (a
-/// `struct path`), whose return value so far is `earlier`: held or refused
-/// as a write to that name when it is a candidate's.
 #[inline(always)]
-fn on_placement<const D_PATH: bool>(dir: u64, dentry: u64, earlier: i32, op: u32) -> i32 {
-    if let Some(earlier) = earlier_denial(earlier) {
+fn on_symlink<const D_PATH: bool>(ctx: &LsmContext) -> i32 {
+    if let Some(earlier) = earlier_denial(ctx.arg(3)) {
         return earlier;
     }
-    match try_placement::<D_PATH>(dir, dentry, op) {
+    match try_placement::<D_PATH>(ctx.arg(0), ctx.arg(1), FILE_OP_SYMLINK) {
         Ok(v) => v.ret(),
         Err(_) => 0,
     }
@@ -458,6 +486,7 @@ fn file_verdict<const D_PATH: bool>(
     act: FileAct,
 ) -> Result<LsmVerdict, i64> {
     let tgid = (pid_tgid >> 32) as u32;
+    let off = config().offsets;
     let Some(ev) = FILE_SCRATCH.get_ptr_mut(0) else {
         return Err(-1);
     };
@@ -498,13 +527,19 @@ fn file_verdict<const D_PATH: bool>(
         if placed {
             // n - 1 < 255: the mask only shows the verifier the bound.
             let at = (n as usize - 1) & 0xff;
+            let name: u64 = read(act.dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
             if let Some(slash) = ev.path.get_mut(at) {
                 *slash = b'/';
             }
-            // `at` + 1 + NAME_ROOM - 1 stays within FILE_PATH_MAX.
-            // SAFETY: `at + 1` is within the slot's buffer (above).
-            let to = unsafe { ev.path.as_mut_ptr().add(at + 1) };
-            let m = dentry_name(act.dentry, to, (NAME_ROOM - 1) as u32);
+            // SAFETY: a kernel string read into the slot's buffer: `at` +
+            // 1 + NAME_ROOM - 1 stays within FILE_PATH_MAX.
+            let m = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+                    ev.path.as_mut_ptr().add(at + 1).cast(),
+                    (NAME_ROOM - 1) as u32,
+                    name as *const core::ffi::c_void,
+                )
+            };
             ev.path_len = if m > 0 {
                 (at + m as usize) as u32
             } else {
@@ -514,7 +549,15 @@ fn file_verdict<const D_PATH: bool>(
     } else {
         // Too long (or unresolvable): record the file's own name instead.
         ev.flags |= FILE_PATH_TRUNCATED;
-        let n = dentry_name(act.dentry, ev.path.as_mut_ptr(), FILE_PATH_MAX as u32);
+        let name: u64 = read(act.dentry, off.dentry_d_name + off.qstr_name).unwrap_or(0);
+        // SAFETY: a kernel string read into the slot's bounded buffer.
+        let n = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel_str(
+                ev.path.as_mut_ptr().cast(),
+                FILE_PATH_MAX as u32,
+                name as *const core::ffi::c_void,
+            )
+        };
         ev.path_len = if n > 0 && n <= FILE_PATH_MAX as i64 {
             (n - 1) as u32
         } else {
